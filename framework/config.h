@@ -1,0 +1,65 @@
+// Model configuration read from a Hugging Face config.json (OPT and LLaMA families).
+#pragma once
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+
+namespace crash {
+
+enum class Family { OPT, LLaMA };
+
+// rope_scaling of type "llama3" (LLaMA-3.1 and later).
+struct RopeScaling {
+  double factor = 8.0;
+  double low_freq_factor = 1.0;
+  double high_freq_factor = 4.0;
+  int64_t original_max_position_embeddings = 8192;
+};
+
+struct ModelConfig {
+  Family family = Family::OPT;
+  std::string model_type;  // "opt" or "llama"
+
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 0;
+  int64_t intermediate_size = 0;  // OPT ffn_dim
+  int64_t num_layers = 0;
+  int64_t num_heads = 0;
+  int64_t num_kv_heads = 0;
+  int64_t head_dim = 0;
+  int64_t max_positions = 0;
+  double norm_eps = 1e-5;
+  std::string activation;  // relu, gelu, gelu_new, silu
+  bool tie_word_embeddings = true;
+
+  // OPT
+  int64_t word_embed_proj_dim = 0;  // == hidden_size unless project_in/out exist (OPT-350m)
+  bool pre_norm = true;             // do_layer_norm_before
+  bool final_norm = true;           // OPT post-LN models have no final layer norm
+  bool linear_bias = true;          // OPT enable_bias
+  bool norm_affine = true;          // OPT layer_norm_elementwise_affine
+
+  // LLaMA
+  bool attention_bias = false;
+  bool mlp_bias = false;
+  double rope_theta = 10000.0;
+  std::optional<RopeScaling> rope_scaling;
+
+  int64_t pad_token_id = -1;
+  int64_t bos_token_id = -1;
+  int64_t eos_token_id = -1;
+
+  nlohmann::json raw;  // the file as read, written back unchanged by the checkpoint writer
+
+  bool has_projection() const { return word_embed_proj_dim != hidden_size; }
+  int64_t kv_dim() const { return num_kv_heads * head_dim; }
+  // Parameters of the model as Hugging Face counts them (tied weights once).
+  int64_t parameter_count() const;
+
+  // `source` names the file in error messages.
+  static ModelConfig from_json(const nlohmann::json& j, const std::string& source);
+  static ModelConfig load(const std::string& path);
+};
+
+}  // namespace crash

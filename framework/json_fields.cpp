@@ -1,0 +1,62 @@
+#include "framework/json_fields.h"
+
+#include <fstream>
+
+namespace crash {
+
+const char* json_type_name(const nlohmann::json& v) { return v.type_name(); }
+
+namespace {
+template <class T>
+bool holds(const nlohmann::json& v);
+template <>
+bool holds<int64_t>(const nlohmann::json& v) { return v.is_number_integer(); }
+template <>
+bool holds<double>(const nlohmann::json& v) { return v.is_number(); }
+template <>
+bool holds<bool>(const nlohmann::json& v) { return v.is_boolean(); }
+template <>
+bool holds<std::string>(const nlohmann::json& v) { return v.is_string(); }
+template <>
+bool holds<nlohmann::json>(const nlohmann::json& v) { return v.is_object(); }
+
+template <class T>
+const char* expected_name();
+template <>
+const char* expected_name<int64_t>() { return "an integer"; }
+template <>
+const char* expected_name<double>() { return "a number"; }
+template <>
+const char* expected_name<bool>() { return "true or false"; }
+template <>
+const char* expected_name<std::string>() { return "a string"; }
+template <>
+const char* expected_name<nlohmann::json>() { return "an object"; }
+}  // namespace
+
+template <class T>
+T json_field(const nlohmann::json& j, const std::string& key, const std::string& source) {
+  if (!j.is_object()) fail("{}: expected a JSON object, got {}", source, j.type_name());
+  auto it = j.find(key);
+  if (it == j.end()) fail("{}: missing field '{}'", source, key);
+  if (!holds<T>(*it)) fail("{}: field '{}' must be {}, got {} {}", source, key, expected_name<T>(), it->type_name(), it->dump());
+  return it->template get<T>();
+}
+
+template int64_t json_field<int64_t>(const nlohmann::json&, const std::string&, const std::string&);
+template double json_field<double>(const nlohmann::json&, const std::string&, const std::string&);
+template bool json_field<bool>(const nlohmann::json&, const std::string&, const std::string&);
+template std::string json_field<std::string>(const nlohmann::json&, const std::string&, const std::string&);
+template nlohmann::json json_field<nlohmann::json>(const nlohmann::json&, const std::string&, const std::string&);
+
+nlohmann::json read_json_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail("{}: cannot open file", path);
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::parse_error& e) {
+    fail("{}: invalid JSON at byte {}", path, e.byte);
+  }
+}
+
+}  // namespace crash

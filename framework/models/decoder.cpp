@@ -1,0 +1,137 @@
+#include "framework/models/decoder.h"
+
+#include <fmt/ranges.h>
+
+#include <limits>
+
+#include "framework/checkpoint.h"
+#include "framework/models/blocks.h"
+#include "parallel/errors.h"
+
+namespace crash {
+
+CausalLM::CausalLM(ModelConfig config, ModelShard shard)
+    : config_(std::move(config)), first_(shard.first_layer),
+      end_(shard.end_layer < 0 ? config_.num_layers : shard.end_layer) {
+  if (first_ < 0 || first_ >= end_ || end_ > config_.num_layers)
+    fail("model shard: layers [{}, {}) are not a non-empty range of the model's {} layers", first_, end_,
+         config_.num_layers);
+}
+
+torch::Tensor CausalLM::generation_positions(const torch::Tensor& mask_all, int64_t new_tokens) const {
+  auto pos = mask_all.to(torch::kInt64).cumsum(1) - 1;
+  pos.masked_fill_(mask_all == 0, 1);
+  return pos.narrow(1, mask_all.size(1) - new_tokens, new_tokens);
+}
+
+AttentionContext CausalLM::attention_context(const torch::Tensor& mask_all, const torch::Tensor& positions) const {
+  const int64_t Tq = positions.size(1), Tk = mask_all.size(1), past = Tk - Tq;
+  auto dev = mask_all.device();
+  auto query_index = torch::arange(past, Tk, torch::TensorOptions().dtype(torch::kInt64).device(dev)).view({Tq, 1});
+  auto key_index = torch::arange(0, Tk, torch::TensorOptions().dtype(torch::kInt64).device(dev)).view({1, Tk});
+  auto allowed = (key_index <= query_index).view({1, 1, Tq, Tk}).logical_and(mask_all.view({-1, 1, 1, Tk}) != 0);
+  AttentionContext ctx;
+  ctx.bias = torch::zeros(allowed.sizes(), torch::TensorOptions().dtype(torch::kFloat32).device(dev))
+                 .masked_fill_(allowed.logical_not(), std::numeric_limits<float>::lowest());
+  auto inv_freq = rotary_inv_freq();
+  if (inv_freq.defined()) {
+    auto dtype = parameters().empty() ? torch::kFloat32 : parameters().front().scalar_type();
+    std::tie(ctx.cos, ctx.sin) = rotary_tables(inv_freq, positions, dtype);
+  }
+  return ctx;
+}
+
+ForwardOutput CausalLM::forward(const torch::Tensor& ids, const torch::Tensor& mask_in, bool want_hidden,
+                                const torch::Tensor& positions_in) {
+  if (!has_embedding() || !has_head()) fail("CausalLM::forward needs the whole model; a pipeline stage runs its layers");
+  auto mask = mask_in.defined() ? mask_in : torch::ones_like(ids);
+  auto positions = positions_in.defined() ? positions_in : default_positions(mask, ids.size(1));
+  ForwardOutput out;
+  auto ctx = attention_context(mask, positions);
+  auto h = embed(ids, positions);
+  if (want_hidden) out.hidden_states.push_back(h);
+  for (int64_t l = first_; l < end_; ++l) {
+    h = run_layer(l, h, ctx, nullptr);
+    if (want_hidden && l + 1 < end_) out.hidden_states.push_back(h);
+  }
+  h = finish(h);
+  if (want_hidden) out.hidden_states.push_back(h);
+  out.logits = head(h);
+  return out;
+}
+
+torch::Tensor CausalLM::generate(const torch::Tensor& ids, const torch::Tensor& mask_in, int64_t max_new_tokens,
+                                 int64_t eos_id, int64_t pad_id) {
+  if (!has_embedding() || !has_head()) fail("CausalLM::generate needs the whole model");
+  torch::InferenceMode guard;
+  KVCache cache;
+  cache.layers.resize(static_cast<size_t>(end_ - first_));
+  cache.mask = mask_in.defined() ? mask_in.to(torch::kInt64) : torch::ones_like(ids);
+  auto tokens = ids;
+  auto step_ids = ids;
+  auto finished = torch::zeros({ids.size(0)}, torch::TensorOptions().dtype(torch::kBool).device(ids.device()));
+  for (int64_t step = 0; step < max_new_tokens; ++step) {
+    const int64_t n = step_ids.size(1);
+    auto positions = generation_positions(cache.mask, n);
+    auto ctx = attention_context(cache.mask, positions);
+    auto h = embed(step_ids, positions);
+    for (int64_t l = first_; l < end_; ++l) h = run_layer(l, h, ctx, &cache.layers[l - first_]);
+    auto logits = head(finish(h.narrow(1, n - 1, 1))).squeeze(1);
+    auto next = logits.argmax(-1);
+    if (pad_id >= 0) next = torch::where(finished, torch::full_like(next, pad_id), next);
+    if (eos_id >= 0) finished = finished.logical_or(next == eos_id);
+    tokens = torch::cat({tokens, next.unsqueeze(1)}, 1);
+    cache.mask = torch::cat({cache.mask, torch::ones({ids.size(0), 1}, cache.mask.options())}, 1);
+    step_ids = next.unsqueeze(1);
+    if (eos_id >= 0 && finished.all().item<bool>()) break;
+  }
+  return tokens;
+}
+
+void CausalLM::load(const CheckpointReader& ckpt) {
+  torch::NoGradGuard no_grad;
+  const std::string config_file = ckpt.dir() + "/config.json";
+  for (auto& item : named_parameters()) {
+    const std::string& name = item.key();
+    torch::Tensor param = item.value();
+    std::string source = name;
+    if (!ckpt.contains(source)) {
+      // Older OPT checkpoints were saved from the base model, without the "model." prefix.
+      if (name.rfind("model.", 0) == 0 && ckpt.contains(name.substr(6))) source = name.substr(6);
+      // A last pipeline stage of a tied model holds its own copy of the embedding.
+      else if (name == "lm_head.weight" && config_.tie_word_embeddings) source = tied_embedding_name();
+    }
+    if (!ckpt.contains(source)) fail("{}: checkpoint has no tensor '{}', which {} requires", ckpt.dir(), name, config_file);
+    const TensorInfo& info = ckpt.info(source);
+    if (info.shape != param.sizes().vec())
+      fail("{}: tensor '{}' has shape {} but {} implies {}", ckpt.file_of(source), source, fmt::join(info.shape, "x"),
+           config_file, fmt::join(param.sizes(), "x"));
+    if (!at::isFloatingType(scalar_type_of(info.dtype, ckpt.file_of(source))))
+      fail("{}: tensor '{}' is {}, expected a floating-point type", ckpt.file_of(source), source, info.dtype);
+    param.copy_(ckpt.view(source));
+  }
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> CausalLM::hf_state() const {
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (auto& item : named_parameters()) out.emplace_back(item.key(), item.value());
+  return out;
+}
+
+std::shared_ptr<CausalLM> build_opt(const ModelConfig& config, const ModelShard& shard);
+std::shared_ptr<CausalLM> build_llama(const ModelConfig& config, const ModelShard& shard);
+
+std::shared_ptr<CausalLM> build_model(const ModelConfig& config, const ModelShard& shard) {
+  return config.family == Family::OPT ? build_opt(config, shard) : build_llama(config, shard);
+}
+
+std::shared_ptr<CausalLM> load_model(const CheckpointReader& checkpoint, const ModelShard& shard,
+                                     torch::ScalarType dtype) {
+  auto model = build_model(checkpoint.config(), shard);
+  model->to(dtype);
+  model->load(checkpoint);
+  model->eval();
+  return model;
+}
+
+}  // namespace crash

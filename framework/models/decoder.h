@@ -1,0 +1,94 @@
+// Decoder-only causal language models with Hugging Face semantics (OPT, LLaMA families).
+// A model is built from pieces a pipeline stage can call on its own: embed (first stage),
+// run_layer (the stage's layers), finish and head (last stage).
+#pragma once
+#include <torch/torch.h>
+
+#include <memory>
+#include <vector>
+
+#include "framework/config.h"
+
+namespace crash {
+
+class CheckpointReader;
+
+// The layers this process holds: [first_layer, end_layer). A pipeline stage holds a range;
+// the first stage also holds the embedding, the last the final norm and LM head.
+struct ModelShard {
+  int64_t first_layer = 0;
+  int64_t end_layer = -1;  // -1: through the last layer
+};
+
+// What attention needs besides the hidden states; built once per forward step.
+struct AttentionContext {
+  torch::Tensor bias;      // additive [B, 1, Tq, Tk]: 0 where allowed, the dtype's lowest value elsewhere
+  torch::Tensor cos, sin;  // rotary tables [B, Tq, head_dim]; undefined for learned positions
+};
+
+// Keys and values of one layer for incremental decoding: [B, kv_heads, T, head_dim].
+struct LayerCache {
+  torch::Tensor k, v;
+};
+
+struct KVCache {
+  std::vector<LayerCache> layers;  // indexed by layer - first_layer
+  torch::Tensor mask;              // [B, T] attention mask of every token seen so far
+  int64_t length() const { return mask.defined() ? mask.size(1) : 0; }
+};
+
+struct ForwardOutput {
+  torch::Tensor logits;                      // [B, T, V] (last stage only)
+  std::vector<torch::Tensor> hidden_states;  // HF output_hidden_states: L + 1 entries on a full model
+};
+
+class CausalLM : public torch::nn::Module {
+ public:
+  CausalLM(ModelConfig config, ModelShard shard);
+
+  const ModelConfig& config() const { return config_; }
+  int64_t first_layer() const { return first_; }
+  int64_t end_layer() const { return end_; }
+  bool has_embedding() const { return first_ == 0; }
+  bool has_head() const { return end_ == config_.num_layers; }
+
+  // ids [B, T] -> hidden_states[0]. positions [B, T] as the family numbers them.
+  virtual torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& positions) = 0;
+  virtual torch::Tensor run_layer(int64_t layer, const torch::Tensor& h, const AttentionContext& ctx,
+                                  LayerCache* cache) = 0;
+  // Final norm (and OPT's project_out): the last hidden state as HF reports it.
+  virtual torch::Tensor finish(const torch::Tensor& h) = 0;
+  virtual torch::Tensor head(const torch::Tensor& h) = 0;
+
+  // Positions HF's forward() uses when none are given. mask_all covers past and new tokens.
+  virtual torch::Tensor default_positions(const torch::Tensor& mask_all, int64_t new_tokens) const = 0;
+  // Positions HF's generate() uses (derived from the attention mask for both families).
+  torch::Tensor generation_positions(const torch::Tensor& mask_all, int64_t new_tokens) const;
+  AttentionContext attention_context(const torch::Tensor& mask_all, const torch::Tensor& positions) const;
+
+  // The whole model on one process: logits and, if asked, every hidden state.
+  ForwardOutput forward(const torch::Tensor& ids, const torch::Tensor& mask, bool hidden_states = false,
+                        const torch::Tensor& positions = {});
+  // Greedy decoding with a KV cache, as HF generate(do_sample=False): finished rows are
+  // padded with pad_id; stops when every row has produced eos_id or after max_new_tokens.
+  torch::Tensor generate(const torch::Tensor& ids, const torch::Tensor& mask, int64_t max_new_tokens,
+                         int64_t eos_id, int64_t pad_id);
+
+  // Copies this shard's weights from a checkpoint, checking every shape against the config.
+  void load(const CheckpointReader& checkpoint);
+  // Parameters under their Hugging Face names (tied weights once).
+  std::vector<std::pair<std::string, torch::Tensor>> hf_state() const;
+
+ protected:
+  virtual torch::Tensor rotary_inv_freq() const { return {}; }
+  virtual std::string tied_embedding_name() const = 0;
+  ModelConfig config_;
+  int64_t first_, end_;
+};
+
+std::shared_ptr<CausalLM> build_model(const ModelConfig& config, const ModelShard& shard = {});
+// Builds the model a folder describes and loads its weights, converted to `dtype`.
+std::shared_ptr<CausalLM> load_model(const CheckpointReader& checkpoint, const ModelShard& shard = {},
+                                     torch::ScalarType dtype = torch::kFloat32);
+
+}  // namespace crash

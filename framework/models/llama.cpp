@@ -1,0 +1,104 @@
+// LLaMA family (LlamaForCausalLM): RMSNorm, rotary positions (llama3 scaling optional),
+// grouped-query attention, SwiGLU MLP, tied or untied embeddings.
+#include "framework/models/blocks.h"
+#include "framework/models/decoder.h"
+
+namespace crash {
+
+namespace {
+
+struct Holder : torch::nn::Module {};
+
+class LlamaMLP : public torch::nn::Module {
+ public:
+  explicit LlamaMLP(const ModelConfig& c) : act_(c.activation) {
+    using torch::nn::LinearOptions;
+    gate_proj = register_module("gate_proj", torch::nn::Linear(LinearOptions(c.hidden_size, c.intermediate_size).bias(c.mlp_bias)));
+    up_proj = register_module("up_proj", torch::nn::Linear(LinearOptions(c.hidden_size, c.intermediate_size).bias(c.mlp_bias)));
+    down_proj = register_module("down_proj", torch::nn::Linear(LinearOptions(c.intermediate_size, c.hidden_size).bias(c.mlp_bias)));
+  }
+  torch::Tensor forward(const torch::Tensor& x) {
+    return down_proj->forward(activation(act_, gate_proj->forward(x)) * up_proj->forward(x));
+  }
+  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+
+ private:
+  std::string act_;
+};
+
+class LlamaLayer : public torch::nn::Module {
+ public:
+  explicit LlamaLayer(const ModelConfig& c) {
+    AttentionShape s;
+    s.hidden = c.hidden_size;
+    s.heads = c.num_heads;
+    s.kv_heads = c.num_kv_heads;
+    s.head_dim = c.head_dim;
+    s.qkv_bias = s.out_bias = c.attention_bias;
+    s.rotary = true;
+    self_attn = register_module("self_attn", SelfAttention(s));
+    mlp = register_module("mlp", std::make_shared<LlamaMLP>(c));
+    input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.norm_eps));
+    post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.norm_eps));
+  }
+  torch::Tensor forward(const torch::Tensor& h_in, const AttentionContext& ctx, LayerCache* cache) {
+    auto h = h_in + self_attn->forward(input_layernorm->forward(h_in), ctx, cache);
+    return h + mlp->forward(post_attention_layernorm->forward(h));
+  }
+  SelfAttention self_attn{nullptr};
+  std::shared_ptr<LlamaMLP> mlp;
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+};
+
+class LlamaLM : public CausalLM {
+ public:
+  LlamaLM(const ModelConfig& config, const ModelShard& shard) : CausalLM(config, shard) {
+    const ModelConfig& c = config_;
+    auto model = register_module("model", std::make_shared<Holder>());
+    if (has_embedding()) embed_tokens = model->register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+    auto layers = model->register_module("layers", std::make_shared<Holder>());
+    for (int64_t l = first_; l < end_; ++l)
+      layers_.push_back(layers->register_module(std::to_string(l), std::make_shared<LlamaLayer>(c)));
+    if (has_head()) {
+      norm = model->register_module("norm", RMSNorm(c.hidden_size, c.norm_eps));
+      if (!c.tie_word_embeddings || !has_embedding())
+        lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
+    }
+    inv_freq_ = rotary_inverse_frequencies(c);
+  }
+
+  torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& positions) override {
+    return embed_tokens->forward(ids);
+  }
+  torch::Tensor run_layer(int64_t layer, const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache) override {
+    return layers_.at(static_cast<size_t>(layer - first_))->forward(h, ctx, cache);
+  }
+  torch::Tensor finish(const torch::Tensor& h) override { return norm->forward(h); }
+  torch::Tensor head(const torch::Tensor& h) override {
+    return lm_head ? lm_head->forward(h) : torch::linear(h, embed_tokens->weight);
+  }
+  torch::Tensor default_positions(const torch::Tensor& mask_all, int64_t new_tokens) const override {
+    const int64_t total = mask_all.size(1);
+    auto pos = torch::arange(total - new_tokens, total, torch::TensorOptions().dtype(torch::kInt64).device(mask_all.device()));
+    return pos.unsqueeze(0).expand({mask_all.size(0), new_tokens});
+  }
+
+ protected:
+  torch::Tensor rotary_inv_freq() const override { return inv_freq_; }
+  std::string tied_embedding_name() const override { return "model.embed_tokens.weight"; }
+
+ private:
+  torch::nn::Embedding embed_tokens{nullptr};
+  torch::nn::Linear lm_head{nullptr};
+  RMSNorm norm{nullptr};
+  std::vector<std::shared_ptr<LlamaLayer>> layers_;
+  torch::Tensor inv_freq_;
+};
+
+}  // namespace
+
+std::shared_ptr<CausalLM> build_llama(const ModelConfig& config, const ModelShard& shard) {
+  return std::make_shared<LlamaLM>(config, shard);
+}
+
+}  // namespace crash

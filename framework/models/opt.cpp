@@ -1,0 +1,125 @@
+// OPT (facebook/opt-*): learned positions offset by 2, LayerNorm before (or, as in
+// OPT-350m, after) each block, ReLU MLP, optional project_in/project_out.
+#include "framework/models/blocks.h"
+#include "framework/models/decoder.h"
+
+namespace crash {
+
+namespace {
+
+struct Holder : torch::nn::Module {};
+
+torch::nn::LayerNorm layer_norm(const ModelConfig& c) {
+  return torch::nn::LayerNorm(
+      torch::nn::LayerNormOptions({c.hidden_size}).eps(c.norm_eps).elementwise_affine(c.norm_affine));
+}
+
+class OptLayer : public torch::nn::Module {
+ public:
+  explicit OptLayer(const ModelConfig& c) : pre_norm_(c.pre_norm), act_(c.activation) {
+    AttentionShape s;
+    s.hidden = c.hidden_size;
+    s.heads = s.kv_heads = c.num_heads;
+    s.head_dim = c.head_dim;
+    s.qkv_bias = s.out_bias = c.linear_bias;
+    s.out_name = "out_proj";
+    self_attn = register_module("self_attn", SelfAttention(s));
+    self_attn_layer_norm = register_module("self_attn_layer_norm", layer_norm(c));
+    fc1 = register_module("fc1", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.intermediate_size).bias(c.linear_bias)));
+    fc2 = register_module("fc2", torch::nn::Linear(torch::nn::LinearOptions(c.intermediate_size, c.hidden_size).bias(c.linear_bias)));
+    final_layer_norm = register_module("final_layer_norm", layer_norm(c));
+  }
+
+  torch::Tensor forward(torch::Tensor h, const AttentionContext& ctx, LayerCache* cache) {
+    auto residual = h;
+    if (pre_norm_) h = self_attn_layer_norm->forward(h);
+    h = residual + self_attn->forward(h, ctx, cache);
+    if (!pre_norm_) h = self_attn_layer_norm->forward(h);
+    residual = h;
+    if (pre_norm_) h = final_layer_norm->forward(h);
+    h = residual + fc2->forward(activation(act_, fc1->forward(h)));
+    if (!pre_norm_) h = final_layer_norm->forward(h);
+    return h;
+  }
+
+  SelfAttention self_attn{nullptr};
+  torch::nn::LayerNorm self_attn_layer_norm{nullptr}, final_layer_norm{nullptr};
+  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+
+ private:
+  bool pre_norm_;
+  std::string act_;
+};
+
+class OptLM : public CausalLM {
+ public:
+  OptLM(const ModelConfig& config, const ModelShard& shard) : CausalLM(config, shard) {
+    const ModelConfig& c = config_;
+    auto model = register_module("model", std::make_shared<Holder>());
+    auto decoder = model->register_module("decoder", std::make_shared<Holder>());
+    const bool proj = c.has_projection();
+    if (has_embedding()) {
+      embed_tokens = decoder->register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.word_embed_proj_dim));
+      embed_positions = decoder->register_module("embed_positions", torch::nn::Embedding(c.max_positions + 2, c.hidden_size));
+      if (proj)
+        project_in = decoder->register_module(
+            "project_in", torch::nn::Linear(torch::nn::LinearOptions(c.word_embed_proj_dim, c.hidden_size).bias(false)));
+    }
+    auto layers = decoder->register_module("layers", std::make_shared<Holder>());
+    for (int64_t l = first_; l < end_; ++l)
+      layers_.push_back(layers->register_module(std::to_string(l), std::make_shared<OptLayer>(c)));
+    if (has_head()) {
+      if (c.final_norm) final_layer_norm = decoder->register_module("final_layer_norm", layer_norm(c));
+      if (proj)
+        project_out = decoder->register_module(
+            "project_out", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.word_embed_proj_dim).bias(false)));
+      if (!c.tie_word_embeddings || !has_embedding())
+        lm_head = register_module(
+            "lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.word_embed_proj_dim, c.vocab_size).bias(false)));
+    }
+  }
+
+  torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& positions) override {
+    auto h = embed_tokens->forward(ids);
+    if (project_in) h = project_in->forward(h);
+    return h + embed_positions->forward(positions + 2);
+  }
+
+  torch::Tensor run_layer(int64_t layer, const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache) override {
+    return layers_.at(static_cast<size_t>(layer - first_))->forward(h, ctx, cache);
+  }
+
+  torch::Tensor finish(const torch::Tensor& h_in) override {
+    auto h = h_in;
+    if (final_layer_norm) h = final_layer_norm->forward(h);
+    if (project_out) h = project_out->forward(h);
+    return h;
+  }
+
+  torch::Tensor head(const torch::Tensor& h) override {
+    return lm_head ? lm_head->forward(h) : torch::linear(h, embed_tokens->weight);
+  }
+
+  torch::Tensor default_positions(const torch::Tensor& mask_all, int64_t new_tokens) const override {
+    auto m = mask_all.to(torch::kInt64);
+    auto pos = m.cumsum(1) * m - 1;
+    return pos.narrow(1, m.size(1) - new_tokens, new_tokens);
+  }
+
+ protected:
+  std::string tied_embedding_name() const override { return "model.decoder.embed_tokens.weight"; }
+
+ private:
+  torch::nn::Embedding embed_tokens{nullptr}, embed_positions{nullptr};
+  torch::nn::Linear project_in{nullptr}, project_out{nullptr}, lm_head{nullptr};
+  torch::nn::LayerNorm final_layer_norm{nullptr};
+  std::vector<std::shared_ptr<OptLayer>> layers_;
+};
+
+}  // namespace
+
+std::shared_ptr<CausalLM> build_opt(const ModelConfig& config, const ModelShard& shard) {
+  return std::make_shared<OptLM>(config, shard);
+}
+
+}  // namespace crash

@@ -1,0 +1,227 @@
+#include "framework/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "parallel/errors.h"
+
+namespace crash {
+
+int64_t TensorInfo::numel() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+size_t safetensors_dtype_size(const std::string& d) {
+  static const std::map<std::string, size_t> sizes = {
+      {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8}, {"I32", 4}, {"I16", 2},
+      {"I8", 1},  {"U8", 1},  {"BOOL", 1}, {"U16", 2}, {"U32", 4}, {"U64", 8}};
+  auto it = sizes.find(d);
+  return it == sizes.end() ? 0 : it->second;
+}
+
+torch::ScalarType scalar_type_of(const std::string& d, const std::string& source) {
+  static const std::map<std::string, torch::ScalarType> types = {
+      {"F64", torch::kFloat64}, {"F32", torch::kFloat32}, {"F16", torch::kFloat16}, {"BF16", torch::kBFloat16},
+      {"I64", torch::kInt64},   {"I32", torch::kInt32},   {"I16", torch::kInt16},   {"I8", torch::kInt8},
+      {"U8", torch::kUInt8},    {"BOOL", torch::kBool}};
+  auto it = types.find(d);
+  if (it == types.end()) fail("{}: dtype '{}' cannot be loaded as a tensor", source, d);
+  return it->second;
+}
+
+std::string safetensors_dtype_of(torch::ScalarType t) {
+  switch (t) {
+    case torch::kFloat64: return "F64";
+    case torch::kFloat32: return "F32";
+    case torch::kFloat16: return "F16";
+    case torch::kBFloat16: return "BF16";
+    case torch::kInt64: return "I64";
+    case torch::kInt32: return "I32";
+    case torch::kInt16: return "I16";
+    case torch::kInt8: return "I8";
+    case torch::kUInt8: return "U8";
+    case torch::kBool: return "BOOL";
+    default: fail("safetensors: cannot store tensors of type {}", c10::toString(t));
+  }
+}
+
+namespace {
+
+// Parses and validates the header; throws UserError naming the file and the entry.
+void parse_header(const std::string& path, const char* text, size_t size, uint64_t data_size,
+                  std::map<std::string, TensorInfo>& tensors, std::map<std::string, std::string>& metadata) {
+  nlohmann::json header;
+  try {
+    header = nlohmann::json::parse(text, text + size);
+  } catch (const nlohmann::json::parse_error& e) {
+    fail("{}: safetensors header is not valid JSON (byte {})", path, e.byte);
+  }
+  if (!header.is_object()) fail("{}: safetensors header must be a JSON object", path);
+  for (auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") {
+      if (!entry.is_object()) fail("{}: __metadata__ must be an object of strings", path);
+      for (auto& [k, v] : entry.items()) {
+        if (!v.is_string()) fail("{}: __metadata__ field '{}' must be a string", path, k);
+        metadata[k] = v.get<std::string>();
+      }
+      continue;
+    }
+    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets"))
+      fail("{}: tensor '{}' needs dtype, shape and data_offsets", path, name);
+    TensorInfo t;
+    t.name = name;
+    if (!entry["dtype"].is_string()) fail("{}: tensor '{}': dtype must be a string", path, name);
+    t.dtype = entry["dtype"].get<std::string>();
+    size_t esize = safetensors_dtype_size(t.dtype);
+    if (esize == 0) fail("{}: tensor '{}': unknown dtype '{}'", path, name, t.dtype);
+    const auto& shape = entry["shape"];
+    if (!shape.is_array()) fail("{}: tensor '{}': shape must be an array", path, name);
+    for (const auto& d : shape) {
+      if (!d.is_number_integer() || d.get<int64_t>() < 0)
+        fail("{}: tensor '{}': shape entries must be non-negative integers", path, name);
+      t.shape.push_back(d.get<int64_t>());
+    }
+    const auto& off = entry["data_offsets"];
+    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
+      fail("{}: tensor '{}': data_offsets must be two non-negative integers", path, name);
+    t.begin = off[0].get<uint64_t>();
+    t.end = off[1].get<uint64_t>();
+    if (t.begin > t.end || t.end > data_size)
+      fail("{}: tensor '{}': data_offsets [{}, {}) out of range (data section holds {} bytes; file truncated?)", path,
+           name, t.begin, t.end, data_size);
+    // Multiply with overflow checks: shape times element size must equal the byte length.
+    unsigned __int128 bytes = esize;
+    for (int64_t d : t.shape) bytes *= static_cast<uint64_t>(d);
+    if (bytes != t.end - t.begin)
+      fail("{}: tensor '{}': shape {} of {} needs {} bytes but data_offsets span {}", path, name, shape.dump(), t.dtype,
+           static_cast<uint64_t>(bytes), t.end - t.begin);
+    tensors.emplace(name, std::move(t));
+  }
+  std::vector<const TensorInfo*> order;
+  for (auto& [n, t] : tensors) order.push_back(&t);
+  std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
+  for (size_t i = 1; i < order.size(); ++i)
+    if (order[i]->begin < order[i - 1]->end)
+      fail("{}: tensors '{}' and '{}' overlap in the data section", path, order[i - 1]->name, order[i]->name);
+}
+
+}  // namespace
+
+SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) fail("{}: cannot open ({})", path, std::strerror(errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    ::close(fd);
+    fail("{}: cannot stat ({})", path, std::strerror(errno));
+  }
+  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  if (file_size < 8) {
+    ::close(fd);
+    fail("{}: truncated safetensors file ({} bytes, the header size alone takes 8)", path, file_size);
+  }
+  map_size_ = file_size;
+  map_ = ::mmap(nullptr, map_size_, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (map_ == MAP_FAILED) {
+    map_ = nullptr;
+    fail("{}: cannot map ({})", path, std::strerror(errno));
+  }
+  // Pages come in only when a tensor asks for them (see view()).
+  ::madvise(map_, map_size_, MADV_RANDOM);
+  auto* bytes = static_cast<uint8_t*>(map_);
+  uint64_t header_size = 0;
+  std::memcpy(&header_size, bytes, 8);  // little-endian, as the format and x86/ARM are
+  try {
+    if (header_size > file_size - 8)
+      fail("{}: header claims {} bytes but the file has {} after the size field (truncated?)", path, header_size,
+           file_size - 8);
+    data_ = bytes + 8 + header_size;
+    data_size_ = file_size - 8 - header_size;
+    parse_header(path, reinterpret_cast<const char*>(bytes + 8), header_size, data_size_, tensors_, metadata_);
+  } catch (...) {
+    ::munmap(map_, map_size_);
+    map_ = nullptr;
+    throw;
+  }
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (map_) ::munmap(map_, map_size_);
+}
+
+const TensorInfo& SafetensorsFile::info(const std::string& name) const {
+  auto it = tensors_.find(name);
+  if (it == tensors_.end()) fail("{}: no tensor named '{}'", path_, name);
+  return it->second;
+}
+
+torch::Tensor SafetensorsFile::view(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  auto type = scalar_type_of(t.dtype, path_);
+  return torch::from_blob(data_ + t.begin, t.shape, torch::TensorOptions().dtype(type));
+}
+
+torch::Tensor SafetensorsFile::read(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  ::madvise(reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(data_ + t.begin) & ~uintptr_t(4095)),
+            t.end - t.begin + 4096, MADV_WILLNEED);
+  return view(name).clone();
+}
+
+torch::Tensor SafetensorsFile::read_slice(const std::string& name, int64_t dim, int64_t start, int64_t length) const {
+  const TensorInfo& t = info(name);
+  int64_t rank = static_cast<int64_t>(t.shape.size());
+  if (dim < 0 || dim >= rank) fail("{}: tensor '{}' has {} dimensions, cannot slice dimension {}", path_, name, rank, dim);
+  if (start < 0 || length < 0 || start + length > t.shape[dim])
+    fail("{}: tensor '{}': slice [{}, {}) of dimension {} is out of range (size {})", path_, name, start,
+         start + length, dim, t.shape[dim]);
+  return view(name).narrow(dim, start, length).clone(at::MemoryFormat::Contiguous);
+}
+
+void write_safetensors(const std::string& path, const std::vector<std::pair<std::string, torch::Tensor>>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  nlohmann::json header = nlohmann::json::object();
+  if (!metadata.empty()) header["__metadata__"] = metadata;
+  std::vector<torch::Tensor> contiguous;
+  uint64_t offset = 0;
+  for (const auto& [name, tensor] : tensors) {
+    auto t = tensor.detach().to(torch::kCPU).contiguous();
+    uint64_t bytes = static_cast<uint64_t>(t.numel()) * t.element_size();
+    header[name] = {{"dtype", safetensors_dtype_of(t.scalar_type())},
+                    {"shape", t.sizes().vec()},
+                    {"data_offsets", {offset, offset + bytes}}};
+    offset += bytes;
+    contiguous.push_back(t);
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');  // keeps the data section 8-byte aligned
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+    if (!out) fail("{}: cannot create file", tmp);
+    uint64_t n = text.size();
+    out.write(reinterpret_cast<const char*>(&n), 8);
+    out.write(text.data(), static_cast<std::streamsize>(text.size()));
+    for (const auto& t : contiguous)
+      out.write(static_cast<const char*>(t.data_ptr()), static_cast<std::streamsize>(t.numel() * t.element_size()));
+    out.flush();
+    if (!out) {
+      std::remove(tmp.c_str());
+      fail("{}: write failed (disk full?)", tmp);
+    }
+  }
+  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("{}: cannot rename to {}", tmp, path);
+}
+
+}  // namespace crash

@@ -1,0 +1,24 @@
+// Token-id inputs: JSON Lines of {"tokens": [...]} and padding them into batches.
+#pragma once
+#include <torch/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace crash {
+
+// Reads one sequence per line, checking every id against the vocabulary and every length
+// against max_length; errors name the file and line.
+std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int64_t vocab_size, int64_t max_length);
+
+struct PaddedBatch {
+  torch::Tensor ids;   // [B, T] int64
+  torch::Tensor mask;  // [B, T] int64, 1 on tokens, 0 on padding
+};
+
+// Pads sequences [begin, end) to the longest one, on the left or the right.
+PaddedBatch pad_batch(const std::vector<std::vector<int64_t>>& seqs, size_t begin, size_t end, int64_t pad_id,
+                      bool left, int64_t length = 0);
+
+}  // namespace crash
