@@ -48,12 +48,22 @@ void read_llama(ModelConfig& c, const nlohmann::json& j, const std::string& src)
   c.tie_word_embeddings = json_field_or<bool>(j, "tie_word_embeddings", false, src);
   c.attention_bias = json_field_or<bool>(j, "attention_bias", false, src);
   c.mlp_bias = json_field_or<bool>(j, "mlp_bias", false, src);
-  c.rope_theta = json_field_or<double>(j, "rope_theta", 10000.0, src);
-  if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null()) {
-    auto rs = json_field<nlohmann::json>(j, "rope_scaling", src);
-    std::string where = src + " rope_scaling";
+  // transformers 5 writes "rope_parameters" (theta inside); older files "rope_theta" and "rope_scaling".
+  nlohmann::json rs;
+  std::string where = src;
+  if (j.contains("rope_parameters") && !j.at("rope_parameters").is_null()) {
+    rs = json_field<nlohmann::json>(j, "rope_parameters", src);
+    where = src + " rope_parameters";
+    c.rope_theta = json_field_or<double>(rs, "rope_theta", 10000.0, where);
+  } else {
+    c.rope_theta = json_field_or<double>(j, "rope_theta", 10000.0, src);
+    if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null()) rs = json_field<nlohmann::json>(j, "rope_scaling", src);
+    where = src + " rope_scaling";
+  }
+  if (c.rope_theta <= 0) fail("{}: rope_theta must be positive, got {}", where, c.rope_theta);
+  if (!rs.is_null()) {
     std::string type = rs.contains("rope_type") ? json_field<std::string>(rs, "rope_type", where)
-                                                : json_field<std::string>(rs, "type", where);
+                                                : json_field_or<std::string>(rs, "type", "default", where);
     if (type == "default") {
       // no scaling
     } else if (type == "llama3") {
@@ -66,7 +76,7 @@ void read_llama(ModelConfig& c, const nlohmann::json& j, const std::string& src)
         fail("{}: factor must be positive and high_freq_factor > low_freq_factor", where);
       c.rope_scaling = s;
     } else {
-      fail("{}: rope_scaling type '{}' is not supported (expected 'llama3' or 'default')", src, type);
+      fail("{}: rope type '{}' is not supported (expected 'llama3' or 'default')", where, type);
     }
   }
   c.pad_token_id = json_field_or<int64_t>(j, "pad_token_id", -1, src);
