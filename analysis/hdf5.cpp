@@ -77,12 +77,13 @@ void H5Writer::write(const std::string& name, const torch::Tensor& tensor) {
 
 void H5Writer::attribute(const std::string& object, const std::string& key, const std::string& value) {
   H5Id type(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_size(type, value.size() + 1);
+  H5Tset_size(type, H5T_VARIABLE);  // h5py reads variable-length strings as str
   H5Tset_cset(type, H5T_CSET_UTF8);
   H5Id space(H5Screate(H5S_SCALAR), H5Sclose);
   H5Id attr(H5Acreate_by_name(file_, object.c_str(), key.c_str(), type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT),
             H5Aclose);
-  if (attr.get() < 0 || H5Awrite(attr, type, value.c_str()) < 0) fail("{}: cannot write attribute {}", tmp_, key);
+  const char* text = value.c_str();
+  if (attr.get() < 0 || H5Awrite(attr, type, &text) < 0) fail("{}: cannot write attribute {}", tmp_, key);
 }
 
 void H5Writer::attribute(const std::string& object, const std::string& key, int64_t value) {

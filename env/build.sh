@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Installs the dependencies (setup.sh), configures and builds crash-hpc in build/.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+bash "$root/env/setup.sh"
+generator=()
+command -v ninja >/dev/null && generator=(-G Ninja)
+if [ ! -f "$root/build/CMakeCache.txt" ]; then
+  cmake -S "$root" -B "$root/build" "${generator[@]}" -DCMAKE_BUILD_TYPE=Release
+fi
+cmake --build "$root/build" -j "$(nproc)"

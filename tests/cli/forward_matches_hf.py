@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""The forward job end to end: its HDF5 output, read with h5py, equals the HF transformers
+outputs stored in the golden fixtures (read with numpy alone)."""
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+import h5py
+import numpy as np
+
+DTYPES = {"F32": np.float32, "I64": np.int64}
+
+
+def read_safetensors(path):
+    raw = open(path, "rb").read()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    data = raw[8 + n:]
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        b, end = e["data_offsets"]
+        out[name] = np.frombuffer(data[b:end], dtype=DTYPES[e["dtype"]]).reshape(e["shape"])
+    return out
+
+
+def main():
+    binary, fixtures = sys.argv[1], sys.argv[2]
+    failures = 0
+    for name in ("opt_preln", "opt_postln_proj", "llama_gqa", "llama3_scaled"):
+        g = read_safetensors(os.path.join(fixtures, "golden", name + ".safetensors"))
+        ids, mask = g["right_ids"], g["right_mask"]
+        with tempfile.TemporaryDirectory() as tmp:
+            inp, out = os.path.join(tmp, "in.jsonl"), os.path.join(tmp, "out.h5")
+            with open(inp, "w") as f:
+                for row, m in zip(ids, mask):
+                    f.write(json.dumps({"tokens": row[m == 1].tolist()}) + "\n")
+            subprocess.run([binary, "forward", "--model", os.path.join(fixtures, "models", name), "--input", inp,
+                            "--out", out, "--batch-size", "2", "--threads", "2", "--log-level", "warn"], check=True)
+            with h5py.File(out, "r") as h5:
+                keep = h5["attention_mask"][()] == 1
+                assert (h5["attention_mask"][()] == mask).all(), "right padding as in the fixture"
+                diffs = [np.abs(h5["logits"][()] - g["right_logits"])[keep].max()]
+                n = h5.attrs["num_hidden_states"]
+                for l in range(n):
+                    diffs.append(np.abs(h5[f"hidden_states/{l}"][()] - g[f"right_hidden_{l}"])[keep].max())
+                ok = max(diffs) <= 1e-4 and n == len([k for k in g if k.startswith("right_hidden_")])
+                ok = ok and h5.attrs["model_type"] in ("opt", "llama") and h5.attrs["num_examples"] == len(ids)
+        print(f"{'ok  ' if ok else 'FAIL'} {name}: max abs diff {max(diffs):.2e} over logits and {n} hidden states")
+        failures += not ok
+    print(f"{4 - failures} passed, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
