@@ -4,8 +4,8 @@
 
 namespace crash {
 
-torch::Tensor activation(const std::string& name, const torch::Tensor& x) {
-  if (name == "relu") return torch::relu(x);
+torch::Tensor activation(const std::string& name, torch::Tensor x) {
+  if (name == "relu") return x.relu_();  // x is a fresh linear output: in place is safe for autograd
   if (name == "silu" || name == "swish") return torch::silu(x);
   if (name == "gelu") return torch::gelu(x);
   return torch::gelu(x, "tanh");  // gelu_new, gelu_pytorch_tanh
@@ -56,11 +56,17 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
   }
   const int64_t Tk = k.size(2), rep = H / KV;
   // Grouped-query attention without copying K/V: the `rep` query heads of a group share a matmul.
-  auto qg = q.reshape({B, KV, rep * T, D});
-  auto scores = torch::matmul(qg, k.transpose(-1, -2)).view({B, H, T, Tk});
-  scores = scores.to(torch::kFloat32) * (1.0 / std::sqrt(static_cast<double>(D))) + ctx.bias;
+  auto qg = q.reshape({B * KV, rep * T, D});
+  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  torch::Tensor scores;
+  if (q.scalar_type() == torch::kFloat32) {  // scale, product and mask in one BLAS call
+    auto bias = ctx.bias.expand({B, KV * rep, T, Tk}).reshape({B * KV, rep * T, Tk});
+    scores = torch::baddbmm(bias, qg, k.reshape({B * KV, Tk, D}).transpose(1, 2), 1.0, scale).view({B, H, T, Tk});
+  } else {
+    scores = torch::matmul(qg, k.reshape({B * KV, Tk, D}).transpose(1, 2)).view({B, H, T, Tk}).to(torch::kFloat32) * scale + ctx.bias;
+  }
   auto probs = torch::softmax(scores, -1).to(v.scalar_type());
-  auto out = torch::matmul(probs.view({B, KV, rep * T, Tk}), v).view({B, H, T, D});
+  auto out = torch::bmm(probs.view({B * KV, rep * T, Tk}), v.reshape({B * KV, Tk, D})).view({B, H, T, D});
   return out_proj->forward(out.transpose(1, 2).reshape({B, T, H * D}));
 }
 

@@ -9,7 +9,8 @@
 
 namespace crash {
 
-torch::Tensor activation(const std::string& name, const torch::Tensor& x);
+// May work in place on x, which must be a fresh intermediate (a linear layer's output).
+torch::Tensor activation(const std::string& name, torch::Tensor x);
 
 class RMSNormImpl : public torch::nn::Module {
  public:

@@ -42,8 +42,8 @@ class LlamaLayer : public torch::nn::Module {
     post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.norm_eps));
   }
   torch::Tensor forward(const torch::Tensor& h_in, const AttentionContext& ctx, LayerCache* cache) {
-    auto h = h_in + self_attn->forward(input_layernorm->forward(h_in), ctx, cache);
-    return h + mlp->forward(post_attention_layernorm->forward(h));
+    auto h = self_attn->forward(input_layernorm->forward(h_in), ctx, cache).add_(h_in);
+    return mlp->forward(post_attention_layernorm->forward(h)).add_(h);
   }
   SelfAttention self_attn{nullptr};
   std::shared_ptr<LlamaMLP> mlp;

@@ -33,11 +33,11 @@ class OptLayer : public torch::nn::Module {
   torch::Tensor forward(torch::Tensor h, const AttentionContext& ctx, LayerCache* cache) {
     auto residual = h;
     if (pre_norm_) h = self_attn_layer_norm->forward(h);
-    h = residual + self_attn->forward(h, ctx, cache);
+    h = self_attn->forward(h, ctx, cache).add_(residual);
     if (!pre_norm_) h = self_attn_layer_norm->forward(h);
     residual = h;
     if (pre_norm_) h = final_layer_norm->forward(h);
-    h = residual + fc2->forward(activation(act_, fc1->forward(h)));
+    h = fc2->forward(activation(act_, fc1->forward(h))).add_(residual);
     if (!pre_norm_) h = final_layer_norm->forward(h);
     return h;
   }
