@@ -21,12 +21,36 @@ torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   return weight * (xf * torch::rsqrt(var + eps_)).to(x.scalar_type());
 }
 
-SelfAttentionImpl::SelfAttentionImpl(const AttentionShape& s) : s_(s) {
-  using torch::nn::LinearOptions;
-  q_proj = register_module("q_proj", torch::nn::Linear(LinearOptions(s.hidden, s.heads * s.head_dim).bias(s.qkv_bias)));
-  k_proj = register_module("k_proj", torch::nn::Linear(LinearOptions(s.hidden, s.kv_heads * s.head_dim).bias(s.qkv_bias)));
-  v_proj = register_module("v_proj", torch::nn::Linear(LinearOptions(s.hidden, s.kv_heads * s.head_dim).bias(s.qkv_bias)));
-  out_proj = register_module(s.out_name, torch::nn::Linear(LinearOptions(s.heads * s.head_dim, s.hidden).bias(s.out_bias)));
+ColumnParallelLinear column_linear(int64_t in, int64_t out, bool bias, const CommPtr& tp) {
+  const int64_t local = out / tp->size();
+  return ColumnParallelLinear(in, out, tp->rank() * local, local, bias, tp);
+}
+
+RowParallelLinear row_linear(int64_t in, int64_t out, bool bias, const CommPtr& tp) {
+  const int64_t local = in / tp->size();
+  return RowParallelLinear(in, tp->rank() * local, local, out, bias, tp);
+}
+
+SelfAttentionImpl::SelfAttentionImpl(const AttentionShape& s) : head_dim_(s.head_dim), rotary_(s.rotary) {
+  const auto& tp = s.tp;
+  const int T = tp->size(), r = tp->rank();
+  const int64_t D = s.head_dim;
+  heads_ = s.heads / T;
+  q_proj = register_module("q_proj", column_linear(s.hidden, s.heads * D, s.qkv_bias, tp));
+  if (s.kv_heads % T == 0) {
+    kv_heads_ = s.kv_heads / T;
+    k_proj = register_module("k_proj", column_linear(s.hidden, s.kv_heads * D, s.qkv_bias, tp));
+    v_proj = register_module("v_proj", column_linear(s.hidden, s.kv_heads * D, s.qkv_bias, tp));
+  } else {
+    // Fewer key/value heads than ranks: each rank holds the one head its query heads use,
+    // shared by `group` consecutive ranks.
+    const int group = T / static_cast<int>(s.kv_heads);
+    const int64_t head = r / group;
+    kv_heads_ = 1;
+    k_proj = register_module("k_proj", ColumnParallelLinear(s.hidden, s.kv_heads * D, head * D, D, s.qkv_bias, tp, group));
+    v_proj = register_module("v_proj", ColumnParallelLinear(s.hidden, s.kv_heads * D, head * D, D, s.qkv_bias, tp, group));
+  }
+  out_proj = register_module(s.out_name, row_linear(s.heads * D, s.hidden, s.out_bias, tp));
 }
 
 namespace {
@@ -37,11 +61,11 @@ torch::Tensor rotate_half(const torch::Tensor& x) {
 }  // namespace
 
 torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache) {
-  const int64_t B = h.size(0), T = h.size(1), H = s_.heads, KV = s_.kv_heads, D = s_.head_dim;
+  const int64_t B = h.size(0), T = h.size(1), H = heads_, KV = kv_heads_, D = head_dim_;
   auto q = q_proj->forward(h).view({B, T, H, D}).transpose(1, 2);
   auto k = k_proj->forward(h).view({B, T, KV, D}).transpose(1, 2);
   auto v = v_proj->forward(h).view({B, T, KV, D}).transpose(1, 2);
-  if (s_.rotary) {
+  if (rotary_) {
     auto cos = ctx.cos.unsqueeze(1), sin = ctx.sin.unsqueeze(1);
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;

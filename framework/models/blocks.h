@@ -23,8 +23,14 @@ class RMSNormImpl : public torch::nn::Module {
 };
 TORCH_MODULE(RMSNorm);
 
+// Column- and row-parallel linear layers splitting `out` (or `in`) evenly over the TP group.
+ColumnParallelLinear column_linear(int64_t in, int64_t out, bool bias, const CommPtr& tp);
+RowParallelLinear row_linear(int64_t in, int64_t out, bool bias, const CommPtr& tp);
+
+// Full-model head counts; the attention keeps its TP rank's share.
 struct AttentionShape {
   int64_t hidden = 0, heads = 0, kv_heads = 0, head_dim = 0;
+  CommPtr tp;
   bool qkv_bias = false, out_bias = false;
   bool rotary = false;
   std::string out_name = "o_proj";  // OPT calls it out_proj
@@ -35,10 +41,12 @@ class SelfAttentionImpl : public torch::nn::Module {
   explicit SelfAttentionImpl(const AttentionShape& shape);
   torch::Tensor forward(const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache);
 
-  torch::nn::Linear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr}, out_proj{nullptr};
+  ColumnParallelLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr};
+  RowParallelLinear out_proj{nullptr};
 
  private:
-  AttentionShape s_;
+  int64_t heads_, kv_heads_, head_dim_;  // this rank's
+  bool rotary_;
 };
 TORCH_MODULE(SelfAttention);
 

@@ -12,7 +12,7 @@ namespace crash {
 
 CausalLM::CausalLM(ModelConfig config, ModelShard shard)
     : config_(std::move(config)), first_(shard.first_layer),
-      end_(shard.end_layer < 0 ? config_.num_layers : shard.end_layer) {
+      end_(shard.end_layer < 0 ? config_.num_layers : shard.end_layer), tp_(shard.tp ? shard.tp : make_local_comm()) {
   if (first_ < 0 || first_ >= end_ || end_ > config_.num_layers)
     fail("model shard: layers [{}, {}) are not a non-empty range of the model's {} layers", first_, end_,
          config_.num_layers);
@@ -88,9 +88,41 @@ torch::Tensor CausalLM::generate(const torch::Tensor& ids, const torch::Tensor& 
   return tokens;
 }
 
+int64_t CausalLM::local_vocab() const { return padded_vocab(config_.vocab_size, tp_->size()) / tp_->size(); }
+
+torch::Tensor CausalLM::head(const torch::Tensor& h) {
+  return gather_from_tp(head_local(h), tp_).narrow(-1, 0, config_.vocab_size);
+}
+
+std::map<std::string, ShardSlice> CausalLM::parameter_slices() const {
+  std::map<std::string, ShardSlice> out;
+  for (const auto& item : named_modules()) {
+    auto* tpm = dynamic_cast<const TensorParallelModule*>(item.value().get());
+    if (!tpm) continue;
+    for (const auto& p : item.value()->named_parameters(/*recurse=*/false)) {
+      auto slice = tpm->slice_of(p.key());
+      if (slice) out[item.key().empty() ? p.key() : item.key() + "." + p.key()] = *slice;
+    }
+  }
+  return out;
+}
+
+std::vector<std::pair<std::string, torch::Tensor>> CausalLM::gather_tp_state(bool grads) const {
+  auto slices = parameter_slices();
+  std::vector<std::pair<std::string, torch::Tensor>> out;
+  for (const auto& item : named_parameters()) {
+    torch::Tensor t = grads ? item.value().grad() : item.value();
+    if (!t.defined()) t = torch::zeros_like(item.value());
+    auto it = slices.find(item.key());
+    out.emplace_back(item.key(), it == slices.end() ? t.detach().clone() : gather_shards(t.detach(), it->second, tp_));
+  }
+  return out;
+}
+
 void CausalLM::load(const CheckpointReader& ckpt) {
   torch::NoGradGuard no_grad;
   const std::string config_file = ckpt.dir() + "/config.json";
+  const auto slices = parameter_slices();
   for (auto& item : named_parameters()) {
     const std::string& name = item.key();
     torch::Tensor param = item.value();
@@ -103,12 +135,23 @@ void CausalLM::load(const CheckpointReader& ckpt) {
     }
     if (!ckpt.contains(source)) fail("{}: checkpoint has no tensor '{}', which {} requires", ckpt.dir(), name, config_file);
     const TensorInfo& info = ckpt.info(source);
-    if (info.shape != param.sizes().vec())
+    auto slice_it = slices.find(name);
+    std::vector<int64_t> expected = param.sizes().vec();
+    if (slice_it != slices.end()) expected[slice_it->second.dim] = slice_it->second.full;
+    if (info.shape != expected)
       fail("{}: tensor '{}' has shape {} but {} implies {}", ckpt.file_of(source), source, fmt::join(info.shape, "x"),
-           config_file, fmt::join(param.sizes(), "x"));
+           config_file, fmt::join(expected, "x"));
     if (!at::isFloatingType(scalar_type_of(info.dtype, ckpt.file_of(source))))
       fail("{}: tensor '{}' is {}, expected a floating-point type", ckpt.file_of(source), source, info.dtype);
-    param.copy_(ckpt.view(source));
+    if (slice_it == slices.end()) {
+      param.copy_(ckpt.view(source));
+      continue;
+    }
+    // Only this rank's rows or columns are read from the mapped file; padding rows stay zero.
+    const ShardSlice& s = slice_it->second;
+    const int64_t avail = std::max<int64_t>(0, std::min(s.length, s.full - s.start));
+    if (avail > 0) param.narrow(s.dim, 0, avail).copy_(ckpt.view(source).narrow(s.dim, s.start, avail));
+    if (avail < s.length) param.narrow(s.dim, avail, s.length - avail).zero_();
   }
 }
 

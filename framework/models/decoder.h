@@ -4,10 +4,14 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <map>
 #include <memory>
 #include <vector>
 
+#include "parallel/tensor_parallel.h"
+
 #include "framework/config.h"
+#include "parallel/comm.h"
 
 namespace crash {
 
@@ -18,6 +22,7 @@ class CheckpointReader;
 struct ModelShard {
   int64_t first_layer = 0;
   int64_t end_layer = -1;  // -1: through the last layer
+  CommPtr tp;              // tensor-parallel group; nullptr: one rank holds whole tensors
 };
 
 // What attention needs besides the hidden states; built once per forward step.
@@ -58,7 +63,13 @@ class CausalLM : public torch::nn::Module {
                                   LayerCache* cache) = 0;
   // Final norm (and OPT's project_out): the last hidden state as HF reports it.
   virtual torch::Tensor finish(const torch::Tensor& h) = 0;
-  virtual torch::Tensor head(const torch::Tensor& h) = 0;
+  // This TP rank's columns of the logits: [.., local_vocab()] from vocab_start().
+  virtual torch::Tensor head_local(const torch::Tensor& h) = 0;
+  // The full logits [.., vocab_size] (gathered across TP ranks).
+  torch::Tensor head(const torch::Tensor& h);
+  int64_t vocab_start() const { return tp_->rank() * local_vocab(); }
+  int64_t local_vocab() const;
+  const CommPtr& tp() const { return tp_; }
 
   // Positions HF's forward() uses when none are given. mask_all covers past and new tokens.
   virtual torch::Tensor default_positions(const torch::Tensor& mask_all, int64_t new_tokens) const = 0;
@@ -76,14 +87,19 @@ class CausalLM : public torch::nn::Module {
 
   // Copies this shard's weights from a checkpoint, checking every shape against the config.
   void load(const CheckpointReader& checkpoint);
-  // Parameters under their Hugging Face names (tied weights once).
+  // Parameters under their Hugging Face names (tied weights once), as this rank holds them.
   std::vector<std::pair<std::string, torch::Tensor>> hf_state() const;
+  // Which slice of the full tensor each tensor-parallel parameter is (absent: replicated).
+  std::map<std::string, ShardSlice> parameter_slices() const;
+  // Parameters (or gradients) reassembled across the TP group: collective over it.
+  std::vector<std::pair<std::string, torch::Tensor>> gather_tp_state(bool grads) const;
 
  protected:
   virtual torch::Tensor rotary_inv_freq() const { return {}; }
   virtual std::string tied_embedding_name() const = 0;
   ModelConfig config_;
   int64_t first_, end_;
+  CommPtr tp_;
 };
 
 std::shared_ptr<CausalLM> build_model(const ModelConfig& config, const ModelShard& shard = {});

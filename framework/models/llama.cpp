@@ -11,16 +11,16 @@ struct Holder : torch::nn::Module {};
 
 class LlamaMLP : public torch::nn::Module {
  public:
-  explicit LlamaMLP(const ModelConfig& c) : act_(c.activation) {
-    using torch::nn::LinearOptions;
-    gate_proj = register_module("gate_proj", torch::nn::Linear(LinearOptions(c.hidden_size, c.intermediate_size).bias(c.mlp_bias)));
-    up_proj = register_module("up_proj", torch::nn::Linear(LinearOptions(c.hidden_size, c.intermediate_size).bias(c.mlp_bias)));
-    down_proj = register_module("down_proj", torch::nn::Linear(LinearOptions(c.intermediate_size, c.hidden_size).bias(c.mlp_bias)));
+  LlamaMLP(const ModelConfig& c, const CommPtr& tp) : act_(c.activation) {
+    gate_proj = register_module("gate_proj", column_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, tp));
+    up_proj = register_module("up_proj", column_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, tp));
+    down_proj = register_module("down_proj", row_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp));
   }
   torch::Tensor forward(const torch::Tensor& x) {
     return down_proj->forward(activation(act_, gate_proj->forward(x)) * up_proj->forward(x));
   }
-  torch::nn::Linear gate_proj{nullptr}, up_proj{nullptr}, down_proj{nullptr};
+  ColumnParallelLinear gate_proj{nullptr}, up_proj{nullptr};
+  RowParallelLinear down_proj{nullptr};
 
  private:
   std::string act_;
@@ -28,8 +28,9 @@ class LlamaMLP : public torch::nn::Module {
 
 class LlamaLayer : public torch::nn::Module {
  public:
-  explicit LlamaLayer(const ModelConfig& c) {
+  LlamaLayer(const ModelConfig& c, const CommPtr& tp) {
     AttentionShape s;
+    s.tp = tp;
     s.hidden = c.hidden_size;
     s.heads = c.num_heads;
     s.kv_heads = c.num_kv_heads;
@@ -37,7 +38,7 @@ class LlamaLayer : public torch::nn::Module {
     s.qkv_bias = s.out_bias = c.attention_bias;
     s.rotary = true;
     self_attn = register_module("self_attn", SelfAttention(s));
-    mlp = register_module("mlp", std::make_shared<LlamaMLP>(c));
+    mlp = register_module("mlp", std::make_shared<LlamaMLP>(c, tp));
     input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.norm_eps));
     post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.norm_eps));
   }
@@ -55,14 +56,14 @@ class LlamaLM : public CausalLM {
   LlamaLM(const ModelConfig& config, const ModelShard& shard) : CausalLM(config, shard) {
     const ModelConfig& c = config_;
     auto model = register_module("model", std::make_shared<Holder>());
-    if (has_embedding()) embed_tokens = model->register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.hidden_size));
+    if (has_embedding()) embed_tokens = model->register_module("embed_tokens", VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp_));
     auto layers = model->register_module("layers", std::make_shared<Holder>());
     for (int64_t l = first_; l < end_; ++l)
-      layers_.push_back(layers->register_module(std::to_string(l), std::make_shared<LlamaLayer>(c)));
+      layers_.push_back(layers->register_module(std::to_string(l), std::make_shared<LlamaLayer>(c, tp_)));
     if (has_head()) {
       norm = model->register_module("norm", RMSNorm(c.hidden_size, c.norm_eps));
       if (!c.tie_word_embeddings || !has_embedding())
-        lm_head = register_module("lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.vocab_size).bias(false)));
+        lm_head = register_module("lm_head", ColumnParallelLinear(c.hidden_size, c.vocab_size, vocab_start(), local_vocab(), false, tp_));
     }
     inv_freq_ = rotary_inverse_frequencies(c);
   }
@@ -74,8 +75,8 @@ class LlamaLM : public CausalLM {
     return layers_.at(static_cast<size_t>(layer - first_))->forward(h, ctx, cache);
   }
   torch::Tensor finish(const torch::Tensor& h) override { return norm->forward(h); }
-  torch::Tensor head(const torch::Tensor& h) override {
-    return lm_head ? lm_head->forward(h) : torch::linear(h, embed_tokens->weight);
+  torch::Tensor head_local(const torch::Tensor& h) override {
+    return lm_head ? lm_head->forward(h) : torch::linear(copy_to_tp(h, tp_), embed_tokens->weight);
   }
   torch::Tensor default_positions(const torch::Tensor& mask_all, int64_t new_tokens) const override {
     const int64_t total = mask_all.size(1);
@@ -88,8 +89,8 @@ class LlamaLM : public CausalLM {
   std::string tied_embedding_name() const override { return "model.embed_tokens.weight"; }
 
  private:
-  torch::nn::Embedding embed_tokens{nullptr};
-  torch::nn::Linear lm_head{nullptr};
+  VocabParallelEmbedding embed_tokens{nullptr};
+  ColumnParallelLinear lm_head{nullptr};
   RMSNorm norm{nullptr};
   std::vector<std::shared_ptr<LlamaLayer>> layers_;
   torch::Tensor inv_freq_;

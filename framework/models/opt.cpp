@@ -16,8 +16,9 @@ torch::nn::LayerNorm layer_norm(const ModelConfig& c) {
 
 class OptLayer : public torch::nn::Module {
  public:
-  explicit OptLayer(const ModelConfig& c) : pre_norm_(c.pre_norm), act_(c.activation) {
+  OptLayer(const ModelConfig& c, const CommPtr& tp) : pre_norm_(c.pre_norm), act_(c.activation) {
     AttentionShape s;
+    s.tp = tp;
     s.hidden = c.hidden_size;
     s.heads = s.kv_heads = c.num_heads;
     s.head_dim = c.head_dim;
@@ -25,8 +26,8 @@ class OptLayer : public torch::nn::Module {
     s.out_name = "out_proj";
     self_attn = register_module("self_attn", SelfAttention(s));
     self_attn_layer_norm = register_module("self_attn_layer_norm", layer_norm(c));
-    fc1 = register_module("fc1", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.intermediate_size).bias(c.linear_bias)));
-    fc2 = register_module("fc2", torch::nn::Linear(torch::nn::LinearOptions(c.intermediate_size, c.hidden_size).bias(c.linear_bias)));
+    fc1 = register_module("fc1", column_linear(c.hidden_size, c.intermediate_size, c.linear_bias, tp));
+    fc2 = register_module("fc2", row_linear(c.intermediate_size, c.hidden_size, c.linear_bias, tp));
     final_layer_norm = register_module("final_layer_norm", layer_norm(c));
   }
 
@@ -44,7 +45,8 @@ class OptLayer : public torch::nn::Module {
 
   SelfAttention self_attn{nullptr};
   torch::nn::LayerNorm self_attn_layer_norm{nullptr}, final_layer_norm{nullptr};
-  torch::nn::Linear fc1{nullptr}, fc2{nullptr};
+  ColumnParallelLinear fc1{nullptr};
+  RowParallelLinear fc2{nullptr};
 
  private:
   bool pre_norm_;
@@ -59,7 +61,7 @@ class OptLM : public CausalLM {
     auto decoder = model->register_module("decoder", std::make_shared<Holder>());
     const bool proj = c.has_projection();
     if (has_embedding()) {
-      embed_tokens = decoder->register_module("embed_tokens", torch::nn::Embedding(c.vocab_size, c.word_embed_proj_dim));
+      embed_tokens = decoder->register_module("embed_tokens", VocabParallelEmbedding(c.vocab_size, c.word_embed_proj_dim, tp_));
       embed_positions = decoder->register_module("embed_positions", torch::nn::Embedding(c.max_positions + 2, c.hidden_size));
       if (proj)
         project_in = decoder->register_module(
@@ -67,15 +69,15 @@ class OptLM : public CausalLM {
     }
     auto layers = decoder->register_module("layers", std::make_shared<Holder>());
     for (int64_t l = first_; l < end_; ++l)
-      layers_.push_back(layers->register_module(std::to_string(l), std::make_shared<OptLayer>(c)));
+      layers_.push_back(layers->register_module(std::to_string(l), std::make_shared<OptLayer>(c, tp_)));
     if (has_head()) {
       if (c.final_norm) final_layer_norm = decoder->register_module("final_layer_norm", layer_norm(c));
       if (proj)
         project_out = decoder->register_module(
             "project_out", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.word_embed_proj_dim).bias(false)));
       if (!c.tie_word_embeddings || !has_embedding())
-        lm_head = register_module(
-            "lm_head", torch::nn::Linear(torch::nn::LinearOptions(c.word_embed_proj_dim, c.vocab_size).bias(false)));
+        lm_head = register_module("lm_head", ColumnParallelLinear(c.word_embed_proj_dim, c.vocab_size, vocab_start(),
+                                                                  local_vocab(), false, tp_));
     }
   }
 
@@ -96,8 +98,8 @@ class OptLM : public CausalLM {
     return h;
   }
 
-  torch::Tensor head(const torch::Tensor& h) override {
-    return lm_head ? lm_head->forward(h) : torch::linear(h, embed_tokens->weight);
+  torch::Tensor head_local(const torch::Tensor& h) override {
+    return lm_head ? lm_head->forward(h) : torch::linear(copy_to_tp(h, tp_), embed_tokens->weight);
   }
 
   torch::Tensor default_positions(const torch::Tensor& mask_all, int64_t new_tokens) const override {
@@ -110,8 +112,10 @@ class OptLM : public CausalLM {
   std::string tied_embedding_name() const override { return "model.decoder.embed_tokens.weight"; }
 
  private:
-  torch::nn::Embedding embed_tokens{nullptr}, embed_positions{nullptr};
-  torch::nn::Linear project_in{nullptr}, project_out{nullptr}, lm_head{nullptr};
+  VocabParallelEmbedding embed_tokens{nullptr};
+  torch::nn::Embedding embed_positions{nullptr};
+  torch::nn::Linear project_in{nullptr}, project_out{nullptr};
+  ColumnParallelLinear lm_head{nullptr};
   torch::nn::LayerNorm final_layer_norm{nullptr};
   std::vector<std::shared_ptr<OptLayer>> layers_;
 };

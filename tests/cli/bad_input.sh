@@ -91,8 +91,8 @@ expect offsets-overlap "model.safetensors|overlap" run --model "$m"
 m=$(model shape llama_gqa); edit_config "$m" 'c["intermediate_size"] = 100'
 expect shape-disagrees-with-config "model.safetensors|shape|config.json" run --model "$m"
 
-m=$(model shard opt_preln); rm "$m/model-00002-of-00014.safetensors"
-expect missing-shard "model.safetensors.index.json|model-00002-of-00014.safetensors|missing" run --model "$m"
+m=$(model shard opt_preln); rm "$m/model-00002-of-00007.safetensors"
+expect missing-shard "model.safetensors.index.json|model-00002-of-00007.safetensors|missing" run --model "$m"
 
 printf '{"tokens": [5, 6]}\n{"tokens": [5, \n' > "$work/bad.jsonl"
 expect malformed-jsonl "bad.jsonl:2|not valid JSON" "$bin" forward --model "$fixtures/models/llama_gqa" --input "$work/bad.jsonl" --out "$work/out.h5"

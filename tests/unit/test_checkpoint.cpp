@@ -49,8 +49,8 @@ TEST(Checkpoint, SaveWritesFoldersThatLoadBack) {
 TEST(Checkpoint, MissingShardIsNamed) {
   test::TempDir dir;
   test::copy_folder(fixture("models/opt_preln"), dir / "m");
-  fs::remove(dir / "m/model-00003-of-00014.safetensors");
-  expect_user_error([&] { CheckpointReader r(dir / "m"); }, {"model.safetensors.index.json", "model-00003-of-00014", "missing"});
+  fs::remove(dir / "m/model-00003-of-00007.safetensors");
+  expect_user_error([&] { CheckpointReader r(dir / "m"); }, {"model.safetensors.index.json", "model-00003-of-00007", "missing"});
 }
 
 TEST(Checkpoint, ShapeDisagreeingWithConfig) {
@@ -67,10 +67,10 @@ TEST(Checkpoint, MissingTensorAndFolderErrors) {
   test::TempDir dir;
   test::copy_folder(fixture("models/llama_gqa"), dir / "m");
   auto cfg = read_json_file(dir / "m/config.json");
-  cfg["num_hidden_layers"] = 4;  // the file holds 3 layers
+  cfg["num_hidden_layers"] = 5;  // the file holds 4 layers
   std::ofstream(dir / "m/config.json") << cfg.dump();
   CheckpointReader ckpt(dir / "m");
-  expect_user_error([&] { load_model(ckpt); }, {"model.layers.3.", "config.json"});
+  expect_user_error([&] { load_model(ckpt); }, {"model.layers.4.", "config.json"});
   expect_user_error([&] { CheckpointReader r(dir / "absent"); }, {"absent", "not a model folder"});
   fs::remove(dir / "m/model.safetensors");
   expect_user_error([&] { CheckpointReader r(dir / "m"); }, {"no model.safetensors"});

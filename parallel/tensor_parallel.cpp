@@ -1,0 +1,192 @@
+#include "parallel/tensor_parallel.h"
+
+#include <limits>
+
+#include "parallel/errors.h"
+
+namespace crash {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+namespace {
+
+Communicator* comm_of(AutogradContext* ctx) {
+  return reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
+}
+void keep_comm(AutogradContext* ctx, const CommPtr& c) { ctx->saved_data["comm"] = reinterpret_cast<int64_t>(c.get()); }
+
+torch::Tensor allreduced(const torch::Tensor& x, Communicator* c) {
+  auto y = x.contiguous().clone();
+  c->allreduce(y);
+  return y;
+}
+
+torch::Tensor own_part(const torch::Tensor& x, Communicator* c) {
+  const int64_t n = x.size(-1) / c->size();
+  return x.narrow(-1, c->rank() * n, n).contiguous();
+}
+
+struct CopyToTP : torch::autograd::Function<CopyToTP> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const CommPtr& c) {
+    keep_comm(ctx, c);
+    return x.view_as(x);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) { return {allreduced(g[0], comm_of(ctx)), {}}; }
+};
+
+struct ReduceFromTP : torch::autograd::Function<ReduceFromTP> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const CommPtr& c) {
+    return allreduced(x, c.get());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) { return {g[0], {}}; }
+};
+
+struct GatherFromTP : torch::autograd::Function<GatherFromTP> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const CommPtr& c) {
+    keep_comm(ctx, c);
+    return c->allgather(x.contiguous(), -1);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) { return {own_part(g[0], comm_of(ctx)), {}}; }
+};
+
+struct ScatterToTP : torch::autograd::Function<ScatterToTP> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& x, const CommPtr& c) {
+    keep_comm(ctx, c);
+    return own_part(x, c.get());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    return {comm_of(ctx)->allgather(g[0].contiguous(), -1), {}};
+  }
+};
+
+}  // namespace
+
+torch::Tensor copy_to_tp(const torch::Tensor& x, const CommPtr& tp) {
+  return tp->size() == 1 ? x : CopyToTP::apply(x, tp);
+}
+torch::Tensor reduce_from_tp(const torch::Tensor& x, const CommPtr& tp) {
+  return tp->size() == 1 ? x : ReduceFromTP::apply(x, tp);
+}
+torch::Tensor gather_from_tp(const torch::Tensor& x, const CommPtr& tp) {
+  return tp->size() == 1 ? x : GatherFromTP::apply(x, tp);
+}
+torch::Tensor scatter_to_tp(const torch::Tensor& x, const CommPtr& tp) {
+  return tp->size() == 1 ? x : ScatterToTP::apply(x, tp);
+}
+
+torch::Tensor gather_shards(const torch::Tensor& local, const ShardSlice& s, const CommPtr& tp) {
+  if (tp->size() == 1) return local.narrow(s.dim, 0, s.full).clone();
+  auto all = tp->allgather(local.contiguous(), s.dim);
+  std::vector<torch::Tensor> distinct;
+  for (int r = 0; r < tp->size(); r += s.group) distinct.push_back(all.narrow(s.dim, r * s.length, s.length));
+  return torch::cat(distinct, s.dim).narrow(s.dim, 0, s.full).contiguous();
+}
+
+int64_t padded_vocab(int64_t vocab, int tp) { return (vocab + tp - 1) / tp * tp; }
+
+ColumnParallelLinearImpl::ColumnParallelLinearImpl(int64_t in, int64_t full_out, int64_t start, int64_t local_out,
+                                                   bool has_bias, CommPtr tp, int group, bool gather_output)
+    : slice_{0, full_out, start, local_out, group}, tp_(std::move(tp)), gather_(gather_output) {
+  // Same initialisation as torch::nn::Linear, so a one-rank layer is an ordinary Linear.
+  weight = register_parameter("weight", torch::empty({local_out, in}));
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (has_bias) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+    bias = register_parameter("bias", torch::empty({local_out}).uniform_(-bound, bound));
+  }
+}
+
+torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) {
+  auto y = torch::linear(copy_to_tp(x, tp_), weight, bias);
+  return gather_ ? gather_from_tp(y, tp_) : y;
+}
+
+std::optional<ShardSlice> ColumnParallelLinearImpl::slice_of(const std::string&) const { return slice_; }
+
+RowParallelLinearImpl::RowParallelLinearImpl(int64_t full_in, int64_t start, int64_t local_in, int64_t out,
+                                             bool has_bias, CommPtr tp)
+    : slice_{1, full_in, start, local_in, 1}, tp_(std::move(tp)) {
+  weight = register_parameter("weight", torch::empty({out, local_in}));
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (has_bias) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(full_in));
+    bias = register_parameter("bias", torch::empty({out}).uniform_(-bound, bound));
+  }
+}
+
+torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) {
+  // The bias is added once, after the partial products are summed.
+  auto y = reduce_from_tp(torch::linear(x, weight), tp_);
+  return bias.defined() ? y + bias : y;
+}
+
+std::optional<ShardSlice> RowParallelLinearImpl::slice_of(const std::string& param) const {
+  if (param == "bias") return std::nullopt;
+  return slice_;
+}
+
+VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(int64_t vocab, int64_t dim, CommPtr tp) : tp_(std::move(tp)) {
+  const int64_t local = padded_vocab(vocab, tp_->size()) / tp_->size();
+  slice_ = {0, vocab, tp_->rank() * local, local, 1};
+  weight = register_parameter("weight", torch::randn({local, dim}));
+}
+
+torch::Tensor VocabParallelEmbeddingImpl::forward(const torch::Tensor& ids) {
+  if (tp_->size() == 1) return torch::embedding(weight, ids);
+  auto outside = (ids < slice_.start).logical_or(ids >= slice_.start + slice_.length);
+  auto local_ids = (ids - slice_.start).masked_fill(outside, 0);
+  auto out = torch::embedding(weight, local_ids).masked_fill(outside.unsqueeze(-1), 0.0);
+  return reduce_from_tp(out, tp_);
+}
+
+std::optional<ShardSlice> VocabParallelEmbeddingImpl::slice_of(const std::string&) const { return slice_; }
+
+namespace {
+
+struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossEntropy> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& local_logits, const torch::Tensor& targets,
+                               int64_t vocab_start, int64_t vocab, const CommPtr& tp, int64_t ignore_index) {
+    auto logits = local_logits.to(torch::kFloat32);
+    const int64_t local = logits.size(-1);
+    auto columns = torch::arange(vocab_start, vocab_start + local, targets.options());
+    auto padding = columns >= vocab;
+    if (padding.any().item<bool>())
+      logits = logits.masked_fill(padding.view({1, local}), -std::numeric_limits<float>::infinity());
+    auto max = std::get<0>(logits.max(-1)).contiguous();
+    tp->allreduce(max, ReduceOp::Max);
+    auto shifted = logits - max.unsqueeze(-1);
+    auto exp = shifted.exp();
+    auto sum = exp.sum(-1).contiguous();
+    tp->allreduce(sum, ReduceOp::Sum);
+    auto ignored = targets == ignore_index;
+    auto target_local = targets - vocab_start;
+    auto here = (target_local >= 0).logical_and(target_local < local).logical_and(ignored.logical_not());
+    auto index = target_local.masked_fill(here.logical_not(), 0);
+    auto predicted = shifted.gather(-1, index.unsqueeze(-1)).squeeze(-1).masked_fill(here.logical_not(), 0.0).contiguous();
+    tp->allreduce(predicted, ReduceOp::Sum);
+    auto loss = (sum.log() - predicted).masked_fill(ignored, 0.0);
+    ctx->save_for_backward({exp / sum.unsqueeze(-1), index, here, ignored});
+    ctx->saved_data["dtype"] = static_cast<int64_t>(local_logits.scalar_type());
+    return loss;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    auto saved = ctx->get_saved_variables();
+    auto grad = saved[0].clone();
+    auto index = saved[1], here = saved[2], ignored = saved[3];
+    grad.scatter_add_(-1, index.unsqueeze(-1), -here.to(grad.scalar_type()).unsqueeze(-1));
+    grad.mul_((g[0] * ignored.logical_not().to(g[0].scalar_type())).unsqueeze(-1));
+    auto dtype = static_cast<torch::ScalarType>(ctx->saved_data["dtype"].toInt());
+    return {grad.to(dtype), {}, {}, {}, {}, {}};
+  }
+};
+
+}  // namespace
+
+torch::Tensor vocab_parallel_cross_entropy(const torch::Tensor& local_logits, const torch::Tensor& targets,
+                                           int64_t vocab_start, int64_t vocab, const CommPtr& tp,
+                                           int64_t ignore_index) {
+  return VocabParallelCrossEntropy::apply(local_logits, targets, vocab_start, vocab, tp, ignore_index);
+}
+
+}  // namespace crash

@@ -1,0 +1,103 @@
+// Megatron-style tensor parallelism: the four communication regions as autograd functions,
+// column- and row-parallel linear layers, a vocabulary-parallel embedding and cross-entropy.
+// With a one-rank communicator every layer is its ordinary single-device counterpart.
+#pragma once
+#include <torch/torch.h>
+
+#include <map>
+#include <string>
+
+#include "parallel/comm.h"
+
+namespace crash {
+
+// Forward identity, backward allreduce (input of a column-parallel layer).
+torch::Tensor copy_to_tp(const torch::Tensor& x, const CommPtr& tp);
+// Forward allreduce, backward identity (output of a row-parallel layer).
+torch::Tensor reduce_from_tp(const torch::Tensor& x, const CommPtr& tp);
+// Forward allgather along the last dimension, backward keeps this rank's part.
+torch::Tensor gather_from_tp(const torch::Tensor& x, const CommPtr& tp);
+// Forward keeps this rank's part of the last dimension, backward allgathers.
+torch::Tensor scatter_to_tp(const torch::Tensor& x, const CommPtr& tp);
+
+// Which part of a full (checkpoint) tensor a rank holds: `length` entries from `start` along
+// `dim` of a dimension of size `full`. Entries past `full` are padding (zero). `group`
+// consecutive TP ranks hold the same part (key/value heads replicated when fewer than TP).
+struct ShardSlice {
+  int64_t dim = 0;
+  int64_t full = 0;
+  int64_t start = 0;
+  int64_t length = 0;
+  int group = 1;
+};
+
+// A module whose parameters are slices of full tensors; the loader asks it which slice.
+class TensorParallelModule {
+ public:
+  virtual ~TensorParallelModule() = default;
+  // nullopt: the parameter is replicated whole on every TP rank.
+  virtual std::optional<ShardSlice> slice_of(const std::string& param) const = 0;
+};
+
+// Reassembles a full tensor from every TP rank's part (collective over tp).
+torch::Tensor gather_shards(const torch::Tensor& local, const ShardSlice& slice, const CommPtr& tp);
+
+// y = x W^T + b with W split by rows (output features). `start` is this rank's first output
+// row of the full `full_out`; with gather_output the full output is returned.
+class ColumnParallelLinearImpl : public torch::nn::Module, public TensorParallelModule {
+ public:
+  ColumnParallelLinearImpl(int64_t in, int64_t full_out, int64_t start, int64_t local_out, bool bias, CommPtr tp,
+                           int group = 1, bool gather_output = false);
+  torch::Tensor forward(const torch::Tensor& x);
+  std::optional<ShardSlice> slice_of(const std::string& param) const override;
+  torch::Tensor weight, bias;
+
+ private:
+  ShardSlice slice_;
+  CommPtr tp_;
+  bool gather_;
+};
+TORCH_MODULE(ColumnParallelLinear);
+
+// y = x W^T + b with W split by columns (input features); x arrives already split.
+class RowParallelLinearImpl : public torch::nn::Module, public TensorParallelModule {
+ public:
+  RowParallelLinearImpl(int64_t full_in, int64_t start, int64_t local_in, int64_t out, bool bias, CommPtr tp);
+  torch::Tensor forward(const torch::Tensor& x);
+  std::optional<ShardSlice> slice_of(const std::string& param) const override;
+  torch::Tensor weight, bias;
+
+ private:
+  ShardSlice slice_;
+  CommPtr tp_;
+};
+TORCH_MODULE(RowParallelLinear);
+
+// Embedding rows split over TP ranks; the vocabulary is padded to a multiple of TP.
+class VocabParallelEmbeddingImpl : public torch::nn::Module, public TensorParallelModule {
+ public:
+  VocabParallelEmbeddingImpl(int64_t vocab, int64_t dim, CommPtr tp);
+  torch::Tensor forward(const torch::Tensor& ids);
+  std::optional<ShardSlice> slice_of(const std::string& param) const override;
+  int64_t vocab_start() const { return slice_.start; }
+  int64_t local_vocab() const { return slice_.length; }
+  int64_t vocab() const { return slice_.full; }
+  torch::Tensor weight;
+
+ private:
+  ShardSlice slice_;
+  CommPtr tp_;
+};
+TORCH_MODULE(VocabParallelEmbedding);
+
+// Rows of the full vocabulary a TP rank holds: ceil(vocab / tp) each.
+int64_t padded_vocab(int64_t vocab, int tp);
+
+// Per-token cross-entropy from vocabulary-parallel logits [N, V/tp] without gathering them:
+// targets [N] (ignore_index where no loss), vocab_start this rank's first column, vocab the
+// real vocabulary (padding columns never win). Returns [N] losses (0 where ignored).
+torch::Tensor vocab_parallel_cross_entropy(const torch::Tensor& local_logits, const torch::Tensor& targets,
+                                           int64_t vocab_start, int64_t vocab, const CommPtr& tp,
+                                           int64_t ignore_index = -100);
+
+}  // namespace crash
