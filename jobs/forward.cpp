@@ -1,13 +1,17 @@
 // forward: run a model on token ids; write logits and every hidden state to HDF5.
+// Runs on any DP x PP x TP grid; rank 0 collects the results and writes the file.
 #include <spdlog/spdlog.h>
+
+#include <cstdlib>
 
 #include "analysis/hdf5.h"
 #include "framework/checkpoint.h"
-#include "framework/models/decoder.h"
+#include "framework/distributed_lm.h"
 #include "framework/token_input.h"
 #include "jobs/job.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
+#include "parallel/world.h"
 
 namespace crash {
 
@@ -15,18 +19,13 @@ void forward_options(po::options_description& o) {
   o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
       "input", po::value<std::string>()->required(), "JSON Lines file, one {\"tokens\": [...]} per line")(
       "out", po::value<std::string>()->required(), "output HDF5 file")(
-      "batch-size", po::value<int64_t>()->default_value(8), "sequences per forward pass")(
+      "batch-size", po::value<int64_t>()->default_value(8), "sequences per forward pass (per data-parallel rank)")(
+      "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per batch")(
       "padding", po::value<std::string>()->default_value("right"), "pad batches on the 'left' or the 'right'")(
       "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16")(
       "no-hidden-states", po::bool_switch(), "write logits only")(
       "overwrite", po::bool_switch(), "replace an existing output file");
-}
-
-torch::ScalarType parse_dtype(const std::string& name) {
-  if (name == "float32" || name == "fp32") return torch::kFloat32;
-  if (name == "bfloat16" || name == "bf16") return torch::kBFloat16;
-  if (name == "float16" || name == "fp16") return torch::kFloat16;
-  fail("--dtype: unknown type '{}' (expected float32, bfloat16 or float16)", name);
+  add_grid_options(o);
 }
 
 int forward_run(const po::variables_map& vm) {
@@ -34,50 +33,104 @@ int forward_run(const po::variables_map& vm) {
   const auto out_path = vm["out"].as<std::string>();
   const auto padding = vm["padding"].as<std::string>();
   const int64_t batch_size = vm["batch-size"].as<int64_t>();
+  const int micro = vm["micro-batches"].as<int>();
   if (padding != "left" && padding != "right") fail("--padding: expected 'left' or 'right', got '{}'", padding);
   if (batch_size <= 0) fail("--batch-size must be positive, got {}", batch_size);
+  if (micro <= 0 || batch_size % micro != 0) fail("--micro-batches {} must divide --batch-size {}", micro, batch_size);
   const auto dtype = parse_dtype(vm["dtype"].as<std::string>());
   const bool hidden = !vm["no-hidden-states"].as<bool>();
+  World& world = World::get();
 
-  H5Writer out(out_path, vm["overwrite"].as<bool>());  // fails early if the output exists
+  // Everything a user can get wrong is checked before any weight is read.
+  std::unique_ptr<H5Writer> out;
+  if (world.rank() == 0) out = std::make_unique<H5Writer>(out_path, vm["overwrite"].as<bool>());
   CheckpointReader ckpt(model_dir);
   const ModelConfig& cfg = ckpt.config();
+  const GridSizes sizes = grid_sizes(vm);
+  const auto pp_layers = pp_layer_counts(vm);
+  validate_model_grid(cfg, world.size(), sizes, pp_layers);
   auto seqs = read_token_lines(vm["input"].as<std::string>(), cfg.vocab_size, cfg.max_positions);
-  auto model = load_model(ckpt, {}, dtype);
-  spdlog::info("{}: {} {} layers, {} parameters; {} sequences", model_dir, cfg.model_type, cfg.num_layers,
-               cfg.parameter_count(), seqs.size());
 
-  torch::InferenceMode guard;
+  auto grid = ProcessGrid::create(sizes);
+  DistributedOptions options;
+  options.dtype = dtype;
+  options.pp_layers = pp_layers;
+  DistributedLM model(ckpt, grid, options);
+  spdlog::info("{}: {} {} layers, {} parameters; {} sequences on {}", model_dir, cfg.model_type, cfg.num_layers,
+               cfg.parameter_count(), seqs.size(), grid->describe());
+  if (const char* f = std::getenv("CRASH_TEST_FAIL_RANK"); f && std::atoi(f) == world.rank())
+    throw std::runtime_error("failure injected by CRASH_TEST_FAIL_RANK");
+
+  // Each DP rank takes a contiguous share of the sequences, all padded to the longest one.
   int64_t longest = 0;
   for (const auto& s : seqs) longest = std::max<int64_t>(longest, static_cast<int64_t>(s.size()));
+  const int64_t N = static_cast<int64_t>(seqs.size()), dp = grid->dp();
+  auto share = [&](int64_t d) { return std::make_pair(N * d / dp, N * (d + 1) / dp); };
+  auto [begin, end] = share(grid->dp_rank());
   const bool left = padding == "left";
-  std::vector<torch::Tensor> ids, masks, logits;
-  std::vector<std::vector<torch::Tensor>> states;
-  for (size_t b = 0; b < seqs.size(); b += static_cast<size_t>(batch_size)) {
-    size_t e = std::min(seqs.size(), b + static_cast<size_t>(batch_size));
-    // Every batch is padded to the longest sequence of the file so the outputs stack.
-    auto batch = pad_batch(seqs, b, e, cfg.pad_token_id, left, longest);
-    auto result = model->forward(batch.ids, batch.mask, hidden);
-    ids.push_back(batch.ids);
-    masks.push_back(batch.mask);
-    logits.push_back(result.logits.to(torch::kFloat32));
-    states.resize(result.hidden_states.size());
-    for (size_t l = 0; l < result.hidden_states.size(); ++l) states[l].push_back(result.hidden_states[l].to(torch::kFloat32));
-    spdlog::info("forward: {}/{} sequences", e, seqs.size());
+  std::vector<torch::Tensor> logits;
+  std::map<int64_t, std::vector<torch::Tensor>> states;
+  for (int64_t b = begin; b < end; b += batch_size) {
+    const int64_t e = std::min(end, b + batch_size);
+    auto batch = pad_batch(seqs, static_cast<size_t>(b), static_cast<size_t>(e), cfg.pad_token_id, left, longest);
+    const int m = (e - b) % micro == 0 ? micro : 1;  // a short last batch goes in one piece
+    auto result = model.forward(batch.ids, batch.mask, m, hidden);
+    if (result.logits.defined()) logits.push_back(result.logits.to(torch::kFloat32));
+    for (auto& [l, h] : result.hidden) states[l].push_back(h.to(torch::kFloat32));
+    spdlog::info("forward: {}/{} sequences of this data-parallel share", e - begin, end - begin);
   }
-  out.write("input_ids", torch::cat(ids));
-  out.write("attention_mask", torch::cat(masks));
-  out.write("logits", torch::cat(logits));
-  for (size_t l = 0; l < states.size(); ++l) out.write(fmt::format("hidden_states/{}", l), torch::cat(states[l]));
-  out.attribute("/", "model", model_dir);
-  out.attribute("/", "model_type", cfg.model_type);
-  out.attribute("/", "dtype", vm["dtype"].as<std::string>());
-  out.attribute("/", "padding", padding);
-  out.attribute("/", "num_examples", static_cast<int64_t>(seqs.size()));
-  out.attribute("/", "num_hidden_states", static_cast<int64_t>(states.size()));
-  out.attribute("/", "tool_version", kVersion);
-  out.commit();
-  spdlog::info("wrote {}", out_path);
+
+  // Rank 0 gathers: logits from each DP share's last stage, hidden states from their stages.
+  const int64_t L = cfg.num_layers;
+  const auto stages = split_layers(L, grid->pp(), pp_layers);
+  auto stage_of = [&](int64_t l) {  // hidden_states[l] is made by the stage that runs layer l - 1
+    for (int s = 0; s < grid->pp(); ++s)
+      if (l == 0 ? stages[s].first == 0 : (l - 1 >= stages[s].first && l - 1 < stages[s].second)) return s;
+    return grid->pp() - 1;
+  };
+  const CommPtr& comm = grid->world();
+  const int logits_tag = static_cast<int>(L + 1);
+  if (grid->tp_rank() == 0 && grid->rank() != 0 && (begin < end)) {
+    if (grid->last_stage()) comm->send(torch::cat(logits), 0, logits_tag);
+    for (auto& [l, parts] : states) comm->send(torch::cat(parts), 0, static_cast<int>(l));
+    comm->wait_sends();
+  }
+  if (world.rank() == 0) {
+    auto ids_all = pad_batch(seqs, 0, seqs.size(), cfg.pad_token_id, left, longest);
+    std::vector<torch::Tensor> all_logits;
+    std::vector<std::vector<torch::Tensor>> all_states(hidden ? static_cast<size_t>(L + 1) : 0);
+    for (int64_t d = 0; d < dp; ++d) {
+      auto [b, e] = share(d);
+      if (b == e) continue;
+      auto receive = [&](int stage, int tag, int64_t width, std::vector<torch::Tensor>& local) {
+        const int src = grid->rank_of(0, stage, static_cast<int>(d));
+        if (src == 0) return torch::cat(local);
+        auto t = torch::empty({e - b, longest, width}, torch::kFloat32);
+        comm->recv(t, src, tag);
+        return t;
+      };
+      all_logits.push_back(receive(grid->pp() - 1, logits_tag, cfg.vocab_size, logits));
+      for (int64_t l = 0; l <= L && hidden; ++l) {
+        const int64_t width = l == L ? cfg.word_embed_proj_dim : cfg.hidden_size;
+        all_states[l].push_back(receive(stage_of(l), static_cast<int>(l), width, states[l]));
+      }
+    }
+    out->write("input_ids", ids_all.ids);
+    out->write("attention_mask", ids_all.mask);
+    out->write("logits", torch::cat(all_logits));
+    for (size_t l = 0; l < all_states.size(); ++l) out->write(fmt::format("hidden_states/{}", l), torch::cat(all_states[l]));
+    out->attribute("/", "model", model_dir);
+    out->attribute("/", "model_type", cfg.model_type);
+    out->attribute("/", "dtype", vm["dtype"].as<std::string>());
+    out->attribute("/", "padding", padding);
+    out->attribute("/", "grid", grid->describe());
+    out->attribute("/", "num_examples", N);
+    out->attribute("/", "num_hidden_states", static_cast<int64_t>(all_states.size()));
+    out->attribute("/", "tool_version", kVersion);
+    out->commit();
+    spdlog::info("wrote {}", out_path);
+  }
+  comm->barrier();
   return 0;
 }
 

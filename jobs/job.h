@@ -1,6 +1,9 @@
 // A subcommand of `crash-hpc`: its options and the function that runs it.
 #pragma once
 #include <boost/program_options.hpp>
+#include <torch/types.h>
+
+#include "parallel/grid.h"
 #include <string>
 #include <vector>
 
@@ -23,6 +26,12 @@ po::options_description common_options();
 po::variables_map parse_job_options(const Job& job, const std::vector<std::string>& args, bool& help);
 // Sets the torch thread count from --threads (0: all cores of this process).
 void apply_threads(const po::variables_map& vm);
+
+// --tp, --pp and --pp-layers, shared by the jobs that run a model on a grid.
+void add_grid_options(po::options_description& o);
+GridSizes grid_sizes(const po::variables_map& vm);
+std::vector<int64_t> pp_layer_counts(const po::variables_map& vm);
+torch::ScalarType parse_dtype(const std::string& name);
 
 // Jobs, one source file each.
 void forward_options(po::options_description& o);

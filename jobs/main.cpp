@@ -2,8 +2,10 @@
 #include <c10/util/Exception.h>
 #include <spdlog/spdlog.h>
 
+#include <chrono>
 #include <cstdio>
 #include <iostream>
+#include <thread>
 
 #include "jobs/job.h"
 #include "parallel/errors.h"
@@ -22,7 +24,11 @@ void print_usage() {
 int main(int argc, char** argv) {
   using namespace crash;
   World& world = World::init(&argc, &argv);
+  // One rank's failure ends every rank (no peer is left waiting in a collective) and its
+  // message is printed once: rank 0 reports at once; another rank first gives rank 0 a moment,
+  // since an error every rank meets (a bad file, say) is then reported by rank 0 alone.
   auto report = [&](const char* kind, const std::string& what, int code) -> int {
+    if (world.size() > 1 && world.rank() != 0) std::this_thread::sleep_for(std::chrono::seconds(3));
     std::fprintf(stderr, "crash-hpc: %s%s%s\n", world.size() > 1 ? fmt::format("[rank {}] ", world.rank()).c_str() : "",
                  kind, what.c_str());
     std::fflush(stderr);

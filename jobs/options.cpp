@@ -1,6 +1,7 @@
 #include <torch/torch.h>
 
 #include <fstream>
+#include <sstream>
 #include <thread>
 
 #include "jobs/job.h"
@@ -53,6 +54,37 @@ po::variables_map parse_job_options(const Job& job, const std::vector<std::strin
     fail("{}: {} (see crash-hpc {} --help)", job.name, e.what(), job.name);
   }
   return vm;
+}
+
+void add_grid_options(po::options_description& o) {
+  o.add_options()("tp", po::value<int>()->default_value(1), "tensor-parallel ranks per model replica")(
+      "pp", po::value<int>()->default_value(1), "pipeline stages per model replica (data parallelism: the rest)")(
+      "pp-layers", po::value<std::string>()->default_value(""), "layers per stage, e.g. 5,7 (default: balanced)");
+}
+
+GridSizes grid_sizes(const po::variables_map& vm) { return {vm["tp"].as<int>(), vm["pp"].as<int>()}; }
+
+std::vector<int64_t> pp_layer_counts(const po::variables_map& vm) {
+  std::vector<int64_t> out;
+  std::stringstream in(vm["pp-layers"].as<std::string>());
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    try {
+      size_t used = 0;
+      out.push_back(std::stoll(item, &used));
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      fail("--pp-layers: '{}' is not a whole number (expected a list like 5,7)", item);
+    }
+  }
+  return out;
+}
+
+torch::ScalarType parse_dtype(const std::string& name) {
+  if (name == "float32" || name == "fp32") return torch::kFloat32;
+  if (name == "bfloat16" || name == "bf16") return torch::kBFloat16;
+  if (name == "float16" || name == "fp16") return torch::kFloat16;
+  fail("--dtype: unknown type '{}' (expected float32, bfloat16 or float16)", name);
 }
 
 void apply_threads(const po::variables_map& vm) {

@@ -30,6 +30,12 @@ def read_safetensors(path):
 
 def main():
     binary, fixtures = sys.argv[1], sys.argv[2]
+    # Optional grid: NP TP PP, run under mpirun (rank 0 writes the file).
+    launch, grid = [], []
+    if len(sys.argv) > 3:
+        np_, tp, pp = sys.argv[3:6]
+        launch = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", np_]
+        grid = ["--tp", tp, "--pp", pp, "--threads", "1"]
     failures = 0
     for name in ("opt_preln", "opt_postln_proj", "llama_gqa", "llama3_scaled"):
         g = read_safetensors(os.path.join(fixtures, "golden", name + ".safetensors"))
@@ -39,8 +45,10 @@ def main():
             with open(inp, "w") as f:
                 for row, m in zip(ids, mask):
                     f.write(json.dumps({"tokens": row[m == 1].tolist()}) + "\n")
-            subprocess.run([binary, "forward", "--model", os.path.join(fixtures, "models", name), "--input", inp,
-                            "--out", out, "--batch-size", "2", "--threads", "2", "--log-level", "warn"], check=True)
+            threads = [] if grid else ["--threads", "2"]
+            subprocess.run(launch + [binary, "forward", "--model", os.path.join(fixtures, "models", name), "--input",
+                                     inp, "--out", out, "--batch-size", "2", "--log-level", "warn"] + threads + grid,
+                           check=True)
             with h5py.File(out, "r") as h5:
                 keep = h5["attention_mask"][()] == 1
                 assert (h5["attention_mask"][()] == mask).all(), "right padding as in the fixture"
