@@ -35,6 +35,7 @@ DistributedLM::DistributedLM(const CheckpointReader& ckpt, std::shared_ptr<Proce
   auto stages = split_layers(c.num_layers, grid_->pp(), options.pp_layers);
   auto [first, end] = stages[static_cast<size_t>(grid_->pp_rank())];
   stage_ = load_model(ckpt, ModelShard{first, end, grid_->tp_group()}, options.dtype);
+  stage_->to(device());
   stage_->train();
 
   // Key/value heads replicated over `group` TP ranks: their gradients are summed in that group.
@@ -57,6 +58,12 @@ DistributedLM::DistributedLM(const CheckpointReader& ckpt, std::shared_ptr<Proce
   }
 }
 
+torch::Device DistributedLM::device() const {
+  // With NCCL each rank drives the GPU of its node-local rank.
+  return grid_->backend() == "nccl" ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(grid_->local_rank()))
+                                    : torch::Device(torch::kCPU);
+}
+
 namespace {
 
 struct MicroBatches {
@@ -64,8 +71,8 @@ struct MicroBatches {
   MicroBatches(const CausalLM& model, const torch::Tensor& ids_all, const torch::Tensor& mask_all, int n) {
     if (n < 1 || ids_all.size(0) % n != 0)
       fail("{} rows do not split into {} micro-batches", ids_all.size(0), n);
-    ids = ids_all.chunk(n, 0);
-    mask = mask_all.chunk(n, 0);
+    ids = ids_all.to(model.parameters().front().device()).chunk(n, 0);
+    mask = mask_all.to(model.parameters().front().device()).chunk(n, 0);
     for (int m = 0; m < n; ++m) positions.push_back(model.default_positions(mask[m], ids[m].size(1)));
   }
 };
@@ -88,7 +95,8 @@ DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const tor
     return h;
   };
   step.empty_activation = [&](int i) {
-    return torch::empty({mb.ids[i].size(0), mb.ids[i].size(1), m.config().hidden_size}, torch::TensorOptions().dtype(dtype));
+    return torch::empty({mb.ids[i].size(0), mb.ids[i].size(1), m.config().hidden_size},
+                        torch::TensorOptions().dtype(dtype).device(device()));
   };
   step.run = [&](const torch::Tensor& x, int i) {
     auto ctx = m.attention_context(mb.mask[i], mb.positions[i]);
@@ -106,8 +114,8 @@ DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const tor
   };
   run_forward(grid_->pp_group(), micro_batches, step);
   Output out;
-  if (!logits.empty()) out.logits = torch::cat(logits, 0);
-  for (auto& [l, parts] : hidden) out.hidden[l] = torch::cat(parts, 0);
+  if (!logits.empty()) out.logits = torch::cat(logits, 0).cpu();
+  for (auto& [l, parts] : hidden) out.hidden[l] = torch::cat(parts, 0).cpu();
   return out;
 }
 
@@ -116,14 +124,15 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
   CausalLM& m = *stage_;
   MicroBatches mb(m, ids, mask, micro_batches);
   // The loss is a mean over every target token of the global batch, whatever the grid.
-  auto count = (causal_targets(ids, mask) != -100).sum().to(torch::kFloat64).reshape({1});
+  auto count = (causal_targets(ids, mask) != -100).sum().to(torch::kFloat64).reshape({1}).to(device());
   grid_->dp_group()->allreduce(count);
   const double total = std::max(1.0, count.item<double>());
   auto dtype = m.parameters().front().scalar_type();
   StageStep step;
   step.input = [&](int i) { return m.embed(mb.ids[i], mb.positions[i]); };
   step.empty_activation = [&](int i) {
-    return torch::empty({mb.ids[i].size(0), mb.ids[i].size(1), m.config().hidden_size}, torch::TensorOptions().dtype(dtype));
+    return torch::empty({mb.ids[i].size(0), mb.ids[i].size(1), m.config().hidden_size},
+                        torch::TensorOptions().dtype(dtype).device(device()));
   };
   step.run = [&](const torch::Tensor& x, int i) {
     auto ctx = m.attention_context(mb.mask[i], mb.positions[i]);
@@ -141,7 +150,7 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
   double loss = run_1f1b(grid_->pp_group(), micro_batches, step);
   if (sync) sync_gradients();
   // Every rank reports the global loss: summed over DP on the last stage, sent down the pipeline.
-  auto value = torch::full({1}, loss, torch::kFloat64);
+  auto value = torch::full({1}, loss, torch::TensorOptions().dtype(torch::kFloat64).device(device()));
   grid_->dp_group()->allreduce(value);
   grid_->pp_group()->broadcast(value, grid_->pp() - 1);
   return value.item<double>();

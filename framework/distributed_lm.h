@@ -54,6 +54,7 @@ class DistributedLM {
   void sync_gradients();
 
  private:
+  torch::Device device() const;
   std::shared_ptr<ProcessGrid> grid_;
   std::shared_ptr<CausalLM> stage_;
   CommPtr kv_group_, embedding_group_;

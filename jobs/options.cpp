@@ -59,10 +59,13 @@ po::variables_map parse_job_options(const Job& job, const std::vector<std::strin
 void add_grid_options(po::options_description& o) {
   o.add_options()("tp", po::value<int>()->default_value(1), "tensor-parallel ranks per model replica")(
       "pp", po::value<int>()->default_value(1), "pipeline stages per model replica (data parallelism: the rest)")(
-      "pp-layers", po::value<std::string>()->default_value(""), "layers per stage, e.g. 5,7 (default: balanced)");
+      "pp-layers", po::value<std::string>()->default_value(""), "layers per stage, e.g. 5,7 (default: balanced)")(
+      "backend", po::value<std::string>()->default_value("mpi"), "communication: mpi (CPU) or nccl (CUDA, one GPU per rank)");
 }
 
-GridSizes grid_sizes(const po::variables_map& vm) { return {vm["tp"].as<int>(), vm["pp"].as<int>()}; }
+GridSizes grid_sizes(const po::variables_map& vm) {
+  return {vm["tp"].as<int>(), vm["pp"].as<int>(), vm["backend"].as<std::string>()};
+}
 
 std::vector<int64_t> pp_layer_counts(const po::variables_map& vm) {
   std::vector<int64_t> out;

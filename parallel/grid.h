@@ -11,6 +11,7 @@ namespace crash {
 
 struct GridSizes {
   int tp = 1, pp = 1;
+  std::string backend = "mpi";  // "mpi" (CPU tensors) or "nccl" (CUDA tensors, one GPU per rank)
 };
 
 // Checks the sizes against the world before anything is loaded; throws UserError.
@@ -41,6 +42,7 @@ class ProcessGrid {
   // Ranks with the same color form a group ordered by key; ranks passing color < 0 get nullptr.
   // Collective over the world.
   CommPtr split(int color, int key) const;
+  const std::string& backend() const { return backend_; }
 
   std::string describe() const;
 
@@ -48,6 +50,7 @@ class ProcessGrid {
   ProcessGrid() = default;
   int world_size_ = 1, rank_ = 0, tp_ = 1, pp_ = 1, dp_ = 1;
   int tp_rank_ = 0, pp_rank_ = 0, dp_rank_ = 0, local_rank_ = 0;
+  std::string backend_ = "mpi";
   CommPtr world_, tp_comm_, pp_comm_, dp_comm_;
 };
 

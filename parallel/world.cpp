@@ -30,6 +30,13 @@ World& World::init(int* argc, char*** argv) {
   return *g_world;
 }
 
+void World::require_mpi() {
+  if (mpi_) return;
+  int provided = 0;
+  MPI_Init_thread(nullptr, nullptr, MPI_THREAD_FUNNELED, &provided);
+  mpi_ = true;
+}
+
 World& World::get() {
   if (!g_world) g_world.reset(new World());
   return *g_world;

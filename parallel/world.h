@@ -16,6 +16,8 @@ class World {
   bool mpi() const { return mpi_; }
   // Ends every rank: used when this rank failed, so that no peer waits forever in a collective.
   [[noreturn]] void abort(int code);
+  // Starts MPI in a process no launcher started (a one-rank world), for code that needs it.
+  void require_mpi();
 
  private:
   World() = default;

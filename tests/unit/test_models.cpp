@@ -77,8 +77,8 @@ TEST_P(GoldenModel, PipelineStagesComposeToTheFullModel) {
   // Two stages holding layers [0, 1) and [1, L) give the same logits as the whole model.
   torch::InferenceMode guard;
   const int64_t L = ckpt_->config().num_layers;
-  auto first = load_model(*ckpt_, {0, 1});
-  auto last = load_model(*ckpt_, {1, L});
+  auto first = load_model(*ckpt_, {0, 1, nullptr});
+  auto last = load_model(*ckpt_, {1, L, nullptr});
   EXPECT_TRUE(first->has_embedding());
   EXPECT_FALSE(first->has_head());
   EXPECT_TRUE(last->has_head());
