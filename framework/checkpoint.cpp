@@ -61,6 +61,11 @@ const TensorInfo& CheckpointReader::info(const std::string& name) const {
   return shard(it->second).info(name);
 }
 
+void CheckpointReader::drop_pages(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it != where_.end()) shard(it->second).drop_pages(name);
+}
+
 torch::Tensor CheckpointReader::view(const std::string& name) const {
   auto it = where_.find(name);
   if (it == where_.end()) fail("{}: checkpoint has no tensor '{}'", dir_, name);

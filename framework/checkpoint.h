@@ -27,6 +27,9 @@ class CheckpointReader {
   // A view aliasing the mapped file (see SafetensorsFile::view); narrow it before copying
   // to read only a slice.
   torch::Tensor view(const std::string& name) const;
+  // Lets the kernel drop the mapped pages of a tensor once it has been copied, so that
+  // loading does not keep the file's pages in this process's resident memory.
+  void drop_pages(const std::string& name) const;
   // The file (for error messages) that holds a tensor.
   std::string file_of(const std::string& name) const;
 

@@ -1,6 +1,11 @@
 #include "framework/distributed_lm.h"
 
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+
 #include "parallel/errors.h"
+#include "parallel/log.h"
 
 namespace crash {
 
@@ -34,8 +39,12 @@ DistributedLM::DistributedLM(const CheckpointReader& ckpt, std::shared_ptr<Proce
   validate_model_grid(c, grid_->world_size(), sizes, options.pp_layers);
   auto stages = split_layers(c.num_layers, grid_->pp(), options.pp_layers);
   auto [first, end] = stages[static_cast<size_t>(grid_->pp_rank())];
+  const auto t0 = std::chrono::steady_clock::now();
   stage_ = load_model(ckpt, ModelShard{first, end, grid_->tp_group()}, options.dtype);
   stage_->to(device());
+  spdlog::info("stage {} (layers {}-{}), tp rank {}: loaded in {:.1f} s, peak RSS {:.2f} GiB", grid_->pp_rank(), first,
+               end - 1, grid_->tp_rank(), std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(),
+               peak_rss_bytes() / double(1 << 30));
   stage_->train();
 
   // Key/value heads replicated over `group` TP ranks: their gradients are summed in that group.

@@ -179,6 +179,14 @@ torch::Tensor SafetensorsFile::read(const std::string& name) const {
   return view(name).clone();
 }
 
+void SafetensorsFile::drop_pages(const std::string& name) const {
+  const TensorInfo& t = info(name);
+  const uintptr_t page = 4096;
+  auto begin = (reinterpret_cast<uintptr_t>(data_ + t.begin) + page - 1) & ~(page - 1);  // whole pages inside
+  auto end = reinterpret_cast<uintptr_t>(data_ + t.end) & ~(page - 1);
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED);
+}
+
 torch::Tensor SafetensorsFile::read_slice(const std::string& name, int64_t dim, int64_t start, int64_t length) const {
   const TensorInfo& t = info(name);
   int64_t rank = static_cast<int64_t>(t.shape.size());

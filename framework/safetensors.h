@@ -47,6 +47,8 @@ class SafetensorsFile {
   // An owned copy of `length` entries from `start` along `dim`.
   torch::Tensor read_slice(const std::string& name, int64_t dim, int64_t start, int64_t length) const;
 
+  // Releases the resident pages of a tensor's bytes (they are read again if needed).
+  void drop_pages(const std::string& name) const;
   // Pointer to the first byte of the data section (for tests that inspect page residency).
   const uint8_t* data() const { return data_; }
   uint64_t data_size() const { return data_size_; }

@@ -11,6 +11,7 @@
 #include "jobs/job.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
+#include "parallel/log.h"
 #include "parallel/world.h"
 
 namespace crash {
@@ -131,6 +132,7 @@ int forward_run(const po::variables_map& vm) {
     spdlog::info("wrote {}", out_path);
   }
   comm->barrier();
+  spdlog::info("peak RSS {:.2f} GiB", peak_rss_bytes() / double(1 << 30));
   return 0;
 }
 

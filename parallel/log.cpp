@@ -1,6 +1,7 @@
 #include "parallel/log.h"
 
 #include <spdlog/sinks/stdout_color_sinks.h>
+#include <sys/resource.h>
 
 #include "parallel/errors.h"
 
@@ -16,6 +17,12 @@ void init_logging(int rank, int world_size, const std::string& level, bool all_r
   if (rank != 0 && !all_ranks && parsed < spdlog::level::warn) parsed = spdlog::level::warn;
   logger->set_level(parsed);
   spdlog::set_default_logger(logger);
+}
+
+int64_t peak_rss_bytes() {
+  struct rusage u {};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<int64_t>(u.ru_maxrss) * 1024;  // Linux reports KiB
 }
 
 }  // namespace crash

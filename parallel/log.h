@@ -9,4 +9,7 @@ namespace crash {
 // unless all_ranks is set.
 void init_logging(int rank, int world_size, const std::string& level, bool all_ranks = false);
 
+// Peak resident memory of this process so far (getrusage), in bytes.
+int64_t peak_rss_bytes();
+
 }  // namespace crash

@@ -12,7 +12,8 @@ namespace crash {
 
 CausalLM::CausalLM(ModelConfig config, ModelShard shard)
     : config_(std::move(config)), first_(shard.first_layer),
-      end_(shard.end_layer < 0 ? config_.num_layers : shard.end_layer), tp_(shard.tp ? shard.tp : make_local_comm()) {
+      end_(shard.end_layer < 0 ? config_.num_layers : shard.end_layer), tp_(shard.tp ? shard.tp : make_local_comm()),
+      dtype_(shard.dtype) {
   if (first_ < 0 || first_ >= end_ || end_ > config_.num_layers)
     fail("model shard: layers [{}, {}) are not a non-empty range of the model's {} layers", first_, end_,
          config_.num_layers);
@@ -145,6 +146,7 @@ void CausalLM::load(const CheckpointReader& ckpt) {
       fail("{}: tensor '{}' is {}, expected a floating-point type", ckpt.file_of(source), source, info.dtype);
     if (slice_it == slices.end()) {
       param.copy_(ckpt.view(source));
+      ckpt.drop_pages(source);
       continue;
     }
     // Only this rank's rows or columns are read from the mapped file; padding rows stay zero.
@@ -152,6 +154,7 @@ void CausalLM::load(const CheckpointReader& ckpt) {
     const int64_t avail = std::max<int64_t>(0, std::min(s.length, s.full - s.start));
     if (avail > 0) param.narrow(s.dim, 0, avail).copy_(ckpt.view(source).narrow(s.dim, s.start, avail));
     if (avail < s.length) param.narrow(s.dim, avail, s.length - avail).zero_();
+    ckpt.drop_pages(source);  // the copy is made: the mapped pages need not stay resident
   }
 }
 
@@ -168,10 +171,12 @@ std::shared_ptr<CausalLM> build_model(const ModelConfig& config, const ModelShar
   return config.family == Family::OPT ? build_opt(config, shard) : build_llama(config, shard);
 }
 
-std::shared_ptr<CausalLM> load_model(const CheckpointReader& checkpoint, const ModelShard& shard,
+std::shared_ptr<CausalLM> load_model(const CheckpointReader& checkpoint, const ModelShard& shard_in,
                                      torch::ScalarType dtype) {
+  ModelShard shard = shard_in;
+  shard.dtype = dtype;
   auto model = build_model(checkpoint.config(), shard);
-  model->to(dtype);
+  model->to(dtype);  // small pieces built outside place()
   model->load(checkpoint);
   model->eval();
   return model;

@@ -23,6 +23,9 @@ struct ModelShard {
   int64_t first_layer = 0;
   int64_t end_layer = -1;  // -1: through the last layer
   CommPtr tp;              // tensor-parallel group; nullptr: one rank holds whole tensors
+  // Parameters are created in this type piece by piece, so a stage never holds a float32
+  // copy of itself (a 6.7B model's stage in bf16 stays at half the float32 size).
+  torch::ScalarType dtype = torch::kFloat32;
 };
 
 // What attention needs besides the hidden states; built once per forward step.
@@ -97,9 +100,16 @@ class CausalLM : public torch::nn::Module {
  protected:
   virtual torch::Tensor rotary_inv_freq() const { return {}; }
   virtual std::string tied_embedding_name() const = 0;
+  // Converts a freshly built piece to the shard's dtype before the next is built.
+  template <class M>
+  M place(M m) {
+    m->to(dtype_);
+    return m;
+  }
   ModelConfig config_;
   int64_t first_, end_;
   CommPtr tp_;
+  torch::ScalarType dtype_;
 };
 
 std::shared_ptr<CausalLM> build_model(const ModelConfig& config, const ModelShard& shard = {});

@@ -56,14 +56,14 @@ class LlamaLM : public CausalLM {
   LlamaLM(const ModelConfig& config, const ModelShard& shard) : CausalLM(config, shard) {
     const ModelConfig& c = config_;
     auto model = register_module("model", std::make_shared<Holder>());
-    if (has_embedding()) embed_tokens = model->register_module("embed_tokens", VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp_));
+    if (has_embedding()) embed_tokens = model->register_module("embed_tokens", place(VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp_)));
     auto layers = model->register_module("layers", std::make_shared<Holder>());
     for (int64_t l = first_; l < end_; ++l)
-      layers_.push_back(layers->register_module(std::to_string(l), std::make_shared<LlamaLayer>(c, tp_)));
+      layers_.push_back(layers->register_module(std::to_string(l), place(std::make_shared<LlamaLayer>(c, tp_))));
     if (has_head()) {
       norm = model->register_module("norm", RMSNorm(c.hidden_size, c.norm_eps));
       if (!c.tie_word_embeddings || !has_embedding())
-        lm_head = register_module("lm_head", ColumnParallelLinear(c.hidden_size, c.vocab_size, vocab_start(), local_vocab(), false, tp_));
+        lm_head = register_module("lm_head", place(ColumnParallelLinear(c.hidden_size, c.vocab_size, vocab_start(), local_vocab(), false, tp_)));
     }
     inv_freq_ = rotary_inverse_frequencies(c);
   }

@@ -61,7 +61,7 @@ class OptLM : public CausalLM {
     auto decoder = model->register_module("decoder", std::make_shared<Holder>());
     const bool proj = c.has_projection();
     if (has_embedding()) {
-      embed_tokens = decoder->register_module("embed_tokens", VocabParallelEmbedding(c.vocab_size, c.word_embed_proj_dim, tp_));
+      embed_tokens = decoder->register_module("embed_tokens", place(VocabParallelEmbedding(c.vocab_size, c.word_embed_proj_dim, tp_)));
       embed_positions = decoder->register_module("embed_positions", torch::nn::Embedding(c.max_positions + 2, c.hidden_size));
       if (proj)
         project_in = decoder->register_module(
@@ -69,15 +69,15 @@ class OptLM : public CausalLM {
     }
     auto layers = decoder->register_module("layers", std::make_shared<Holder>());
     for (int64_t l = first_; l < end_; ++l)
-      layers_.push_back(layers->register_module(std::to_string(l), std::make_shared<OptLayer>(c, tp_)));
+      layers_.push_back(layers->register_module(std::to_string(l), place(std::make_shared<OptLayer>(c, tp_))));
     if (has_head()) {
       if (c.final_norm) final_layer_norm = decoder->register_module("final_layer_norm", layer_norm(c));
       if (proj)
         project_out = decoder->register_module(
             "project_out", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.word_embed_proj_dim).bias(false)));
       if (!c.tie_word_embeddings || !has_embedding())
-        lm_head = register_module("lm_head", ColumnParallelLinear(c.word_embed_proj_dim, c.vocab_size, vocab_start(),
-                                                                  local_vocab(), false, tp_));
+        lm_head = register_module("lm_head", place(ColumnParallelLinear(c.word_embed_proj_dim, c.vocab_size, vocab_start(),
+                                                                  local_vocab(), false, tp_)));
     }
   }
 
