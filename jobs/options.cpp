@@ -12,6 +12,8 @@ namespace crash {
 const std::vector<Job>& all_jobs() {
   static const std::vector<Job> jobs = {
       {"forward", "run a model on token ids and write logits and hidden states to HDF5", forward_options, forward_run},
+      {"collect", "every layer's hidden states on N examples, pooled, into one HDF5 archive", collect_options,
+       collect_run},
   };
   return jobs;
 }

@@ -153,6 +153,7 @@ class MpiComm : public Communicator {
   }
 
   void barrier() override { MPI_Barrier(comm_); }
+  MPI_Comm handle() const { return comm_; }
 
  private:
   struct Pending {
@@ -179,6 +180,12 @@ class MpiComm : public Communicator {
 };
 
 }  // namespace
+
+MPI_Comm mpi_handle(const Communicator& comm) {
+  if (auto* m = dynamic_cast<const MpiComm*>(&comm)) return m->handle();
+  if (comm.size() == 1) return MPI_COMM_SELF;
+  throw std::runtime_error("mpi_handle: a " + comm.backend() + " communicator has no MPI handle");
+}
 
 CommPtr make_mpi_comm(MPI_Comm comm, bool owned, int64_t max_chunk) {
   return std::make_shared<MpiComm>(comm, owned, max_chunk);

@@ -1,0 +1,82 @@
+// The activation archive (DESIGN.md section 3): one HDF5 file per collection run, written
+// collectively by every rank (parallel HDF5 when under MPI):
+//   /layers/{l}       [N, d] pooled, or [tokens, d] with /index [N + 1] token offsets
+//   /example_index    [N] int64    the example's position in the task file
+//   /example_hash     [N] uint64   FNV-1a of its token ids (joins and resumes check it)
+//   /blocks_done      [blocks] uint8, work done so far (resume skips those blocks)
+// Root attributes describe the run; "complete" becomes 1 last, and the file is written as
+// PATH.partial and renamed to PATH only then.
+#pragma once
+#include <hdf5.h>
+#include <torch/types.h>
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "analysis/hdf5.h"
+#include "parallel/comm.h"
+
+namespace crash {
+
+struct ArchiveSpec {
+  int64_t num_examples = 0;
+  std::vector<int64_t> widths;   // feature size of each hidden-state index 0..L
+  bool pooled = true;
+  std::vector<int64_t> offsets;  // unpooled: token offsets of the examples, N + 1 entries
+  std::string dtype = "float32";  // stored type: float32 or float16
+  int64_t block_size = 32;        // examples per block, the unit of work and of resume
+  std::map<std::string, std::string> text_attributes;  // model, task, pooling, grid, ...
+  int64_t num_blocks() const { return (num_examples + block_size - 1) / block_size; }
+};
+
+class ActivationArchive {
+ public:
+  // Collective over `comm`. Creates PATH.partial, or with `resume` reopens it and checks that
+  // it was made by the same kind of run. An existing PATH needs `overwrite`.
+  ActivationArchive(const std::string& path, const ArchiveSpec& spec, const CommPtr& comm, bool resume,
+                    bool overwrite);
+  ~ActivationArchive();
+
+  const std::vector<uint8_t>& blocks_done() const { return done_; }
+  // Fails (naming the example) if finished blocks hold other examples than `hashes` says.
+  void check_hashes(const std::vector<uint64_t>& hashes) const;
+
+  // What one rank writes in a round: rows [row, row + n) of one layer (rows are tokens when
+  // unpooled), and for the examples of its block, their ids.
+  struct Piece {
+    int64_t layer = 0;
+    int64_t row = 0;
+    torch::Tensor values;  // [n, d] float32
+  };
+  struct Ids {
+    int64_t first = 0;  // example index of the block's first example
+    std::vector<int64_t> index;
+    std::vector<uint64_t> hash;
+    int64_t block = -1;
+  };
+  // Collective: every rank calls it once per round, with what it holds (possibly nothing).
+  void write_round(const std::vector<Piece>& pieces, const Ids& ids);
+  // Collective: marks the file complete and moves it to its final name.
+  void complete();
+
+ private:
+  void create(const ArchiveSpec& spec);
+  void open_existing(const ArchiveSpec& spec);
+  void write_rows(hid_t set, hid_t mem_type, int64_t row, int64_t rows, int64_t width, const void* data);
+
+  std::string path_, partial_;
+  CommPtr comm_;
+  bool parallel_;
+  H5Id file_, xfer_;
+  std::vector<H5Id> layers_;
+  H5Id index_set_, hash_set_, done_set_;
+  std::vector<int64_t> widths_;
+  std::vector<uint8_t> done_;
+  bool completed_ = false;
+};
+
+// FNV-1a over the token ids (as int64 little-endian bytes): a stable id of an example's text.
+uint64_t token_hash(const std::vector<int64_t>& tokens);
+
+}  // namespace crash

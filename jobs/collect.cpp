@@ -1,0 +1,143 @@
+// collect: every layer's hidden states on the first N examples, pooled per example, written
+// collectively by all ranks into one HDF5 archive (analysis/archive.h). Resumable.
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cstdlib>
+
+#include "analysis/archive.h"
+#include "analysis/pooling.h"
+#include "framework/distributed_lm.h"
+#include "framework/token_input.h"
+#include "jobs/job.h"
+#include "jobs/version.h"
+#include "parallel/errors.h"
+#include "parallel/world.h"
+
+namespace crash {
+
+void collect_options(po::options_description& o) {
+  o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
+      "data", po::value<std::string>()->required(), "tokenized examples: JSON Lines with \"tokens\" (prepare's output)")(
+      "out", po::value<std::string>()->required(), "output archive (.h5)")(
+      "num-examples", po::value<int64_t>()->default_value(512), "first N examples")(
+      "pooling", po::value<std::string>()->default_value("mean"), "mean, mean_weighted, last, max or none (all tokens)")(
+      "store-dtype", po::value<std::string>()->default_value("float32"), "stored type: float32 or float16")(
+      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16")(
+      "block-size", po::value<int64_t>()->default_value(32), "examples per block (one forward pass; the unit of resume)")(
+      "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per block")(
+      "padding", po::value<std::string>()->default_value("right"), "pad blocks on the 'left' or the 'right'")(
+      "resume", po::bool_switch(), "finish an interrupted collection (OUT.partial)")(
+      "overwrite", po::bool_switch(), "replace an existing output");
+  add_grid_options(o);
+}
+
+int collect_run(const po::variables_map& vm) {
+  const auto model_dir = vm["model"].as<std::string>();
+  const auto data = vm["data"].as<std::string>();
+  const auto out_path = vm["out"].as<std::string>();
+  const auto pooling = vm["pooling"].as<std::string>();
+  const auto store = vm["store-dtype"].as<std::string>();
+  const int64_t block = vm["block-size"].as<int64_t>();
+  const int micro = vm["micro-batches"].as<int>();
+  const auto padding = vm["padding"].as<std::string>();
+  check_pooling(pooling);
+  if (store != "float32" && store != "float16") fail("--store-dtype: expected float32 or float16, got '{}'", store);
+  if (block <= 0) fail("--block-size must be positive, got {}", block);
+  if (micro <= 0) fail("--micro-batches must be positive, got {}", micro);
+  if (vm["num-examples"].as<int64_t>() <= 0) fail("--num-examples must be positive");
+  if (padding != "left" && padding != "right") fail("--padding: expected 'left' or 'right', got '{}'", padding);
+  World& world = World::get();
+
+  CheckpointReader ckpt(model_dir);
+  const ModelConfig& cfg = ckpt.config();
+  const GridSizes sizes = grid_sizes(vm);
+  const auto pp_layers = pp_layer_counts(vm);
+  validate_model_grid(cfg, world.size(), sizes, pp_layers);
+  auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions);
+  const int64_t N = std::min<int64_t>(vm["num-examples"].as<int64_t>(), static_cast<int64_t>(seqs.size()));
+  seqs.resize(static_cast<size_t>(N));
+
+  auto grid = ProcessGrid::create(sizes);
+  ArchiveSpec spec;
+  spec.num_examples = N;
+  spec.block_size = block;
+  spec.dtype = store;
+  spec.pooled = pooling != "none";
+  for (int64_t l = 0; l <= cfg.num_layers; ++l)
+    spec.widths.push_back(l == cfg.num_layers ? cfg.word_embed_proj_dim : cfg.hidden_size);
+  if (!spec.pooled) {
+    spec.offsets = {0};
+    for (const auto& s : seqs) spec.offsets.push_back(spec.offsets.back() + static_cast<int64_t>(s.size()));
+  }
+  spec.text_attributes = {{"model", model_dir},          {"model_type", cfg.model_type}, {"data", data},
+                          {"pooling", pooling},          {"padding", padding},           {"grid", grid->describe()},
+                          {"compute_dtype", vm["dtype"].as<std::string>()},
+                          {"tool_version", kVersion},    {"config", cfg.raw.dump()}};
+  std::vector<uint64_t> hashes;
+  for (const auto& s : seqs) hashes.push_back(token_hash(s));
+  ActivationArchive archive(out_path, spec, grid->world(), vm["resume"].as<bool>(), vm["overwrite"].as<bool>());
+  archive.check_hashes(hashes);
+
+  DistributedOptions options;
+  options.dtype = parse_dtype(vm["dtype"].as<std::string>());
+  options.pp_layers = pp_layers;
+  DistributedLM model(ckpt, grid, options);
+
+  const int64_t blocks = spec.num_blocks(), dp = grid->dp();
+  const int64_t rounds = (blocks + dp - 1) / dp;
+  const int fail_after = std::getenv("CRASH_TEST_FAIL_AFTER_ROUNDS") ? std::atoi(std::getenv("CRASH_TEST_FAIL_AFTER_ROUNDS")) : -1;
+  int64_t done_examples = 0, skipped = 0;
+  for (int64_t b = 0; b < blocks; ++b)
+    if (archive.blocks_done()[b]) skipped += std::min(block, N - b * block);
+  if (skipped) spdlog::info("resuming: {} of {} examples already collected", skipped, N);
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t r = 0; r < rounds; ++r) {
+    // Every rank agrees on what this round holds: block r * dp + dp_rank per DP replica.
+    bool round_done = true;
+    for (int64_t d = 0; d < dp; ++d)
+      if (r * dp + d < blocks && !archive.blocks_done()[r * dp + d]) round_done = false;
+    if (round_done) continue;
+    const int64_t mine = r * dp + grid->dp_rank();
+    std::vector<ActivationArchive::Piece> pieces;
+    ActivationArchive::Ids ids;
+    if (mine < blocks && !archive.blocks_done()[mine]) {
+      const int64_t first = mine * block, n = std::min(block, N - first);
+      auto batch = pad_batch(seqs, static_cast<size_t>(first), static_cast<size_t>(first + n), cfg.pad_token_id,
+                             padding == "left");
+      auto result = model.forward(batch.ids, batch.mask, n % micro == 0 ? micro : 1, true);
+      if (grid->tp_rank() == 0) {
+        for (auto& [l, h] : result.hidden) {
+          ActivationArchive::Piece p;
+          p.layer = l;
+          p.row = spec.pooled ? first : spec.offsets[first];
+          p.values = spec.pooled ? pool_hidden(h, batch.mask, pooling) : unpooled_rows(h, batch.mask);
+          pieces.push_back(std::move(p));
+        }
+        if (grid->first_stage()) {
+          ids.first = first;
+          ids.block = mine;
+          for (int64_t i = first; i < first + n; ++i) {
+            ids.index.push_back(i);
+            ids.hash.push_back(hashes[i]);
+          }
+        }
+      }
+    }
+    archive.write_round(pieces, ids);
+    if (fail_after >= 0 && r + 1 >= fail_after && world.rank() == world.size() - 1)
+      throw std::runtime_error("failure injected by CRASH_TEST_FAIL_AFTER_ROUNDS");
+    done_examples = 0;
+    for (int64_t b = 0; b < blocks; ++b)
+      if (archive.blocks_done()[b]) done_examples += std::min(block, N - b * block);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    const double rate = (done_examples - skipped) / std::max(secs, 1e-9);
+    spdlog::info("collect: {}/{} examples, {:.1f} examples/s, {:.0f} s left", done_examples, N, rate,
+                 rate > 0 ? (N - done_examples) / rate : 0.0);
+  }
+  archive.complete();
+  spdlog::info("wrote {}", out_path);
+  return 0;
+}
+
+}  // namespace crash
