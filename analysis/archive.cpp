@@ -60,7 +60,8 @@ std::string get_text(hid_t obj, const std::string& key) {
   char* text = nullptr;
   H5Id mem(H5Tcopy(H5T_C_S1), H5Tclose);
   H5Tset_size(mem, H5T_VARIABLE);
-  H5Aread(attr, mem, &text);
+  H5Tset_cset(mem, H5T_CSET_UTF8);  // HDF5 does not convert between character sets
+  if (H5Aread(attr, mem, &text) < 0) return "";
   std::string out = text ? text : "";
   H5free_memory(text);
   return out;
@@ -121,7 +122,17 @@ ActivationArchive::ActivationArchive(const std::string& path, const ArchiveSpec&
   }
 }
 
-ActivationArchive::~ActivationArchive() = default;
+ActivationArchive::~ActivationArchive() {
+  if (completed_ || !parallel_) return;
+  // Unwinding after a failure: closing would be collective and could wait forever for peers
+  // that are in another collective. The file stays PATH.partial, flushed after each round.
+  for (auto& l : layers_) l.release();
+  index_set_.release();
+  hash_set_.release();
+  done_set_.release();
+  xfer_.release();
+  file_.release();
+}
 
 void ActivationArchive::create(const ArchiveSpec& spec) {
   const bool half = spec.dtype == "float16";

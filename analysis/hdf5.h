@@ -19,6 +19,9 @@ class H5Id {
   H5Id& operator=(const H5Id&) = delete;
   ~H5Id() { reset(); }
   void reset();
+  // Forgets the identifier without closing it (closing a parallel file is collective, and a
+  // failing rank must not wait for peers that are elsewhere).
+  void release() { id_ = -1; }
   hid_t get() const { return id_; }
   operator hid_t() const { return id_; }
 

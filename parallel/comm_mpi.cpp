@@ -1,6 +1,7 @@
 #include "parallel/comm_mpi.h"
 
 #include <algorithm>
+#include <exception>
 #include <list>
 
 #include "parallel/errors.h"
@@ -45,7 +46,8 @@ class MpiComm : public Communicator {
   ~MpiComm() override {
     int finalized = 0;
     MPI_Finalized(&finalized);
-    if (finalized) return;
+    // While unwinding after a failure, waiting for peers could hang: MPI_Abort ends them.
+    if (finalized || std::uncaught_exceptions() > 0) return;
     wait_sends();
     if (owned_) MPI_Comm_free(&comm_);
   }
