@@ -89,7 +89,7 @@ struct MicroBatches {
 }  // namespace
 
 DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
-                                             bool want_hidden) {
+                                             bool want_hidden, bool want_logits) {
   torch::InferenceMode guard;
   CausalLM& m = *stage_;
   MicroBatches mb(m, ids, mask, micro_batches);
@@ -119,7 +119,7 @@ DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const tor
   step.output = [&](const torch::Tensor& y, int) {
     auto h = m.finish(y);
     if (want_hidden) hidden[L].push_back(h);
-    logits.push_back(m.head(h));
+    if (want_logits) logits.push_back(m.head(h));
   };
   run_forward(grid_->pp_group(), micro_batches, step);
   Output out;

@@ -39,8 +39,10 @@ class DistributedLM {
     torch::Tensor logits;                   // last stage: [B, T, vocab] (full vocabulary)
     std::map<int64_t, torch::Tensor> hidden;  // HF hidden_states index -> [B, T, d], for this stage's layers
   };
-  // Inference on this DP rank's rows, in `micro_batches` pieces along the batch.
-  Output forward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches, bool hidden_states);
+  // Inference on this DP rank's rows, in `micro_batches` pieces along the batch. Without
+  // `logits` the LM head is skipped (collection needs hidden states only).
+  Output forward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches, bool hidden_states,
+                 bool logits = true);
 
   // One forward and backward of the causal-LM loss (next token, padding ignored) over the
   // global batch: every DP rank passes its own rows. Returns the loss (mean over all target

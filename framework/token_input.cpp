@@ -1,17 +1,21 @@
 #include "framework/token_input.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "framework/prepare.h"
 #include "parallel/errors.h"
 
 namespace crash {
 
-std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int64_t vocab_size, int64_t max_length) {
+namespace {
+
+void read_file_lines(const std::string& path, int64_t vocab_size, int64_t max_length,
+                     std::vector<std::vector<int64_t>>& out) {
   std::ifstream in(path);
   if (!in) fail("{}: cannot open input file", path);
-  std::vector<std::vector<int64_t>> out;
   std::string line;
   for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
@@ -37,6 +41,18 @@ std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int6
     if (static_cast<int64_t>(seq.size()) > max_length)
       fail("{}:{}: {} tokens exceed the model's context of {}", path, lineno, seq.size(), max_length);
     out.push_back(std::move(seq));
+  }
+}
+
+}  // namespace
+
+std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int64_t vocab_size, int64_t max_length) {
+  std::vector<std::vector<int64_t>> out;
+  if (std::filesystem::is_directory(path)) {
+    const auto manifest = read_manifest(path);
+    for (const auto& shard : manifest["shards"]) read_file_lines(shard.get<std::string>(), vocab_size, max_length, out);
+  } else {
+    read_file_lines(path, vocab_size, max_length, out);
   }
   if (out.empty()) fail("{}: no input lines", path);
   return out;

@@ -8,8 +8,9 @@
 
 namespace crash {
 
-// Reads one sequence per line, checking every id against the vocabulary and every length
-// against max_length; errors name the file and line.
+// Reads one sequence per line ({"tokens": [...]}), from a file or from every shard of a
+// prepared folder, checking every id against the vocabulary and every length against
+// max_length; errors name the file and line.
 std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int64_t vocab_size, int64_t max_length);
 
 struct PaddedBatch {

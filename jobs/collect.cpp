@@ -4,9 +4,11 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 
 #include "analysis/archive.h"
 #include "analysis/pooling.h"
+#include "framework/prepare.h"
 #include "framework/distributed_lm.h"
 #include "framework/token_input.h"
 #include "jobs/job.h"
@@ -74,6 +76,11 @@ int collect_run(const po::variables_map& vm) {
                           {"pooling", pooling},          {"padding", padding},           {"grid", grid->describe()},
                           {"compute_dtype", vm["dtype"].as<std::string>()},
                           {"tool_version", kVersion},    {"config", cfg.raw.dump()}};
+  if (std::filesystem::is_directory(data)) {
+    auto manifest = read_manifest(data);
+    spec.text_attributes["task"] = manifest.value("task", "");
+    spec.text_attributes["tokenizer"] = manifest.value("tokenizer", "");
+  }
   std::vector<uint64_t> hashes;
   for (const auto& s : seqs) hashes.push_back(token_hash(s));
   ActivationArchive archive(out_path, spec, grid->world(), vm["resume"].as<bool>(), vm["overwrite"].as<bool>());
@@ -105,7 +112,7 @@ int collect_run(const po::variables_map& vm) {
       const int64_t first = mine * block, n = std::min(block, N - first);
       auto batch = pad_batch(seqs, static_cast<size_t>(first), static_cast<size_t>(first + n), cfg.pad_token_id,
                              padding == "left");
-      auto result = model.forward(batch.ids, batch.mask, n % micro == 0 ? micro : 1, true);
+      auto result = model.forward(batch.ids, batch.mask, n % micro == 0 ? micro : 1, true, /*logits=*/false);
       if (grid->tp_rank() == 0) {
         for (auto& [l, h] : result.hidden) {
           ActivationArchive::Piece p;

@@ -36,6 +36,8 @@ torch::ScalarType parse_dtype(const std::string& name);
 // Jobs, one source file each.
 void forward_options(po::options_description& o);
 int forward_run(const po::variables_map& vm);
+void prepare_options(po::options_description& o);
+int prepare_run(const po::variables_map& vm);
 void collect_options(po::options_description& o);
 int collect_run(const po::variables_map& vm);
 

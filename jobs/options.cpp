@@ -12,6 +12,7 @@ namespace crash {
 const std::vector<Job>& all_jobs() {
   static const std::vector<Job> jobs = {
       {"forward", "run a model on token ids and write logits and hidden states to HDF5", forward_options, forward_run},
+      {"prepare", "tokenize a task or text file once into shards the other jobs read", prepare_options, prepare_run},
       {"collect", "every layer's hidden states on N examples, pooled, into one HDF5 archive", collect_options,
        collect_run},
   };

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Collection throughput and archive bandwidth, side by side in one run (not part of CI).
+
+1. crash-hpc collect vs a plain HF transformers loop (output_hidden_states=True, mean pooling,
+   h5py datasets), same random OPT-125m-shaped model, same examples, same threads; both timed
+   end to end (model load included). Goal: >= 2x the HF loop.
+2. The archive's write bandwidth (bench_archive, fsync included) vs dd with fdatasync to the
+   same folder. Goal: >= 80% of dd.
+Needs torch and transformers from PyPI:  python bench/collect.py [--threads 2] [--dir /tmp/crash-bench]
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import torch
+from transformers import OPTConfig, OPTForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--examples", type=int, default=512)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--dir", default="/tmp/crash-bench")
+    a = ap.parse_args()
+    os.makedirs(a.dir, exist_ok=True)
+    model_dir = os.path.join(a.dir, "opt-125m-hf")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        cfg = OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
+                        max_position_embeddings=2048, word_embed_proj_dim=768)
+        torch.manual_seed(0)
+        OPTForCausalLM(cfg).save_pretrained(model_dir, safe_serialization=True)
+    rng = np.random.default_rng(0)
+    data = os.path.join(a.dir, "collect.jsonl")
+    seqs = [rng.integers(4, 50000, rng.integers(a.seq // 2, a.seq + 1)).tolist() for _ in range(a.examples)]
+    with open(data, "w") as f:
+        for s in seqs:
+            f.write(json.dumps({"tokens": s}) + "\n")
+
+    out = os.path.join(a.dir, "collect.h5")
+    t = time.perf_counter()
+    subprocess.run([os.path.join(ROOT, "build", "crash-hpc"), "collect", "--model", model_dir, "--data", data,
+                    "--out", out, "--num-examples", str(a.examples), "--block-size", str(a.batch),
+                    "--threads", str(a.threads), "--overwrite", "--log-level", "warn"], check=True)
+    ours = a.examples / (time.perf_counter() - t)
+
+    torch.set_num_threads(a.threads)
+    t = time.perf_counter()
+    model = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with h5py.File(os.path.join(a.dir, "hf.h5"), "w") as h5, torch.inference_mode():
+        sets = None
+        for b in range(0, a.examples, a.batch):
+            rows = seqs[b:b + a.batch]
+            T = max(len(r) for r in rows)
+            ids = torch.full((len(rows), T), 1)
+            mask = torch.zeros((len(rows), T), dtype=torch.long)
+            for i, r in enumerate(rows):
+                ids[i, :len(r)] = torch.tensor(r)
+                mask[i, :len(r)] = 1
+            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+            if sets is None:
+                sets = [h5.create_dataset(f"layers/{l}", (a.examples, h.shape[-1]), dtype="f4") for l, h in enumerate(hs)]
+            m = mask.unsqueeze(-1).float()
+            for l, h in enumerate(hs):
+                sets[l][b:b + len(rows)] = ((h * m).sum(1) / m.sum(1)).numpy()
+    hf = a.examples / (time.perf_counter() - t)
+    with h5py.File(out, "r") as x, h5py.File(os.path.join(a.dir, "hf.h5"), "r") as y:
+        diff = max(float(np.abs(x[f"layers/{l}"][()] - y[f"layers/{l}"][()]).max()) for l in range(13))
+    print(f"collect, OPT-125m shape, {a.examples} examples of <= {a.seq} tokens, {a.threads} threads")
+    print(f"  crash-hpc collect: {ours:8.1f} examples/s")
+    print(f"  HF transformers {torch.__version__} + h5py loop: {hf:8.1f} examples/s")
+    print(f"  ratio: {ours / hf:.2f} (goal >= 2); archives agree to {diff:.1e}")
+
+    arch = os.path.join(a.dir, "bandwidth.h5")
+    r = json.loads(subprocess.run([os.path.join(ROOT, "build", "bench", "bench_archive"), "--out", arch],
+                                  check=True, capture_output=True, text=True).stdout)
+    dd_file = os.path.join(a.dir, "dd.bin")
+    count = int(r["bytes"] // (4 << 20))
+    d = subprocess.run(["dd", "if=/dev/zero", f"of={dd_file}", "bs=4M", f"count={count}", "conv=fdatasync"],
+                       capture_output=True, text=True).stderr
+    secs = float(re.search(r"copied, ([0-9.]+) s", d).group(1))
+    dd = count * (4 << 20) / secs / 1e9
+    for f in (arch, dd_file):
+        os.remove(f)
+    print(f"archive write ({r['bytes'] / 1e9:.1f} GB, fsync included): {r['gb_per_s']:.2f} GB/s; dd: {dd:.2f} GB/s;"
+          f" ratio {r['gb_per_s'] / dd:.2f} (goal >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()
