@@ -55,7 +55,7 @@ def main():
     make_model(a.model)
     ours = json.loads(subprocess.run([a.binary, "--model", a.model, "--batch", str(a.batch), "--seq", str(a.seq),
                                       "--threads", str(a.threads), "--iters", str(a.iters)],
-                                     check=True, capture_output=True, text=True).stdout)["tokens_per_s"]
+                                     check=True, capture_output=True, text=True).stdout.splitlines()[-1])["tokens_per_s"]
     hf, attn = hf_tokens_per_s(a.model, a.batch, a.seq, a.threads, a.iters)
     print(f"OPT-125m shape, batch {a.batch} x {a.seq} tokens, {a.threads} threads, fp32 CPU")
     print(f"crash-hpc (LibTorch {ours and 'Debian 1.13'}): {ours:10.1f} tokens/s")
