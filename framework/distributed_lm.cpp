@@ -86,6 +86,34 @@ struct MicroBatches {
   }
 };
 
+// The embedding, the stage's layers and the activation buffers, shared by inference and
+// training; `on_hidden` (if set) sees each hidden state the stage makes (HF index, tensor).
+StageStep stage_step(CausalLM& m, const MicroBatches& mb, torch::Device device,
+                     std::function<void(int64_t, const torch::Tensor&)> on_hidden) {
+  StageStep step;
+  const auto dtype = m.parameters().front().scalar_type();
+  step.input = [&m, &mb, on_hidden](int i) {
+    auto h = m.embed(mb.ids[i], mb.positions[i]);
+    if (on_hidden) on_hidden(0, h);
+    return h;
+  };
+  step.empty_activation = [&m, &mb, dtype, device](int i) {
+    return torch::empty({mb.ids[i].size(0), mb.ids[i].size(1), m.config().hidden_size},
+                        torch::TensorOptions().dtype(dtype).device(device));
+  };
+  step.run = [&m, &mb, on_hidden](const torch::Tensor& x, int i) {
+    auto ctx = m.attention_context(mb.mask[i], mb.positions[i]);
+    auto h = x;
+    for (int64_t l = m.first_layer(); l < m.end_layer(); ++l) {
+      h = m.run_layer(l, h, ctx, nullptr);
+      // The last layer's output is reported after the final norm, as HF does.
+      if (on_hidden && l + 1 < m.config().num_layers) on_hidden(l + 1, h);
+    }
+    return h;
+  };
+  return step;
+}
+
 }  // namespace
 
 DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
@@ -96,26 +124,9 @@ DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const tor
   std::vector<torch::Tensor> logits;
   std::map<int64_t, std::vector<torch::Tensor>> hidden;
   const int64_t L = m.config().num_layers;
-  auto dtype = m.parameters().front().scalar_type();
-  StageStep step;
-  step.input = [&](int i) {
-    auto h = m.embed(mb.ids[i], mb.positions[i]);
-    if (want_hidden) hidden[0].push_back(h);
-    return h;
-  };
-  step.empty_activation = [&](int i) {
-    return torch::empty({mb.ids[i].size(0), mb.ids[i].size(1), m.config().hidden_size},
-                        torch::TensorOptions().dtype(dtype).device(device()));
-  };
-  step.run = [&](const torch::Tensor& x, int i) {
-    auto ctx = m.attention_context(mb.mask[i], mb.positions[i]);
-    auto h = x;
-    for (int64_t l = m.first_layer(); l < m.end_layer(); ++l) {
-      h = m.run_layer(l, h, ctx, nullptr);
-      if (want_hidden && l + 1 < L) hidden[l + 1].push_back(h);
-    }
-    return h;
-  };
+  std::function<void(int64_t, const torch::Tensor&)> keep;
+  if (want_hidden) keep = [&hidden](int64_t l, const torch::Tensor& h) { hidden[l].push_back(h); };
+  StageStep step = stage_step(m, mb, device(), keep);
   step.output = [&](const torch::Tensor& y, int) {
     auto h = m.finish(y);
     if (want_hidden) hidden[L].push_back(h);
@@ -136,19 +147,7 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
   auto count = (causal_targets(ids, mask) != -100).sum().to(torch::kFloat64).reshape({1}).to(device());
   grid_->dp_group()->allreduce(count);
   const double total = std::max(1.0, count.item<double>());
-  auto dtype = m.parameters().front().scalar_type();
-  StageStep step;
-  step.input = [&](int i) { return m.embed(mb.ids[i], mb.positions[i]); };
-  step.empty_activation = [&](int i) {
-    return torch::empty({mb.ids[i].size(0), mb.ids[i].size(1), m.config().hidden_size},
-                        torch::TensorOptions().dtype(dtype).device(device()));
-  };
-  step.run = [&](const torch::Tensor& x, int i) {
-    auto ctx = m.attention_context(mb.mask[i], mb.positions[i]);
-    auto h = x;
-    for (int64_t l = m.first_layer(); l < m.end_layer(); ++l) h = m.run_layer(l, h, ctx, nullptr);
-    return h;
-  };
+  StageStep step = stage_step(m, mb, device(), nullptr);
   step.loss = [&](const torch::Tensor& y, int i) {
     auto local = m.head_local(m.finish(y));
     auto targets = causal_targets(mb.ids[i], mb.mask[i]);
