@@ -12,7 +12,7 @@ namespace crash {
 
 namespace {
 
-void read_file_lines(const std::string& path, int64_t vocab_size, int64_t max_length,
+void read_file_lines(const std::string& path, int64_t vocab_size, int64_t max_length, const Tokenizer* tok,
                      std::vector<std::vector<int64_t>>& out) {
   std::ifstream in(path);
   if (!in) fail("{}: cannot open input file", path);
@@ -26,8 +26,11 @@ void read_file_lines(const std::string& path, int64_t vocab_size, int64_t max_le
       fail("{}:{}: not valid JSON (column {})", path, lineno, e.byte);
     }
     if (!j.is_object()) fail("{}:{}: expected a JSON object", path, lineno);
-    if (j.contains("text") && !j.contains("tokens"))
-      fail("{}:{}: \"text\" inputs need a tokenizer; give \"tokens\" (a list of token ids)", path, lineno);
+    if (j.contains("text") && !j.contains("tokens")) {
+      if (!tok) fail("{}:{}: \"text\" inputs need a tokenizer.json in the model folder; give \"tokens\" instead", path, lineno);
+      if (!j["text"].is_string()) fail("{}:{}: \"text\" must be a string", path, lineno);
+      j["tokens"] = tok->encode(j["text"].get<std::string>(), true);
+    }
     if (!j.contains("tokens") || !j["tokens"].is_array())
       fail("{}:{}: missing field \"tokens\" (a list of token ids)", path, lineno);
     std::vector<int64_t> seq;
@@ -46,13 +49,14 @@ void read_file_lines(const std::string& path, int64_t vocab_size, int64_t max_le
 
 }  // namespace
 
-std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int64_t vocab_size, int64_t max_length) {
+std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int64_t vocab_size, int64_t max_length,
+                                                   const Tokenizer* tok) {
   std::vector<std::vector<int64_t>> out;
   if (std::filesystem::is_directory(path)) {
     const auto manifest = read_manifest(path);
-    for (const auto& shard : manifest["shards"]) read_file_lines(shard.get<std::string>(), vocab_size, max_length, out);
+    for (const auto& shard : manifest["shards"]) read_file_lines(shard.get<std::string>(), vocab_size, max_length, tok, out);
   } else {
-    read_file_lines(path, vocab_size, max_length, out);
+    read_file_lines(path, vocab_size, max_length, tok, out);
   }
   if (out.empty()) fail("{}: no input lines", path);
   return out;

@@ -6,12 +6,16 @@
 #include <string>
 #include <vector>
 
+#include "framework/tokenizer.h"
+
 namespace crash {
 
 // Reads one sequence per line ({"tokens": [...]}), from a file or from every shard of a
 // prepared folder, checking every id against the vocabulary and every length against
 // max_length; errors name the file and line.
-std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int64_t vocab_size, int64_t max_length);
+// With a tokenizer, {"text": ...} lines are accepted too (encoded with special tokens).
+std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int64_t vocab_size, int64_t max_length,
+                                                   const Tokenizer* tokenizer = nullptr);
 
 struct PaddedBatch {
   torch::Tensor ids;   // [B, T] int64

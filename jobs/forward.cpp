@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <cstdlib>
+#include <filesystem>
 
 #include "analysis/hdf5.h"
 #include "framework/checkpoint.h"
@@ -18,7 +19,8 @@ namespace crash {
 
 void forward_options(po::options_description& o) {
   o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
-      "input", po::value<std::string>()->required(), "JSON Lines file, one {\"tokens\": [...]} per line")(
+      "input", po::value<std::string>()->required(),
+      "JSON Lines, one {\"tokens\": [...]} or {\"text\": ...} (with the model's tokenizer.json) per line")(
       "out", po::value<std::string>()->required(), "output HDF5 file")(
       "batch-size", po::value<int64_t>()->default_value(8), "sequences per forward pass (per data-parallel rank)")(
       "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per batch")(
@@ -50,7 +52,9 @@ int forward_run(const po::variables_map& vm) {
   const GridSizes sizes = grid_sizes(vm);
   const auto pp_layers = pp_layer_counts(vm);
   validate_model_grid(cfg, world.size(), sizes, pp_layers);
-  auto seqs = read_token_lines(vm["input"].as<std::string>(), cfg.vocab_size, cfg.max_positions);
+  std::optional<Tokenizer> tok;
+  if (std::filesystem::exists(model_dir + "/tokenizer.json")) tok = Tokenizer::load(model_dir + "/tokenizer.json");
+  auto seqs = read_token_lines(vm["input"].as<std::string>(), cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
 
   auto grid = ProcessGrid::create(sizes);
   DistributedOptions options;

@@ -93,3 +93,20 @@ TEST(Prepare, BadInput) {
 
 }  // namespace
 }  // namespace crash
+
+namespace crash {
+namespace {
+
+TEST(TokenInput, TextLinesNeedATokenizer) {
+  test::TempDir dir;
+  std::ofstream(dir / "in.jsonl") << "{\"text\": \"Hello world\"}\n{\"tokens\": [5, 6]}\n";
+  auto tok = Tokenizer::load(kTokenizer);
+  auto seqs = read_token_lines(dir / "in.jsonl", tok.vocab_size(), 100, &tok);
+  ASSERT_EQ(seqs.size(), 2u);
+  EXPECT_EQ(seqs[0], tok.encode("Hello world", true));
+  EXPECT_EQ(seqs[1], (std::vector<int64_t>{5, 6}));
+  test::expect_user_error([&] { read_token_lines(dir / "in.jsonl", tok.vocab_size(), 100); }, {"in.jsonl:1", "tokenizer.json"});
+}
+
+}  // namespace
+}  // namespace crash
