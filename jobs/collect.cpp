@@ -20,7 +20,7 @@ namespace crash {
 
 void collect_options(po::options_description& o) {
   o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
-      "data", po::value<std::string>()->required(), "tokenized examples: JSON Lines with \"tokens\" (prepare's output)")(
+      "data", po::value<std::string>()->required(), "prepare's output folder, or JSON Lines with \"tokens\" (or \"text\", with the model's tokenizer.json)")(
       "out", po::value<std::string>()->required(), "output archive (.h5)")(
       "num-examples", po::value<int64_t>()->default_value(512), "first N examples")(
       "pooling", po::value<std::string>()->default_value("mean"), "mean, mean_weighted, last, max or none (all tokens)")(
@@ -56,7 +56,9 @@ int collect_run(const po::variables_map& vm) {
   const GridSizes sizes = grid_sizes(vm);
   const auto pp_layers = pp_layer_counts(vm);
   validate_model_grid(cfg, world.size(), sizes, pp_layers);
-  auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions);
+  std::optional<Tokenizer> tok;
+  if (std::filesystem::exists(model_dir + "/tokenizer.json")) tok = Tokenizer::load(model_dir + "/tokenizer.json");
+  auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
   const int64_t N = std::min<int64_t>(vm["num-examples"].as<int64_t>(), static_cast<int64_t>(seqs.size()));
   seqs.resize(static_cast<size_t>(N));
 
