@@ -9,16 +9,6 @@
 
 namespace crash {
 
-uint64_t token_hash(const std::vector<int64_t>& tokens) {
-  uint64_t h = 1469598103934665603ull;
-  for (int64_t t : tokens)
-    for (int b = 0; b < 8; ++b) {
-      h ^= static_cast<uint64_t>(t >> (8 * b)) & 0xff;
-      h *= 1099511628211ull;
-    }
-  return h;
-}
-
 namespace {
 
 // IEEE half precision as a file type (HDF5 1.10 has no predefined one; h5py reads it as float16).

@@ -76,7 +76,4 @@ class ActivationArchive {
   bool completed_ = false;
 };
 
-// FNV-1a over the token ids (as int64 little-endian bytes): a stable id of an example's text.
-uint64_t token_hash(const std::vector<int64_t>& tokens);
-
 }  // namespace crash

@@ -6,6 +6,7 @@
 
 #include "framework/json_fields.h"
 #include "framework/tasks.h"
+#include "framework/token_input.h"
 #include "parallel/errors.h"
 
 namespace fs = std::filesystem;
@@ -37,15 +38,7 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> split_context_continuation
 
 namespace {
 
-std::string hex_hash(const std::vector<int64_t>& tokens) {
-  uint64_t h = 1469598103934665603ull;  // FNV-1a, as the activation archive computes it
-  for (int64_t t : tokens)
-    for (int b = 0; b < 8; ++b) {
-      h ^= static_cast<uint64_t>(t >> (8 * b)) & 0xff;
-      h *= 1099511628211ull;
-    }
-  return fmt::format("{:016x}", h);
-}
+std::string hex_hash(const std::vector<int64_t>& tokens) { return fmt::format("{:016x}", token_hash(tokens)); }
 
 std::vector<std::string> text_documents(const std::string& path, int64_t limit) {
   if (path.size() > 4 && path.substr(path.size() - 4) == ".txt") {

@@ -10,6 +10,22 @@
 
 namespace crash {
 
+uint64_t token_hash(const std::vector<int64_t>& tokens) {
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t t : tokens)
+    for (int b = 0; b < 8; ++b) {
+      h ^= static_cast<uint64_t>(t >> (8 * b)) & 0xff;
+      h *= 1099511628211ull;
+    }
+  return h;
+}
+
+std::optional<Tokenizer> model_tokenizer(const std::string& model_dir) {
+  const auto path = std::filesystem::path(model_dir) / "tokenizer.json";
+  if (!std::filesystem::exists(path)) return std::nullopt;
+  return Tokenizer::load(path.string());
+}
+
 namespace {
 
 void read_file_lines(const std::string& path, int64_t vocab_size, int64_t max_length, const Tokenizer* tok,

@@ -3,6 +3,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -16,6 +17,13 @@ namespace crash {
 // With a tokenizer, {"text": ...} lines are accepted too (encoded with special tokens).
 std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int64_t vocab_size, int64_t max_length,
                                                    const Tokenizer* tokenizer = nullptr);
+
+// FNV-1a over the token ids (as int64 little-endian bytes): a stable id of an example's text,
+// stored by prepare and by the activation archive.
+uint64_t token_hash(const std::vector<int64_t>& tokens);
+
+// The tokenizer.json of a model folder, when it has one.
+std::optional<Tokenizer> model_tokenizer(const std::string& model_dir);
 
 struct PaddedBatch {
   torch::Tensor ids;   // [B, T] int64

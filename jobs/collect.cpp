@@ -8,6 +8,7 @@
 
 #include "analysis/archive.h"
 #include "analysis/pooling.h"
+#include "framework/token_input.h"
 #include "framework/prepare.h"
 #include "framework/distributed_lm.h"
 #include "framework/token_input.h"
@@ -56,8 +57,7 @@ int collect_run(const po::variables_map& vm) {
   const GridSizes sizes = grid_sizes(vm);
   const auto pp_layers = pp_layer_counts(vm);
   validate_model_grid(cfg, world.size(), sizes, pp_layers);
-  std::optional<Tokenizer> tok;
-  if (std::filesystem::exists(model_dir + "/tokenizer.json")) tok = Tokenizer::load(model_dir + "/tokenizer.json");
+  const auto tok = model_tokenizer(model_dir);
   auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
   const int64_t N = std::min<int64_t>(vm["num-examples"].as<int64_t>(), static_cast<int64_t>(seqs.size()));
   seqs.resize(static_cast<size_t>(N));

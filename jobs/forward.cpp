@@ -52,8 +52,7 @@ int forward_run(const po::variables_map& vm) {
   const GridSizes sizes = grid_sizes(vm);
   const auto pp_layers = pp_layer_counts(vm);
   validate_model_grid(cfg, world.size(), sizes, pp_layers);
-  std::optional<Tokenizer> tok;
-  if (std::filesystem::exists(model_dir + "/tokenizer.json")) tok = Tokenizer::load(model_dir + "/tokenizer.json");
+  const auto tok = model_tokenizer(model_dir);
   auto seqs = read_token_lines(vm["input"].as<std::string>(), cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
 
   auto grid = ProcessGrid::create(sizes);
