@@ -18,7 +18,8 @@ import time
 import h5py
 import numpy as np
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from forward import make_model  # the same random OPT-125m-shaped model as bench/forward.py
+from transformers import OPTForCausalLM
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,11 +34,7 @@ def main():
     a = ap.parse_args()
     os.makedirs(a.dir, exist_ok=True)
     model_dir = os.path.join(a.dir, "opt-125m-hf")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        cfg = OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
-                        max_position_embeddings=2048, word_embed_proj_dim=768)
-        torch.manual_seed(0)
-        OPTForCausalLM(cfg).save_pretrained(model_dir, safe_serialization=True)
+    make_model(model_dir)
     rng = np.random.default_rng(0)
     data = os.path.join(a.dir, "collect.jsonl")
     seqs = [rng.integers(4, 50000, rng.integers(a.seq // 2, a.seq + 1)).tolist() for _ in range(a.examples)]

@@ -44,25 +44,23 @@ int collect_run(const po::variables_map& vm) {
   const int64_t block = vm["block-size"].as<int64_t>();
   const int micro = vm["micro-batches"].as<int>();
   const auto padding = vm["padding"].as<std::string>();
+  const bool left = padding_left(vm);
   check_pooling(pooling);
   if (store != "float32" && store != "float16") fail("--store-dtype: expected float32 or float16, got '{}'", store);
   if (block <= 0) fail("--block-size must be positive, got {}", block);
   if (micro <= 0) fail("--micro-batches must be positive, got {}", micro);
   if (vm["num-examples"].as<int64_t>() <= 0) fail("--num-examples must be positive");
-  if (padding != "left" && padding != "right") fail("--padding: expected 'left' or 'right', got '{}'", padding);
   World& world = World::get();
 
   CheckpointReader ckpt(model_dir);
   const ModelConfig& cfg = ckpt.config();
-  const GridSizes sizes = grid_sizes(vm);
-  const auto pp_layers = pp_layer_counts(vm);
-  validate_model_grid(cfg, world.size(), sizes, pp_layers);
+  const DistributedOptions options = grid_plan(vm, cfg);
   const auto tok = model_tokenizer(model_dir);
   auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
   const int64_t N = std::min<int64_t>(vm["num-examples"].as<int64_t>(), static_cast<int64_t>(seqs.size()));
   seqs.resize(static_cast<size_t>(N));
 
-  auto grid = ProcessGrid::create(sizes);
+  auto grid = ProcessGrid::create(grid_sizes(vm));
   ArchiveSpec spec;
   spec.num_examples = N;
   spec.block_size = block;
@@ -88,9 +86,6 @@ int collect_run(const po::variables_map& vm) {
   ActivationArchive archive(out_path, spec, grid->world(), vm["resume"].as<bool>(), vm["overwrite"].as<bool>());
   archive.check_hashes(hashes);
 
-  DistributedOptions options;
-  options.dtype = parse_dtype(vm["dtype"].as<std::string>());
-  options.pp_layers = pp_layers;
   DistributedLM model(ckpt, grid, options);
 
   const int64_t blocks = spec.num_blocks(), dp = grid->dp();
@@ -112,8 +107,7 @@ int collect_run(const po::variables_map& vm) {
     ActivationArchive::Ids ids;
     if (mine < blocks && !archive.blocks_done()[mine]) {
       const int64_t first = mine * block, n = std::min(block, N - first);
-      auto batch = pad_batch(seqs, static_cast<size_t>(first), static_cast<size_t>(first + n), cfg.pad_token_id,
-                             padding == "left");
+      auto batch = pad_batch(seqs, static_cast<size_t>(first), static_cast<size_t>(first + n), cfg.pad_token_id, left);
       auto result = model.forward(batch.ids, batch.mask, n % micro == 0 ? micro : 1, true, /*logits=*/false);
       if (grid->tp_rank() == 0) {
         for (auto& [l, h] : result.hidden) {

@@ -35,12 +35,11 @@ int forward_run(const po::variables_map& vm) {
   const auto model_dir = vm["model"].as<std::string>();
   const auto out_path = vm["out"].as<std::string>();
   const auto padding = vm["padding"].as<std::string>();
+  const bool left = padding_left(vm);
   const int64_t batch_size = vm["batch-size"].as<int64_t>();
   const int micro = vm["micro-batches"].as<int>();
-  if (padding != "left" && padding != "right") fail("--padding: expected 'left' or 'right', got '{}'", padding);
   if (batch_size <= 0) fail("--batch-size must be positive, got {}", batch_size);
   if (micro <= 0 || batch_size % micro != 0) fail("--micro-batches {} must divide --batch-size {}", micro, batch_size);
-  const auto dtype = parse_dtype(vm["dtype"].as<std::string>());
   const bool hidden = !vm["no-hidden-states"].as<bool>();
   World& world = World::get();
 
@@ -49,16 +48,11 @@ int forward_run(const po::variables_map& vm) {
   if (world.rank() == 0) out = std::make_unique<H5Writer>(out_path, vm["overwrite"].as<bool>());
   CheckpointReader ckpt(model_dir);
   const ModelConfig& cfg = ckpt.config();
-  const GridSizes sizes = grid_sizes(vm);
-  const auto pp_layers = pp_layer_counts(vm);
-  validate_model_grid(cfg, world.size(), sizes, pp_layers);
+  const DistributedOptions options = grid_plan(vm, cfg);
   const auto tok = model_tokenizer(model_dir);
   auto seqs = read_token_lines(vm["input"].as<std::string>(), cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
 
-  auto grid = ProcessGrid::create(sizes);
-  DistributedOptions options;
-  options.dtype = dtype;
-  options.pp_layers = pp_layers;
+  auto grid = ProcessGrid::create(grid_sizes(vm));
   DistributedLM model(ckpt, grid, options);
   spdlog::info("{}: {} {} layers, {} parameters; {} sequences on {}", model_dir, cfg.model_type, cfg.num_layers,
                cfg.parameter_count(), seqs.size(), grid->describe());
@@ -71,7 +65,6 @@ int forward_run(const po::variables_map& vm) {
   const int64_t N = static_cast<int64_t>(seqs.size()), dp = grid->dp();
   auto share = [&](int64_t d) { return std::make_pair(N * d / dp, N * (d + 1) / dp); };
   auto [begin, end] = share(grid->dp_rank());
-  const bool left = padding == "left";
   std::vector<torch::Tensor> logits;
   std::map<int64_t, std::vector<torch::Tensor>> states;
   for (int64_t b = begin; b < end; b += batch_size) {
@@ -86,7 +79,7 @@ int forward_run(const po::variables_map& vm) {
 
   // Rank 0 gathers: logits from each DP share's last stage, hidden states from their stages.
   const int64_t L = cfg.num_layers;
-  const auto stages = split_layers(L, grid->pp(), pp_layers);
+  const auto stages = split_layers(L, grid->pp(), options.pp_layers);
   auto stage_of = [&](int64_t l) {  // hidden_states[l] is made by the stage that runs layer l - 1
     for (int s = 0; s < grid->pp(); ++s)
       if (l == 0 ? stages[s].first == 0 : (l - 1 >= stages[s].first && l - 1 < stages[s].second)) return s;

@@ -3,6 +3,7 @@
 #include <boost/program_options.hpp>
 #include <torch/types.h>
 
+#include "framework/distributed_lm.h"
 #include "parallel/grid.h"
 #include <string>
 #include <vector>
@@ -32,6 +33,11 @@ void add_grid_options(po::options_description& o);
 GridSizes grid_sizes(const po::variables_map& vm);
 std::vector<int64_t> pp_layer_counts(const po::variables_map& vm);
 torch::ScalarType parse_dtype(const std::string& name);
+// --padding: true for "left", false for "right"; anything else is a user error.
+bool padding_left(const po::variables_map& vm);
+// Checks --tp/--pp/--pp-layers against the model before any weight is read, and returns the
+// options (--dtype, --pp-layers) a DistributedLM of this job is built with.
+DistributedOptions grid_plan(const po::variables_map& vm, const ModelConfig& config);
 
 // Jobs, one source file each.
 void forward_options(po::options_description& o);

@@ -6,6 +6,7 @@
 
 #include "jobs/job.h"
 #include "parallel/errors.h"
+#include "parallel/world.h"
 
 namespace crash {
 
@@ -91,6 +92,20 @@ torch::ScalarType parse_dtype(const std::string& name) {
   if (name == "bfloat16" || name == "bf16") return torch::kBFloat16;
   if (name == "float16" || name == "fp16") return torch::kFloat16;
   fail("--dtype: unknown type '{}' (expected float32, bfloat16 or float16)", name);
+}
+
+bool padding_left(const po::variables_map& vm) {
+  const auto padding = vm["padding"].as<std::string>();
+  if (padding != "left" && padding != "right") fail("--padding: expected 'left' or 'right', got '{}'", padding);
+  return padding == "left";
+}
+
+DistributedOptions grid_plan(const po::variables_map& vm, const ModelConfig& config) {
+  DistributedOptions options;
+  options.dtype = parse_dtype(vm["dtype"].as<std::string>());
+  options.pp_layers = pp_layer_counts(vm);
+  validate_model_grid(config, World::get().size(), grid_sizes(vm), options.pp_layers);
+  return options;
 }
 
 void apply_threads(const po::variables_map& vm) {
