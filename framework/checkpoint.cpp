@@ -118,6 +118,17 @@ void save_hf_folder(const std::string& dir, const ModelConfig& config,
   out.close();
   if (!out) fail("{}: cannot write config.json", tmp.string());
 
+  for (const auto& file : options.copy_files) {
+    if (!fs::exists(file)) continue;
+    fs::copy_file(file, tmp / fs::path(file).filename(), fs::copy_options::overwrite_existing, ec);
+    if (ec) fail("{}: cannot copy into {} ({})", file, tmp.string(), ec.message());
+  }
+  for (const auto& [name, contents] : options.extra_files) {
+    std::ofstream extra((tmp / name).string());
+    extra << contents;
+    extra.close();
+    if (!extra) fail("{}: cannot write {}", tmp.string(), name);
+  }
   fs::remove_all(target, ec);
   fs::rename(tmp, target, ec);
   if (ec) fail("{}: cannot move the finished folder into place ({})", dir, ec.message());

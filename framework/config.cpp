@@ -118,6 +118,16 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& s
   if (c.num_heads % c.num_kv_heads != 0)
     fail("{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", src, c.num_heads, c.num_kv_heads);
   if (c.family == Family::LLaMA && c.head_dim % 2 != 0) fail("{}: head_dim {} must be even for rotary embeddings", src, c.head_dim);
+  if (j.contains("crash_shared_layers") && !j.at("crash_shared_layers").is_null()) {
+    c.shared_layers = json_field<std::vector<int64_t>>(j, "crash_shared_layers", src);
+    if (static_cast<int64_t>(c.shared_layers.size()) != c.num_layers)
+      fail("{}: 'crash_shared_layers' has {} entries for {} layers", src, c.shared_layers.size(), c.num_layers);
+    for (size_t l = 0; l < c.shared_layers.size(); ++l) {
+      const int64_t s = c.shared_layers[l];
+      if (s < 0 || s >= c.num_layers || c.shared_layers[static_cast<size_t>(s)] != s)
+        fail("{}: 'crash_shared_layers'[{}] = {} must name a layer that stores its own weights", src, l, s);
+    }
+  }
   static const char* kActivations[] = {"relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish"};
   bool known = false;
   for (const char* a : kActivations) known = known || c.activation == a;
@@ -126,6 +136,12 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& s
 }
 
 ModelConfig ModelConfig::load(const std::string& path) { return from_json(read_json_file(path), path); }
+
+int64_t ModelConfig::stored_layers() const {
+  int64_t n = 0;
+  for (int64_t l = 0; l < num_layers; ++l) n += storage_of(l) == l ? 1 : 0;
+  return n;
+}
 
 int64_t ModelConfig::parameter_count() const {
   const int64_t H = hidden_size, F = intermediate_size, V = vocab_size;
@@ -136,13 +152,13 @@ int64_t ModelConfig::parameter_count() const {
     n += V * P + (max_positions + 2) * H;
     if (has_projection()) n += 2 * P * H;
     int64_t layer = 4 * (H * H + b * H) + 2 * ln + (H * F + b * F) + (F * H + b * H);
-    n += num_layers * layer;
+    n += stored_layers() * layer;
     if (final_norm) n += ln;
     if (!tie_word_embeddings) n += V * P;
   } else {
     int64_t attn = H * q + 2 * H * kv + q * H + (attention_bias ? q + 2 * kv + H : 0);
     int64_t mlp = 3 * H * F + (mlp_bias ? 2 * F + H : 0);
-    n += V * H + num_layers * (attn + mlp + 2 * H) + H;
+    n += V * H + stored_layers() * (attn + mlp + 2 * H) + H;
     if (!tie_word_embeddings) n += V * H;
   }
   return n;

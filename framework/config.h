@@ -4,6 +4,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace crash {
 
@@ -49,6 +50,15 @@ struct ModelConfig {
   int64_t pad_token_id = -1;
   int64_t bos_token_id = -1;
   int64_t eos_token_id = -1;
+
+  // CRaSh "share" emulators (framework/emulator.h): the slot whose weights layer l uses, from
+  // config.json's "crash_shared_layers"; empty when every layer has its own.
+  std::vector<int64_t> shared_layers;
+  int64_t storage_of(int64_t layer) const {
+    return shared_layers.empty() ? layer : shared_layers[static_cast<size_t>(layer)];
+  }
+  // Layers stored (and trained) once: num_layers without sharing.
+  int64_t stored_layers() const;
 
   nlohmann::json raw;  // the file as read, written back unchanged by the checkpoint writer
 

@@ -1,8 +1,13 @@
 #include "framework/distributed_lm.h"
 
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <set>
 
 #include "parallel/errors.h"
 #include "parallel/log.h"
@@ -33,7 +38,7 @@ torch::Tensor causal_targets(const torch::Tensor& ids, const torch::Tensor& mask
 
 DistributedLM::DistributedLM(const CheckpointReader& ckpt, std::shared_ptr<ProcessGrid> grid,
                              const DistributedOptions& options)
-    : grid_(std::move(grid)) {
+    : grid_(std::move(grid)), source_dir_(ckpt.dir()) {
   const ModelConfig& c = ckpt.config();
   GridSizes sizes{grid_->tp(), grid_->pp()};
   validate_model_grid(c, grid_->world_size(), sizes, options.pp_layers);
@@ -50,6 +55,7 @@ DistributedLM::DistributedLM(const CheckpointReader& ckpt, std::shared_ptr<Proce
   // Key/value heads replicated over `group` TP ranks: their gradients are summed in that group.
   // Every rank takes part in the split, as MPI requires.
   const int group = c.num_kv_heads % grid_->tp() == 0 ? 1 : grid_->tp() / static_cast<int>(c.num_kv_heads);
+  kv_group_size_ = group;
   if (group > 1) {
     const int color = (grid_->dp_rank() * grid_->pp() + grid_->pp_rank()) * grid_->tp() + grid_->tp_rank() / group;
     kv_group_ = grid_->split(color, grid_->tp_rank());
@@ -89,12 +95,15 @@ struct MicroBatches {
 // The embedding, the stage's layers and the activation buffers, shared by inference and
 // training; `on_hidden` (if set) sees each hidden state the stage makes (HF index, tensor).
 StageStep stage_step(CausalLM& m, const MicroBatches& mb, torch::Device device,
-                     std::function<void(int64_t, const torch::Tensor&)> on_hidden) {
+                     std::function<void(int64_t, const torch::Tensor&)> on_hidden, bool force_graph = false) {
   StageStep step;
   const auto dtype = m.parameters().front().scalar_type();
-  step.input = [&m, &mb, on_hidden](int i) {
+  step.input = [&m, &mb, on_hidden, force_graph](int i) {
     auto h = m.embed(mb.ids[i], mb.positions[i]);
     if (on_hidden) on_hidden(0, h);
+    // A first stage whose parameters are all frozen makes no graph, but the schedule's
+    // backward needs one.
+    if (force_graph && !h.requires_grad()) h.requires_grad_(true);
     return h;
   };
   step.empty_activation = [&m, &mb, dtype, device](int i) {
@@ -139,21 +148,84 @@ DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const tor
   return out;
 }
 
-double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
-                                       bool sync) {
+torch::Tensor DistributedLM::token_logprobs(const torch::Tensor& ids, const torch::Tensor& mask,
+                                            const torch::Tensor& targets, int micro_batches, int64_t ignore_index) {
+  torch::InferenceMode guard;
   CausalLM& m = *stage_;
   MicroBatches mb(m, ids, mask, micro_batches);
-  // The loss is a mean over every target token of the global batch, whatever the grid.
-  auto count = (causal_targets(ids, mask) != -100).sum().to(torch::kFloat64).reshape({1}).to(device());
-  grid_->dp_group()->allreduce(count);
-  const double total = std::max(1.0, count.item<double>());
+  auto target_parts = targets.to(device()).chunk(micro_batches, 0);
+  auto out = torch::zeros(ids.sizes(), torch::TensorOptions().dtype(torch::kFloat64).device(device()));
+  auto out_parts = out.chunk(micro_batches, 0);
   StageStep step = stage_step(m, mb, device(), nullptr);
+  step.output = [&](const torch::Tensor& y, int i) {
+    auto local = m.head_local(m.finish(y)).to(torch::kFloat32);
+    auto t = target_parts[static_cast<size_t>(i)];
+    auto nll = vocab_parallel_cross_entropy(local.reshape({-1, local.size(-1)}), t.reshape({-1}), m.vocab_start(),
+                                            m.config().vocab_size, m.tp(), ignore_index);
+    out_parts[static_cast<size_t>(i)].copy_(nll.neg().reshape(t.sizes()));
+  };
+  run_forward(grid_->pp_group(), micro_batches, step);
+  grid_->pp_group()->broadcast(out, grid_->pp() - 1);
+  return out.cpu();
+}
+
+namespace {
+
+// The targets of each micro-batch: the labels given, else next tokens without padding.
+std::vector<torch::Tensor> micro_targets(const MicroBatches& mb, const torch::Tensor& labels, int micro_batches) {
+  if (!labels.defined()) {
+    std::vector<torch::Tensor> out;
+    for (size_t i = 0; i < mb.ids.size(); ++i) out.push_back(causal_targets(mb.ids[i], mb.mask[i]));
+    return out;
+  }
+  return labels.to(mb.ids.front().device()).chunk(micro_batches, 0);
+}
+
+}  // namespace
+
+double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
+                                       bool sync, const torch::Tensor& labels, double total_tokens,
+                                       const Distillation* kd) {
+  CausalLM& m = *stage_;
+  if (labels.defined() && labels.sizes() != ids.sizes())
+    fail("labels of shape {} do not match the batch's {}", fmt::join(labels.sizes(), "x"), fmt::join(ids.sizes(), "x"));
+  MicroBatches mb(m, ids, mask, micro_batches);
+  auto targets = micro_targets(mb, labels, micro_batches);
+  // The loss is a mean over every target token of the global batch, whatever the grid.
+  double total = total_tokens;
+  if (total <= 0) {
+    auto count = ((labels.defined() ? labels : causal_targets(ids, mask)) != -100)
+                     .sum().to(torch::kFloat64).reshape({1}).to(device());
+    grid_->dp_group()->allreduce(count);
+    total = std::max(1.0, count.item<double>());
+  }
+  std::vector<torch::Tensor> teacher;
+  if (kd && grid_->last_stage()) {
+    if (!kd->teacher_logits.defined() || kd->teacher_logits.size(0) != ids.size(0) ||
+        kd->teacher_logits.size(1) != ids.size(1) || kd->teacher_logits.size(2) != m.config().vocab_size)
+      fail("knowledge distillation: the teacher's logits do not match the batch and the vocabulary");
+    teacher = kd->teacher_logits.to(device()).chunk(micro_batches, 0);
+  }
+  const auto params = m.parameters();
+  const bool frozen = std::none_of(params.begin(), params.end(), [](const torch::Tensor& p) { return p.requires_grad(); });
+  StageStep step = stage_step(m, mb, device(), nullptr, /*force_graph=*/frozen);
   step.loss = [&](const torch::Tensor& y, int i) {
     auto local = m.head_local(m.finish(y));
-    auto targets = causal_targets(mb.ids[i], mb.mask[i]);
-    auto losses = vocab_parallel_cross_entropy(local.reshape({-1, local.size(-1)}), targets.reshape({-1}),
+    auto& t = targets[static_cast<size_t>(i)];
+    auto losses = vocab_parallel_cross_entropy(local.reshape({-1, local.size(-1)}), t.reshape({-1}),
                                                m.vocab_start(), m.config().vocab_size, m.tp());
-    return losses.sum() / total;
+    if (!kd) return losses.sum() / total;
+    // The KL term needs whole distributions: the student's logits are gathered over TP
+    // (backward keeps each rank's columns), only at target positions.
+    const double T = kd->temperature;
+    auto keep = (t.reshape({-1}) != -100).nonzero().squeeze(1);
+    auto student = gather_from_tp(local.reshape({-1, local.size(-1)}).index_select(0, keep), m.tp())
+                       .narrow(-1, 0, m.config().vocab_size).to(torch::kFloat32);
+    auto teach = teacher[static_cast<size_t>(i)].reshape({-1, m.config().vocab_size}).index_select(0, keep)
+                     .to(torch::kFloat32);
+    auto log_p = torch::log_softmax(teach / T, -1), log_q = torch::log_softmax(student / T, -1);
+    auto kl = (log_p.exp() * (log_p - log_q)).sum();
+    return ((1 - kd->alpha) * losses.sum() + kd->alpha * T * T * kl) / total;
   };
   double loss = run_1f1b(grid_->pp_group(), micro_batches, step);
   if (sync) sync_gradients();
@@ -164,6 +236,33 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
   return value.item<double>();
 }
 
+double DistributedLM::evaluate_loss(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
+                                    const torch::Tensor& labels, double* tokens) {
+  torch::NoGradGuard no_grad;
+  CausalLM& m = *stage_;
+  if (labels.defined() && labels.sizes() != ids.sizes())
+    fail("labels of shape {} do not match the batch's {}", fmt::join(labels.sizes(), "x"), fmt::join(ids.sizes(), "x"));
+  MicroBatches mb(m, ids, mask, micro_batches);
+  auto targets = micro_targets(mb, labels, micro_batches);
+  // [loss sum, target count], summed over DP on the last stage and sent down the pipeline.
+  auto sums = torch::zeros({2}, torch::TensorOptions().dtype(torch::kFloat64).device(device()));
+  for (auto& t : targets) sums[1] += (t != -100).sum().to(torch::kFloat64);
+  StageStep step = stage_step(m, mb, device(), nullptr);
+  step.output = [&](const torch::Tensor& y, int i) {
+    auto local = m.head_local(m.finish(y));
+    auto& t = targets[static_cast<size_t>(i)];
+    auto losses = vocab_parallel_cross_entropy(local.reshape({-1, local.size(-1)}), t.reshape({-1}),
+                                               m.vocab_start(), m.config().vocab_size, m.tp());
+    sums[0] += losses.sum().to(torch::kFloat64);
+  };
+  run_forward(grid_->pp_group(), micro_batches, step);
+  grid_->dp_group()->allreduce(sums);
+  grid_->pp_group()->broadcast(sums, grid_->pp() - 1);
+  const double count = sums[1].item<double>();
+  if (tokens) *tokens = count;
+  return sums[0].item<double>() / std::max(1.0, count);
+}
+
 void DistributedLM::sync_gradients() {
   auto grad_of = [](const torch::Tensor& p) {
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
@@ -171,10 +270,11 @@ void DistributedLM::sync_gradients() {
   };
   if (kv_group_)
     for (auto& p : kv_replicated_) {
+      if (!p.requires_grad()) continue;
       auto g = grad_of(p);
       kv_group_->allreduce(g);
     }
-  if (embedding_group_ && tied_embedding_.defined()) {
+  if (embedding_group_ && tied_embedding_.defined() && tied_embedding_.requires_grad()) {
     auto g = grad_of(tied_embedding_);
     embedding_group_->allreduce(g);
   }
@@ -198,6 +298,7 @@ void DistributedLM::sync_gradients() {
     bytes = 0;
   };
   for (auto& p : stage_->parameters()) {
+    if (!p.requires_grad()) continue;
     auto g = grad_of(p);
     if (!bucket.empty() && g.scalar_type() != bucket.front().scalar_type()) flush();
     bucket.push_back(g);
@@ -205,6 +306,101 @@ void DistributedLM::sync_gradients() {
     if (bytes >= kBucketBytes) flush();
   }
   flush();
+}
+
+namespace {
+
+std::string embedding_name(const ModelConfig& c) {
+  return c.family == Family::OPT ? "model.decoder.embed_tokens.weight" : "model.embed_tokens.weight";
+}
+
+}  // namespace
+
+void DistributedLM::set_trainable(const std::function<bool(const std::string& name)>& trains) {
+  const ModelConfig& c = stage_->config();
+  for (auto& item : stage_->named_parameters()) {
+    const bool tied_head = item.key() == "lm_head.weight" && c.tie_word_embeddings;
+    const bool on = trains(tied_head ? embedding_name(c) : item.key());
+    item.value().requires_grad_(on);
+    if (!on) item.value().mutable_grad() = torch::Tensor();
+  }
+}
+
+std::vector<DistributedLM::TrainParam> DistributedLM::trainable() const {
+  const ModelConfig& c = stage_->config();
+  const auto slices = stage_->parameter_slices();
+  std::vector<TrainParam> out;
+  for (const auto& item : stage_->named_parameters()) {
+    if (!item.value().requires_grad()) continue;
+    TrainParam p{item.key(), item.value(), std::nullopt, true};
+    auto it = slices.find(item.key());
+    if (it != slices.end()) p.slice = it->second;
+    // Each distinct value counts once in the norm: whole tensors on TP rank 0, replicated
+    // key/value heads on the first rank of their group, a tied embedding on the first stage.
+    const int tp = grid_->tp_rank();
+    if (!p.slice) p.in_norm = tp == 0;
+    else if (p.slice->group > 1) p.in_norm = tp % p.slice->group == 0;
+    if (item.key() == "lm_head.weight" && c.tie_word_embeddings && !grid_->first_stage()) p.in_norm = false;
+    out.push_back(std::move(p));
+  }
+  return out;
+}
+
+void DistributedLM::save_model(const std::string& dir) {
+  namespace fs = std::filesystem;
+  const ModelConfig& c = stage_->config();
+  const fs::path target(dir), tmp(dir + ".tmp");
+  const CommPtr& world = grid_->world();
+  std::error_code ec;
+  if (grid_->rank() == 0) {
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp, ec);
+    if (ec) fail("{}: cannot create folder ({})", tmp.string(), ec.message());
+  }
+  world->barrier();
+  // What Hugging Face stores (tied and shared weights once), assembled across the TP group.
+  std::set<std::string> stored;
+  for (const auto& [name, t] : stage_->hf_state())
+    if (!(name == "lm_head.weight" && c.tie_word_embeddings)) stored.insert(name);
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (auto& [name, t] : stage_->gather_tp_state(false))  // collective over TP
+    if (stored.count(name)) tensors.emplace_back(name, t.cpu());
+  const int pp = grid_->pp();
+  auto file_of = [pp](int stage) {
+    return pp == 1 ? std::string("model.safetensors") : fmt::format("model-{:05d}-of-{:05d}.safetensors", stage + 1, pp);
+  };
+  if (grid_->dp_rank() == 0 && grid_->tp_rank() == 0)
+    write_safetensors((tmp / file_of(grid_->pp_rank())).string(), tensors, {{"format", "pt"}});
+  world->barrier();
+  if (grid_->rank() == 0) {
+    if (pp > 1) {
+      nlohmann::json weight_map = nlohmann::json::object();
+      uint64_t total = 0;
+      for (int s = 0; s < pp; ++s) {
+        SafetensorsFile f((tmp / file_of(s)).string());
+        for (const auto& [name, info] : f.tensors()) {
+          weight_map[name] = file_of(s);
+          total += info.end - info.begin;
+        }
+      }
+      std::ofstream((tmp / "model.safetensors.index.json").string())
+          << nlohmann::json{{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}.dump(2) << "\n";
+    }
+    std::ofstream out((tmp / "config.json").string());
+    out << c.raw.dump(2) << "\n";
+    out.close();
+    if (!out) fail("{}: cannot write config.json", tmp.string());
+    for (const char* extra : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                              "generation_config.json", "crash_plan.json"}) {
+      const fs::path from = fs::path(source_dir_) / extra;
+      if (fs::exists(from)) fs::copy_file(from, tmp / extra, fs::copy_options::overwrite_existing, ec);
+      if (ec) fail("{}: cannot copy into {} ({})", from.string(), tmp.string(), ec.message());
+    }
+    fs::remove_all(target, ec);
+    fs::rename(tmp, target, ec);
+    if (ec) fail("{}: cannot move the finished folder into place ({})", dir, ec.message());
+  }
+  world->barrier();
 }
 
 }  // namespace crash

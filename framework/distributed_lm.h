@@ -3,7 +3,9 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
+#include <optional>
 #include <memory>
 #include <string>
 #include <utility>
@@ -44,16 +46,59 @@ class DistributedLM {
   Output forward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches, bool hidden_states,
                  bool logits = true);
 
+  // Log-probability of each target token under the model, without gathering the logits:
+  // targets [B, T] (this DP rank's rows) name the token predicted at each position
+  // (ignore_index where nothing is scored, e.g. causal_targets). Returns [B, T] float64 on every
+  // rank of the replica (0 where ignored). Inference only.
+  torch::Tensor token_logprobs(const torch::Tensor& ids, const torch::Tensor& mask, const torch::Tensor& targets,
+                               int micro_batches, int64_t ignore_index = -100);
+
   // One forward and backward of the causal-LM loss (next token, padding ignored) over the
   // global batch: every DP rank passes its own rows. Returns the loss (mean over all target
   // tokens of all DP ranks) on every rank. Gradients accumulate; with `sync` they are then
   // summed across ranks (sync_gradients): leave it false on all but the last step of an
   // accumulation.
-  double forward_backward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches, bool sync = true);
+  // `labels` [B, T] (optional) replace causal_targets: the token each position predicts, -100
+  // where no loss (e.g. the context of a multiple-choice example). `total_tokens` > 0 divides
+  // the summed loss by it instead of this call's global target count (gradient accumulation
+  // normalises by the whole optimiser step's tokens).
+  // With `kd` the loss is (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T) over the target
+  // tokens (knowledge distillation; Hinton et al.).
+  struct Distillation {
+    torch::Tensor teacher_logits;  // [B, T, vocab] of this rank's rows, needed on the last stage
+    double alpha = 0.5, temperature = 2.0;
+  };
+  double forward_backward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches, bool sync = true,
+                          const torch::Tensor& labels = {}, double total_tokens = 0, const Distillation* kd = nullptr);
+
+  // The same loss without gradients. `tokens` (if given) receives the global target count, so
+  // that several batches can be averaged by token.
+  double evaluate_loss(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
+                       const torch::Tensor& labels = {}, double* tokens = nullptr);
 
   // Sums gradients that several ranks hold copies of: over DP (bucketed), over ranks that
   // share replicated key/value heads, and between a tied embedding's first and last stage.
+  // Frozen parameters are skipped.
   void sync_gradients();
+
+  // Marks which parameters train, by Hugging Face name (a tied lm_head is asked as the
+  // embedding); the rest get requires_grad = false: no gradient, no sum, no optimiser state.
+  void set_trainable(const std::function<bool(const std::string& name)>& trains);
+  // This rank's trainable parameters with what the optimiser and checkpoints need.
+  struct TrainParam {
+    std::string name;                 // as the stage names it (global layer numbers)
+    torch::Tensor tensor;             // this rank's shard
+    std::optional<ShardSlice> slice;  // which part of the full tensor (absent: whole)
+    bool in_norm = true;              // counted in the global gradient norm here (copies count once)
+  };
+  std::vector<TrainParam> trainable() const;
+
+  // Collective: writes the model this grid holds as one Hugging Face folder (a shard per
+  // pipeline stage with model.safetensors.index.json when PP > 1), assembled as DIR.tmp and
+  // renamed; tokenizer files and crash_plan.json are copied from the source folder.
+  void save_model(const std::string& dir);
+  const std::string& source_dir() const { return source_dir_; }
+  const ModelConfig& config() const { return stage_->config(); }
 
  private:
   torch::Device device() const;
@@ -62,6 +107,8 @@ class DistributedLM {
   CommPtr kv_group_, embedding_group_;
   std::vector<torch::Tensor> kv_replicated_;
   torch::Tensor tied_embedding_;  // first or last stage's copy when the embedding is tied across PP
+  std::string source_dir_;
+  int kv_group_size_ = 1;
 };
 
 // Next-token targets: ids shifted left, ignore_index where the target or the position is padding.

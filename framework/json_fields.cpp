@@ -1,6 +1,8 @@
 #include "framework/json_fields.h"
 
+#include <algorithm>
 #include <fstream>
+#include <vector>
 
 namespace crash {
 
@@ -19,6 +21,14 @@ template <>
 bool holds<std::string>(const nlohmann::json& v) { return v.is_string(); }
 template <>
 bool holds<nlohmann::json>(const nlohmann::json& v) { return v.is_object(); }
+template <>
+bool holds<std::vector<int64_t>>(const nlohmann::json& v) {
+  return v.is_array() && std::all_of(v.begin(), v.end(), [](const auto& x) { return x.is_number_integer(); });
+}
+template <>
+bool holds<std::vector<std::string>>(const nlohmann::json& v) {
+  return v.is_array() && std::all_of(v.begin(), v.end(), [](const auto& x) { return x.is_string(); });
+}
 
 template <class T>
 const char* expected_name();
@@ -32,6 +42,10 @@ template <>
 const char* expected_name<std::string>() { return "a string"; }
 template <>
 const char* expected_name<nlohmann::json>() { return "an object"; }
+template <>
+const char* expected_name<std::vector<int64_t>>() { return "a list of integers"; }
+template <>
+const char* expected_name<std::vector<std::string>>() { return "a list of strings"; }
 }  // namespace
 
 template <class T>
@@ -48,6 +62,10 @@ template double json_field<double>(const nlohmann::json&, const std::string&, co
 template bool json_field<bool>(const nlohmann::json&, const std::string&, const std::string&);
 template std::string json_field<std::string>(const nlohmann::json&, const std::string&, const std::string&);
 template nlohmann::json json_field<nlohmann::json>(const nlohmann::json&, const std::string&, const std::string&);
+template std::vector<int64_t> json_field<std::vector<int64_t>>(const nlohmann::json&, const std::string&,
+                                                               const std::string&);
+template std::vector<std::string> json_field<std::vector<std::string>>(const nlohmann::json&, const std::string&,
+                                                                       const std::string&);
 
 nlohmann::json read_json_file(const std::string& path) {
   std::ifstream in(path);

@@ -83,7 +83,8 @@ nlohmann::json prepare_task(const std::string& task_path, const std::string& tok
           auto [c, cont] = split_context_continuation(tok, e.context, choice);
           ctx = c;
           conts.push_back(cont);
-          chars.push_back(utf8_length(choice));
+          // lm-eval divides by the choice's length without its target delimiter (a leading space).
+          chars.push_back(utf8_length(choice.rfind(' ', 0) == 0 ? choice.substr(1) : choice));
         }
         std::vector<int64_t> tokens = ctx;
         tokens.insert(tokens.end(), conts[static_cast<size_t>(e.gold)].begin(), conts[static_cast<size_t>(e.gold)].end());

@@ -5,6 +5,7 @@
 
 #include "framework/distributed_lm.h"
 #include "parallel/grid.h"
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,11 @@ bool padding_left(const po::variables_map& vm);
 // options (--dtype, --pp-layers) a DistributedLM of this job is built with.
 DistributedOptions grid_plan(const po::variables_map& vm, const ModelConfig& config);
 
+// --adapters A,B: trainable layers at the bottom and the top of an emulator.
+std::pair<int64_t, int64_t> parse_adapters(const std::string& text);
+// Runs `work` on rank 0 alone (file work that needs no grid); the other ranks wait for it.
+int run_on_rank0(const std::function<void()>& work);
+
 // Jobs, one source file each.
 void forward_options(po::options_description& o);
 int forward_run(const po::variables_map& vm);
@@ -46,5 +52,24 @@ void prepare_options(po::options_description& o);
 int prepare_run(const po::variables_map& vm);
 void collect_options(po::options_description& o);
 int collect_run(const po::variables_map& vm);
+void similarity_options(po::options_description& o);
+int similarity_run(const po::variables_map& vm);
+void cluster_options(po::options_description& o);
+int cluster_run(const po::variables_map& vm);
+void train_options(po::options_description& o);
+int train_run(const po::variables_map& vm);
+void lens_options(po::options_description& o);
+int lens_run(const po::variables_map& vm);
+void landscape_options(po::options_description& o);
+int landscape_run(const po::variables_map& vm);
+
+void emulate_options(po::options_description& o);
+int emulate_run(const po::variables_map& vm);
+void plugin_options(po::options_description& o);
+int plugin_run(const po::variables_map& vm);
+void eval_options(po::options_description& o);
+int eval_run(const po::variables_map& vm);
+void pipeline_options(po::options_description& o);
+int pipeline_run(const po::variables_map& vm);
 
 }  // namespace crash

@@ -16,8 +16,32 @@ const std::vector<Job>& all_jobs() {
       {"prepare", "tokenize a task or text file once into shards the other jobs read", prepare_options, prepare_run},
       {"collect", "every layer's hidden states on N examples, pooled, into one HDF5 archive", collect_options,
        collect_run},
+      {"similarity", "linear CKA (exact or unbiased minibatch) between every pair of layers of activation archives",
+       similarity_options, similarity_run},
+      {"cluster", "group decoder layers into K clusters from a CKA matrix (CRaSh's adjacent rule, optimal, average)",
+       cluster_options, cluster_run},
+      {"train", "fine-tune a model (an emulator's adapters) on any grid, with checkpoints that resume exactly",
+       train_options, train_run},
+      {"lens", "logit lens: per-layer next-token distributions, their KL/JS divergences, agreement and loss",
+       lens_options, lens_run},
+      {"landscape", "loss along the line between two checkpoints or on the plane through three", landscape_options,
+       landscape_run},
+      {"emulate", "a CRaSh emulator (uniform, remove or share layers) as an HF folder with crash_plan.json",
+       emulate_options, emulate_run},
+      {"plugin", "the full model with an emulator's tuned adapter layers plugged back in", plugin_options, plugin_run},
+      {"eval", "lm-eval-style evaluation: multiple choice (acc, acc_norm), generation (exact match), perplexity",
+       eval_options, eval_run},
+      {"pipeline", "the CRaSh study end to end: collect, similarity, cluster, emulate, train, plug in, evaluate",
+       pipeline_options, pipeline_run},
   };
   return jobs;
+}
+
+int run_on_rank0(const std::function<void()>& work) {
+  auto world = ProcessGrid::create(GridSizes{})->world();
+  if (world->rank() == 0) work();
+  world->barrier();
+  return 0;
 }
 
 po::options_description common_options() {

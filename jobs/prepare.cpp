@@ -4,7 +4,6 @@
 #include "framework/prepare.h"
 #include "jobs/job.h"
 #include "parallel/errors.h"
-#include "parallel/world.h"
 
 namespace crash {
 
@@ -18,16 +17,17 @@ void prepare_options(po::options_description& o) {
 }
 
 int prepare_run(const po::variables_map& vm) {
-  if (World::get().rank() != 0) return 0;  // one writer; the work is small
   PrepareOptions options;
   options.limit = vm["limit"].as<int64_t>();
   options.window = vm["window"].as<int64_t>();
   options.overwrite = vm["overwrite"].as<bool>();
-  auto manifest = prepare_task(vm["task"].as<std::string>(), vm["tokenizer"].as<std::string>(),
-                               vm["out"].as<std::string>(), options);
-  spdlog::info("prepared {} {} examples ({} tokens) in {}", manifest["num_examples"].get<int64_t>(),
-               manifest["kind"].get<std::string>(), manifest["num_tokens"].get<int64_t>(), vm["out"].as<std::string>());
-  return 0;
+  // One writer (the work is small); under mpirun the other ranks wait for the folder.
+  return run_on_rank0([&] {
+    auto manifest = prepare_task(vm["task"].as<std::string>(), vm["tokenizer"].as<std::string>(),
+                                 vm["out"].as<std::string>(), options);
+    spdlog::info("prepared {} {} examples ({} tokens) in {}", manifest["num_examples"].get<int64_t>(),
+                 manifest["kind"].get<std::string>(), manifest["num_tokens"].get<int64_t>(), vm["out"].as<std::string>());
+  });
 }
 
 }  // namespace crash

@@ -1,5 +1,7 @@
 // LLaMA family (LlamaForCausalLM): RMSNorm, rotary positions (llama3 scaling optional),
 // grouped-query attention, SwiGLU MLP, tied or untied embeddings.
+#include <map>
+
 #include "framework/models/blocks.h"
 #include "framework/models/decoder.h"
 
@@ -58,8 +60,13 @@ class LlamaLM : public CausalLM {
     auto model = register_module("model", std::make_shared<Holder>());
     if (has_embedding()) embed_tokens = model->register_module("embed_tokens", place(VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp_)));
     auto layers = model->register_module("layers", std::make_shared<Holder>());
-    for (int64_t l = first_; l < end_; ++l)
-      layers_.push_back(layers->register_module(std::to_string(l), place(std::make_shared<LlamaLayer>(c, tp_))));
+    // A shared layer (CRaSh share) is one module under its storing slot's name, used by every slot.
+    std::map<int64_t, std::shared_ptr<LlamaLayer>> stored;
+    for (int64_t l = first_; l < end_; ++l) {
+      auto& layer = stored[c.storage_of(l)];
+      if (!layer) layer = layers->register_module(std::to_string(c.storage_of(l)), place(std::make_shared<LlamaLayer>(c, tp_)));
+      layers_.push_back(layer);
+    }
     if (has_head()) {
       norm = model->register_module("norm", RMSNorm(c.hidden_size, c.norm_eps));
       if (!c.tie_word_embeddings || !has_embedding())

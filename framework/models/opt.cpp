@@ -1,5 +1,7 @@
 // OPT (facebook/opt-*): learned positions offset by 2, LayerNorm before (or, as in
 // OPT-350m, after) each block, ReLU MLP, optional project_in/project_out.
+#include <map>
+
 #include "framework/models/blocks.h"
 #include "framework/models/decoder.h"
 
@@ -68,8 +70,13 @@ class OptLM : public CausalLM {
             "project_in", torch::nn::Linear(torch::nn::LinearOptions(c.word_embed_proj_dim, c.hidden_size).bias(false)));
     }
     auto layers = decoder->register_module("layers", std::make_shared<Holder>());
-    for (int64_t l = first_; l < end_; ++l)
-      layers_.push_back(layers->register_module(std::to_string(l), place(std::make_shared<OptLayer>(c, tp_))));
+    // A shared layer (CRaSh share) is one module under its storing slot's name, used by every slot.
+    std::map<int64_t, std::shared_ptr<OptLayer>> stored;
+    for (int64_t l = first_; l < end_; ++l) {
+      auto& layer = stored[c.storage_of(l)];
+      if (!layer) layer = layers->register_module(std::to_string(c.storage_of(l)), place(std::make_shared<OptLayer>(c, tp_)));
+      layers_.push_back(layer);
+    }
     if (has_head()) {
       if (c.final_norm) final_layer_norm = decoder->register_module("final_layer_norm", layer_norm(c));
       if (proj)

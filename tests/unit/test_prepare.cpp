@@ -3,6 +3,7 @@
 
 #include "framework/json_fields.h"
 #include "framework/prepare.h"
+#include "framework/prepared.h"
 #include "framework/token_input.h"
 #include "tests/unit/test_util.h"
 
@@ -48,11 +49,21 @@ TEST(Prepare, WritesShardsEveryLaterJobReads) {
   EXPECT_EQ(j["index"], 0);
   EXPECT_EQ(j["gold"], 1);
   EXPECT_EQ(j["continuations"].size(), 3u);
-  EXPECT_EQ(j["choice_chars"], nlohmann::json::array({2, 2, 5}));
+  // Lengths without lm-eval's target delimiter (the leading space): " 3", " 4", " five".
+  EXPECT_EQ(j["choice_chars"], nlohmann::json::array({1, 1, 4}));
   auto tok = Tokenizer::load(kTokenizer);
   std::vector<int64_t> tokens = j["context"];
   for (int64_t t : j["continuations"][1]) tokens.push_back(t);
   EXPECT_EQ(j["tokens"].get<std::vector<int64_t>>(), tokens);
+  // The reader of later jobs sees the same fields.
+  auto task = read_prepared(dir / "out");
+  ASSERT_EQ(task.examples.size(), 3u);
+  EXPECT_EQ(task.kind, "multiple_choice");
+  EXPECT_EQ(task.examples[0].continuations.size(), 3u);
+  EXPECT_EQ(task.examples[0].context, j["context"].get<std::vector<int64_t>>());
+  EXPECT_EQ(task.examples[0].tokens, tokens);
+  EXPECT_EQ(task.examples[1].choice_chars, (std::vector<int64_t>{4, 5}));
+  EXPECT_EQ(task.examples[2].gold, 1);
   EXPECT_EQ(tok.decode(j["continuations"][1].get<std::vector<int64_t>>()), " 4");
   EXPECT_EQ(j["hash"].get<std::string>().size(), 16u);
   // Every later job reads the folder as token sequences.

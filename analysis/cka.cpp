@@ -1,0 +1,483 @@
+#include "analysis/cka.h"
+
+#include <spdlog/spdlog.h>
+
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <limits>
+#include <map>
+#include <nlohmann/json.hpp>
+
+#include "parallel/errors.h"
+
+namespace crash {
+
+namespace {
+
+const auto kF64 = torch::TensorOptions().dtype(torch::kFloat64);
+
+int64_t int_attribute(hid_t obj, const std::string& key, int64_t missing) {
+  if (H5Aexists(obj, key.c_str()) <= 0) return missing;
+  H5Id attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
+  int64_t v = missing;
+  if (H5Aread(attr, H5T_NATIVE_INT64, &v) < 0) return missing;
+  return v;
+}
+
+// Variable-length (as h5py and the archive write them) or fixed-length text.
+std::string text_attribute(hid_t obj, const std::string& key) {
+  if (H5Aexists(obj, key.c_str()) <= 0) return "";
+  H5Id attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
+  H5Id type(H5Aget_type(attr), H5Tclose);
+  if (H5Tget_class(type) != H5T_STRING) return "";
+  H5Id mem(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_cset(mem, H5Tget_cset(type));  // HDF5 does not convert between character sets
+  if (H5Tis_variable_str(type) > 0) {
+    H5Tset_size(mem, H5T_VARIABLE);
+    char* text = nullptr;
+    if (H5Aread(attr, mem, &text) < 0) return "";
+    std::string out = text ? text : "";
+    H5free_memory(text);
+    return out;
+  }
+  const size_t n = H5Tget_size(type);
+  H5Tset_size(mem, n + 1);
+  std::string out(n + 1, '\0');
+  if (H5Aread(attr, mem, out.data()) < 0) return "";
+  return out.c_str();
+}
+
+// Rows [first, end) of `rows` that rank `rank` of `size` owns: contiguous, balanced.
+std::pair<int64_t, int64_t> my_rows(int64_t rows, int rank, int size) {
+  return {rows * rank / size, rows * (rank + 1) / size};
+}
+
+// Periodic progress lines on rank 0 (every 10 s, so short runs stay quiet).
+class Progress {
+ public:
+  Progress(std::string what, int64_t total, bool show) : what_(std::move(what)), total_(total), show_(show) {}
+  void step(int64_t done) {
+    const auto now = std::chrono::steady_clock::now();
+    if (!show_ || now - last_ < std::chrono::seconds(10)) return;
+    last_ = now;
+    const double secs = std::chrono::duration<double>(now - start_).count();
+    spdlog::info("similarity: {} {}/{}, {:.0f} s", what_, done, total_, secs);
+  }
+
+ private:
+  std::string what_;
+  int64_t total_;
+  bool show_;
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now(), last_ = start_;
+};
+
+// HSIC_1 between every pair of representations of one minibatch ([n, d_i] each): [m, m].
+// K~ flattened, its row sums and total give the three terms of every pair as matrix products.
+torch::Tensor hsic1_matrix(const std::vector<torch::Tensor>& xs) {
+  const int64_t m = static_cast<int64_t>(xs.size()), n = xs[0].size(0);
+  auto flat = torch::empty({m, n * n}, kF64);
+  auto sums = torch::empty({m, n}, kF64);
+  for (int64_t i = 0; i < m; ++i) {
+    auto k = xs[static_cast<size_t>(i)].mm(xs[static_cast<size_t>(i)].t());
+    k.diagonal().zero_();
+    flat[i].copy_(k.reshape(-1));
+    sums[i].copy_(k.sum(1));
+  }
+  auto total = sums.sum(1, true);
+  const double nd = static_cast<double>(n);
+  return (flat.mm(flat.t()) + total.mm(total.t()) / ((nd - 1) * (nd - 2)) - sums.mm(sums.t()) * (2.0 / (nd - 2))) /
+         (nd * (nd - 3));
+}
+
+// HSIC_1 is invariant to shifting the rows (U-centring removes it), so each minibatch is
+// centred first: the same value, without the cancellation of large means.
+torch::Tensor centred(const torch::Tensor& x) { return x - x.mean(0, true); }
+
+std::string shape(const torch::Tensor& t) {
+  std::string out;
+  for (int64_t s : t.sizes()) out += (out.empty() ? "" : " x ") + std::to_string(s);
+  return "[" + out + "]";
+}
+
+torch::Tensor as_f64(const torch::Tensor& x, const char* what) {
+  if (x.dim() != 2) fail("CKA: {} must be a matrix [rows, features], got {} dimensions", what, x.dim());
+  return x.to(torch::kFloat64);
+}
+
+}  // namespace
+
+CkaMethod parse_cka_method(const std::string& name) {
+  if (name == "auto") return CkaMethod::Auto;
+  if (name == "gram") return CkaMethod::Gram;
+  if (name == "feature") return CkaMethod::Feature;
+  if (name == "minibatch") return CkaMethod::Minibatch;
+  fail("--method: unknown CKA method '{}' (expected auto, gram, feature or minibatch)", name);
+}
+
+std::string cka_method_name(CkaMethod method) {
+  switch (method) {
+    case CkaMethod::Auto: return "auto";
+    case CkaMethod::Gram: return "gram";
+    case CkaMethod::Feature: return "feature";
+    case CkaMethod::Minibatch: return "minibatch";
+  }
+  return "?";
+}
+
+double cka_from_sums(const HsicSums& s, const std::string& what) {
+  const double norm = s.xx * s.yy;
+  if (!(norm > 0))  // also NaN
+    fail("{}: CKA undefined: HSIC(X,X) = {:.4g} and HSIC(Y,Y) = {:.4g} (a constant representation, or too few rows)",
+         what, s.xx, s.yy);
+  return s.xy / std::sqrt(norm);
+}
+
+double hsic_unbiased(const torch::Tensor& k, const torch::Tensor& l) {
+  if (k.dim() != 2 || k.size(0) != k.size(1) || !k.sizes().equals(l.sizes()))
+    fail("HSIC: expected two n x n Gram matrices, got {} and {}", shape(k), shape(l));
+  const int64_t n = k.size(0);
+  if (n < 4) fail("HSIC: the unbiased estimator needs at least 4 examples, got {}", n);
+  auto kz = k.to(torch::kFloat64).clone(), lz = l.to(torch::kFloat64).clone();
+  kz.diagonal().zero_();
+  lz.diagonal().zero_();
+  const double nd = static_cast<double>(n);
+  const double trace = (kz * lz.t()).sum().item<double>();
+  const double ones = kz.sum().item<double>() * lz.sum().item<double>();
+  const double middle = kz.sum(0).dot(lz.sum(1)).item<double>();
+  return (trace + ones / ((nd - 1) * (nd - 2)) - 2.0 / (nd - 2) * middle) / (nd * (nd - 3));
+}
+
+std::vector<std::pair<int64_t, int64_t>> minibatches(int64_t rows, int64_t batch_size) {
+  if (batch_size < 4) fail("--batch-size: minibatch CKA needs at least 4 examples per batch, got {}", batch_size);
+  if (rows < 4) fail("minibatch CKA needs at least 4 rows, got {}", rows);
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t first = 0; first < rows; first += batch_size) out.emplace_back(first, std::min(rows, first + batch_size));
+  if (out.size() > 1 && out.back().second - out.back().first < 4) {
+    out[out.size() - 2].second = rows;
+    out.pop_back();
+  }
+  return out;
+}
+
+HsicSums minibatch_hsic(const torch::Tensor& x, const torch::Tensor& y, int64_t batch_size) {
+  auto xd = as_f64(x, "X"), yd = as_f64(y, "Y");
+  if (xd.size(0) != yd.size(0)) fail("CKA: X has {} rows, Y has {}", xd.size(0), yd.size(0));
+  HsicSums s;
+  for (auto [first, end] : minibatches(xd.size(0), batch_size)) {
+    auto h = hsic1_matrix({centred(xd.slice(0, first, end)), centred(yd.slice(0, first, end))});
+    s.xy += h[0][1].item<double>();
+    s.xx += h[0][0].item<double>();
+    s.yy += h[1][1].item<double>();
+  }
+  return s;
+}
+
+double linear_cka(const torch::Tensor& x, const torch::Tensor& y, CkaMethod method, int64_t batch_size) {
+  auto xd = as_f64(x, "X"), yd = as_f64(y, "Y");
+  if (xd.size(0) != yd.size(0)) fail("CKA: X has {} rows, Y has {}", xd.size(0), yd.size(0));
+  if (method == CkaMethod::Minibatch) return cka_from_sums(minibatch_hsic(xd, yd, batch_size), "CKA");
+  if (method == CkaMethod::Auto)
+    method = xd.size(0) < std::min(xd.size(1), yd.size(1)) ? CkaMethod::Gram : CkaMethod::Feature;
+  auto xc = xd - xd.mean(0, true), yc = yd - yd.mean(0, true);
+  HsicSums s;
+  if (method == CkaMethod::Gram) {
+    auto k = xc.mm(xc.t()), l = yc.mm(yc.t());
+    s = {(k * l).sum().item<double>(), (k * k).sum().item<double>(), (l * l).sum().item<double>()};
+  } else {
+    s = {xc.t().mm(yc).square().sum().item<double>(), xc.t().mm(xc).square().sum().item<double>(),
+         yc.t().mm(yc).square().sum().item<double>()};
+  }
+  return cka_from_sums(s, "CKA");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Archives
+
+ArchiveReader::ArchiveReader(const std::string& path) : path_(path) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  if (!std::filesystem::exists(path)) {
+    if (std::filesystem::exists(path + ".partial"))
+      fail("{}: no such archive ({}.partial is an unfinished collection: finish it with crash-hpc collect --resume)",
+           path, path);
+    fail("{}: no such archive", path);
+  }
+  file_ = H5Id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  if (file_.get() < 0) fail("{}: not an HDF5 file", path);
+  const int64_t complete = int_attribute(file_, "complete", -1);
+  if (complete == -1) fail("{}: not an activation archive (no attribute 'complete'; made by crash-hpc collect?)", path);
+  if (complete != 1)
+    fail("{}: incomplete archive (attribute complete = {}); finish it with crash-hpc collect --resume", path, complete);
+  if (H5Lexists(file_, "layers", H5P_DEFAULT) <= 0) fail("{}: not an activation archive (no /layers group)", path);
+  for (int64_t l = 0;; ++l) {
+    const std::string name = "layers/" + std::to_string(l);
+    if (H5Lexists(file_, name.c_str(), H5P_DEFAULT) <= 0) break;
+    H5Id set(H5Dopen2(file_, name.c_str(), H5P_DEFAULT), H5Dclose);
+    if (set.get() < 0) fail("{}: cannot open dataset /{}", path, name);
+    H5Id space(H5Dget_space(set), H5Sclose);
+    hsize_t dims[2] = {0, 0};
+    if (H5Sget_simple_extent_ndims(space) != 2) fail("{}: /{} is not a matrix [rows, features]", path, name);
+    H5Sget_simple_extent_dims(space, dims, nullptr);
+    if (l == 0) rows_ = static_cast<int64_t>(dims[0]);
+    if (static_cast<int64_t>(dims[0]) != rows_)
+      fail("{}: /{} has {} rows, /layers/0 has {}", path, name, dims[0], rows_);
+    widths_.push_back(static_cast<int64_t>(dims[1]));
+    layers_.push_back(std::move(set));
+  }
+  if (widths_.empty()) fail("{}: not an activation archive (no /layers/0)", path);
+  const int64_t stated = int_attribute(file_, "num_layers", -1);
+  if (stated >= 0 && stated != num_layers())
+    fail("{}: attribute num_layers = {} but /layers holds {} layers", path, stated, num_layers());
+  if (H5Lexists(file_, "example_hash", H5P_DEFAULT) <= 0) fail("{}: not an activation archive (no /example_hash)", path);
+  H5Id hashes(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
+  H5Id space(H5Dget_space(hashes), H5Sclose);
+  examples_ = H5Sget_simple_extent_npoints(space);
+  pooled_ = H5Lexists(file_, "index", H5P_DEFAULT) <= 0;
+  if (pooled_ && rows_ != examples_)
+    fail("{}: /layers/0 has {} rows for {} examples, and no /index of token offsets", path, rows_, examples_);
+}
+
+std::string ArchiveReader::attribute(const std::string& key) const { return text_attribute(file_, key); }
+
+std::vector<uint64_t> ArchiveReader::example_hashes() const {
+  std::vector<uint64_t> out(static_cast<size_t>(examples_));
+  H5Id set(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
+  if (examples_ > 0 && H5Dread(set, H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
+    fail("{}: reading /example_hash failed", path_);
+  return out;
+}
+
+torch::Tensor ArchiveReader::read(int64_t layer, int64_t row, int64_t count) const {
+  const int64_t width = widths_[static_cast<size_t>(layer)];
+  auto out = torch::empty({count, width}, torch::kFloat32);
+  if (count == 0) return out.to(torch::kFloat64);
+  hid_t set = layers_[static_cast<size_t>(layer)];
+  H5Id space(H5Dget_space(set), H5Sclose);
+  hsize_t start[2] = {static_cast<hsize_t>(row), 0}, size[2] = {static_cast<hsize_t>(count), static_cast<hsize_t>(width)};
+  H5Sselect_hyperslab(space, H5S_SELECT_SET, start, nullptr, size, nullptr);
+  H5Id mem(H5Screate_simple(2, size, nullptr), H5Sclose);
+  if (H5Dread(set, H5T_NATIVE_FLOAT, mem, space, H5P_DEFAULT, out.data_ptr()) < 0)
+    fail("{}: reading rows {}..{} of /layers/{} failed", path_, row, row + count, layer);
+  return out.to(torch::kFloat64);
+}
+
+namespace {
+
+// The layers of one or two archives in one list: A's, then B's.
+struct Layers {
+  std::vector<const ArchiveReader*> archive;
+  std::vector<int64_t> index;
+  int64_t size() const { return static_cast<int64_t>(index.size()); }
+  torch::Tensor read(int64_t u, int64_t row, int64_t count) const {
+    return archive[static_cast<size_t>(u)]->read(index[static_cast<size_t>(u)], row, count);
+  }
+  int64_t width(int64_t u) const { return archive[static_cast<size_t>(u)]->width(index[static_cast<size_t>(u)]); }
+};
+
+void check_same_examples(const ArchiveReader& a, const ArchiveReader& b) {
+  if (a.pooled() != b.pooled())
+    fail("{} and {}: one archive holds pooled examples, the other every token; compare archives of one kind", a.path(),
+         b.path());
+  if (a.num_examples() != b.num_examples())
+    fail("{} has {} examples but {} has {}: CKA needs the same examples", a.path(), a.num_examples(), b.path(),
+         b.num_examples());
+  const auto ha = a.example_hashes(), hb = b.example_hashes();
+  for (size_t i = 0; i < ha.size(); ++i)
+    if (ha[i] != hb[i])
+      fail("{} and {} hold different examples (example_hash differs at example {}); collect both from the same data",
+           a.path(), b.path(), i);
+  if (a.num_rows() != b.num_rows())
+    fail("{} has {} rows but {} has {}: CKA needs the same rows", a.path(), a.num_rows(), b.path(), b.num_rows());
+}
+
+// Column means of every layer over all rows (each rank sums its rows; one allreduce).
+std::vector<torch::Tensor> column_means(const Layers& layers, int64_t rows, const CkaOptions& opt, Communicator& comm) {
+  std::vector<int64_t> widths;
+  for (int64_t u = 0; u < layers.size(); ++u) widths.push_back(layers.width(u));
+  std::vector<torch::Tensor> sums;
+  for (int64_t w : widths) sums.push_back(torch::zeros({w}, kF64));
+  const auto [first, end] = my_rows(rows, comm.rank(), comm.size());
+  for (int64_t r = first; r < end; r += opt.chunk_rows) {
+    const int64_t n = std::min(opt.chunk_rows, end - r);
+    for (int64_t u = 0; u < layers.size(); ++u) sums[static_cast<size_t>(u)] += layers.read(u, r, n).sum(0);
+  }
+  auto all = torch::cat(sums);
+  comm.allreduce(all);
+  all /= static_cast<double>(rows);
+  auto parts = all.split_with_sizes(widths);
+  return {parts.begin(), parts.end()};
+}
+
+// Gram form: the N x N Gram matrices in tiles (a, b), a <= b, of at most T rows a side, dealt
+// round robin to the ranks. Tile (a, b) of Kc is Xc[a] Xc[b]^T; <Kc, Lc> sums over tiles
+// (twice for a < b, by symmetry). No rank ever holds an N x N matrix.
+torch::Tensor gram_terms(const Layers& layers, int64_t rows, const std::vector<torch::Tensor>& mu,
+                         const CkaOptions& opt, Communicator& comm) {
+  const int64_t m = layers.size(), P = comm.size();
+  const int64_t T = std::max<int64_t>(1, std::min(opt.max_tile_rows, (rows + P - 1) / P));
+  const int64_t blocks = (rows + T - 1) / T, tiles = blocks * (blocks + 1) / 2;
+  auto terms = torch::zeros({m, m}, kF64);
+  Progress progress("Gram tiles", tiles, comm.rank() == 0);
+  int64_t t = 0;
+  for (int64_t a = 0; a < blocks; ++a) {
+    for (int64_t b = a; b < blocks; ++b, ++t) {
+      if (t % P != comm.rank()) continue;
+      const int64_t ra = a * T, na = std::min(T, rows - ra), rb = b * T, nb = std::min(T, rows - rb);
+      auto flat = torch::empty({m, na * nb}, kF64);
+      for (int64_t u = 0; u < m; ++u) {
+        auto xa = layers.read(u, ra, na) - mu[static_cast<size_t>(u)];
+        auto xb = a == b ? xa : layers.read(u, rb, nb) - mu[static_cast<size_t>(u)];
+        flat[u].copy_(xa.mm(xb.t()).reshape(-1));
+      }
+      terms.add_(flat.mm(flat.t()), a == b ? 1.0 : 2.0);
+      progress.step(t + 1);
+    }
+  }
+  comm.allreduce(terms);
+  progress.step(tiles);
+  return terms;
+}
+
+// Feature form: cross-covariances Xc_u^T Xc_v over each rank's rows, summed over ranks; the term
+// is their squared Frobenius norm. Only the pairs needed, in groups that fit the budget (one
+// pass over the rows per group).
+torch::Tensor feature_terms(const Layers& layers, int64_t rows, int64_t la, bool two,
+                            const std::vector<torch::Tensor>& mu, const CkaOptions& opt, Communicator& comm) {
+  const int64_t m = layers.size();
+  std::vector<std::pair<int64_t, int64_t>> pairs;
+  for (int64_t u = 0; u < m; ++u)
+    for (int64_t v = u; v < m; ++v)
+      if (!two || u == v || (u < la && v >= la)) pairs.emplace_back(u, v);
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> groups(1);
+  int64_t bytes = 0;
+  for (const auto& p : pairs) {
+    const int64_t size = 8 * layers.width(p.first) * layers.width(p.second);
+    if (!groups.back().empty() && bytes + size > opt.feature_budget_bytes) {
+      groups.emplace_back();
+      bytes = 0;
+    }
+    groups.back().push_back(p);
+    bytes += size;
+  }
+  auto terms = torch::zeros({m, m}, kF64);
+  const auto [first, end] = my_rows(rows, comm.rank(), comm.size());
+  Progress progress("feature-form pair groups", static_cast<int64_t>(groups.size()), comm.rank() == 0);
+  for (size_t g = 0; g < groups.size(); ++g) {
+    const auto& group = groups[g];
+    std::vector<torch::Tensor> acc;
+    std::vector<int64_t> sizes;
+    for (const auto& [u, v] : group) {
+      acc.push_back(torch::zeros({layers.width(u), layers.width(v)}, kF64));
+      sizes.push_back(acc.back().numel());
+    }
+    for (int64_t r = first; r < end; r += opt.chunk_rows) {
+      const int64_t n = std::min(opt.chunk_rows, end - r);
+      std::map<int64_t, torch::Tensor> x;
+      auto get = [&](int64_t u) -> const torch::Tensor& {
+        auto it = x.find(u);
+        if (it == x.end()) it = x.emplace(u, layers.read(u, r, n) - mu[static_cast<size_t>(u)]).first;
+        return it->second;
+      };
+      for (size_t k = 0; k < group.size(); ++k) acc[k].addmm_(get(group[k].first).t(), get(group[k].second));
+    }
+    std::vector<torch::Tensor> flat;
+    for (auto& t : acc) flat.push_back(t.reshape(-1));
+    auto all = torch::cat(flat);
+    acc.clear();
+    flat.clear();
+    comm.allreduce(all);
+    auto parts = all.split_with_sizes(sizes);
+    for (size_t k = 0; k < group.size(); ++k) {
+      const double h = parts[k].square().sum().item<double>();
+      terms[group[k].first][group[k].second] = h;
+      terms[group[k].second][group[k].first] = h;
+    }
+    progress.step(static_cast<int64_t>(g) + 1);
+  }
+  return terms;
+}
+
+// Minibatch form: HSIC_1 of every pair per minibatch, minibatches dealt round robin to ranks.
+torch::Tensor minibatch_terms(const Layers& layers, int64_t rows, const CkaOptions& opt, Communicator& comm) {
+  const auto batches = minibatches(rows, opt.batch_size);
+  const int64_t m = layers.size(), P = comm.size();
+  auto terms = torch::zeros({m, m}, kF64);
+  Progress progress("minibatches", static_cast<int64_t>(batches.size()), comm.rank() == 0);
+  for (size_t k = 0; k < batches.size(); ++k) {
+    if (static_cast<int64_t>(k) % P != comm.rank()) continue;
+    const auto [first, end] = batches[k];
+    std::vector<torch::Tensor> xs;
+    for (int64_t u = 0; u < m; ++u) xs.push_back(centred(layers.read(u, first, end - first)));
+    terms += hsic1_matrix(xs);
+    progress.step(static_cast<int64_t>(k) + 1);
+  }
+  comm.allreduce(terms);
+  progress.step(static_cast<int64_t>(batches.size()));
+  return terms;
+}
+
+}  // namespace
+
+CkaMatrix archive_cka(const ArchiveReader& a, const ArchiveReader* b, const CkaOptions& opt, const CommPtr& comm) {
+  if (b) check_same_examples(a, *b);
+  if (opt.chunk_rows <= 0 || opt.max_tile_rows <= 0) fail("CKA: chunk and tile sizes must be positive");
+  const int64_t rows = a.num_rows(), la = a.num_layers(), lb = b ? b->num_layers() : la;
+  Layers layers;
+  int64_t min_width = std::numeric_limits<int64_t>::max();
+  for (const ArchiveReader* ar : {&a, b}) {
+    if (!ar) continue;
+    for (int64_t l = 0; l < ar->num_layers(); ++l) {
+      layers.archive.push_back(ar);
+      layers.index.push_back(l);
+      min_width = std::min(min_width, ar->width(l));
+    }
+  }
+  CkaMatrix out;
+  out.rows = rows;
+  out.method = opt.method;
+  if (out.method == CkaMethod::Auto) out.method = rows < min_width ? CkaMethod::Gram : CkaMethod::Feature;
+  if (out.method != CkaMethod::Minibatch && rows < 2)
+    fail("{}: CKA needs at least 2 rows, the archive has {}", a.path(), rows);
+  torch::Tensor terms;
+  if (out.method == CkaMethod::Minibatch) {
+    terms = minibatch_terms(layers, rows, opt, *comm);
+  } else {
+    const auto mu = column_means(layers, rows, opt, *comm);
+    terms = out.method == CkaMethod::Gram ? gram_terms(layers, rows, mu, opt, *comm)
+                                          : feature_terms(layers, rows, la, b != nullptr, mu, opt, *comm);
+  }
+  auto h = terms.accessor<double, 2>();
+  for (int64_t u = 0; u < layers.size(); ++u)
+    if (!(h[u][u] > 0))
+      fail("{}: /layers/{}: HSIC(X,X) = {:.4g}: CKA is undefined for it (a constant representation{})",
+           layers.archive[static_cast<size_t>(u)]->path(), layers.index[static_cast<size_t>(u)], h[u][u],
+           out.method == CkaMethod::Minibatch ? ", or minibatches too small: raise --batch-size" : "");
+  out.cka = torch::empty({la, lb}, kF64);
+  auto c = out.cka.accessor<double, 2>();
+  for (int64_t i = 0; i < la; ++i)
+    for (int64_t j = 0; j < lb; ++j) {
+      const int64_t v = b ? la + j : j;
+      c[i][j] = cka_from_sums({h[i][v], h[i][i], h[v][v]}, a.path());
+    }
+  return out;
+}
+
+CkaFile read_cka_file(const std::string& path) {
+  if (!std::filesystem::exists(path)) fail("{}: no such file (make it with crash-hpc similarity)", path);
+  CkaFile out;
+  out.cka = h5_read(path, "cka");
+  if (out.cka.dim() != 2 || out.cka.scalar_type() != torch::kFloat64)
+    fail("{}: /cka must be a float64 matrix, got {} {}", path, c10::toString(out.cka.scalar_type()), shape(out.cka));
+  H5Id file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  out.method = text_attribute(file, "method");
+  const std::string archives = text_attribute(file, "archives");
+  if (!archives.empty()) {
+    auto j = nlohmann::json::parse(archives, nullptr, false);
+    if (j.is_array())
+      for (const auto& e : j)
+        if (e.is_string()) out.archives.push_back(e.get<std::string>());
+  }
+  return out;
+}
+
+}  // namespace crash

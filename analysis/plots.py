@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Figures of crash-hpc's analysis outputs, usable by hand and run by the jobs' --plot:
+
+    python3 analysis/plots.py IN [--clusters clusters.json] --out OUT.png
+
+The kind of IN is read from the file itself:
+  /cka (similarity)                 heat map of CKA over layers; with --clusters, their blocks
+  clusters JSON (cluster)           segments over depth, one colour per cluster, representatives marked
+  /kl and /js (lens)                two heat maps side by side
+  /alpha and /loss (landscape)      loss along the line between two models
+  /a, /b and /loss (landscape)      contour plot of the loss plane, theta0/theta1/theta2 marked
+Needs only numpy, h5py and matplotlib (Debian's python3-* packages)."""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import colors  # noqa: E402
+
+DPI = 150
+plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "figure.titlesize": 12})
+
+
+def fail(message):
+    print(f"plots.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def text(value):
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def model_name(attrs, key="model"):
+    value = text(attrs.get(key, "")).rstrip("/")
+    return os.path.basename(value) if value else ""
+
+
+def layer_ticks(ax, n, axis):
+    step = max(1, int(np.ceil(n / 12)))
+    ticks = np.arange(0, n, step)
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(ticks)
+
+
+def read_clusters(path):
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"{path}: cannot read clusters JSON ({e})")
+    if not str(data.get("format", "")).startswith("crash-hpc clusters"):
+        fail(f"{path}: not a clusters file of crash-hpc cluster (no \"format\": \"crash-hpc clusters 1\")")
+    return data
+
+
+def runs(members):
+    """Contiguous runs [first, last] of a sorted list of layers."""
+    out = []
+    for m in members:
+        if out and m == out[-1][1] + 1:
+            out[-1][1] = m
+        else:
+            out.append([m, m])
+    return out
+
+
+def cluster_colours(k):
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    return [cmap(i % cmap.N) for i in range(k)]
+
+
+def plot_cka(f, out, clusters_path):
+    cka = f["cka"][()]
+    attrs = dict(f.attrs)
+    method = text(attrs.get("method", ""))
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    vmin = min(0.0, float(np.nanmin(cka)))
+    im = ax.imshow(cka, origin="lower", cmap="magma", vmin=vmin, vmax=1.0, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="linear CKA")
+    two = "model_b" in attrs or cka.shape[0] != cka.shape[1]
+    name_a, name_b = model_name(attrs), model_name(attrs, "model_b")
+    ax.set_ylabel(f"layer of {name_a}" if two and name_a else "layer (hidden-state index, 0 = embeddings)")
+    ax.set_xlabel(f"layer of {name_b}" if two and name_b else "layer (hidden-state index, 0 = embeddings)")
+    layer_ticks(ax, cka.shape[1], "x")
+    layer_ticks(ax, cka.shape[0], "y")
+    rows = int(attrs.get("num_examples", 0))
+    what = f"{rows} examples" if text(attrs.get("pooling", "")) != "none" else f"{int(attrs.get('rows', 0))} tokens"
+    title = "Linear CKA" + (f" of {name_a}" if name_a and not two else "")
+    ax.set_title(f"{title}\n({method}, {what})" if method else title)
+    if clusters_path:
+        data = read_clusters(clusters_path)
+        colours = cluster_colours(len(data["clusters"]))
+        for c, members in enumerate(data["clusters"]):
+            for first, last in runs(sorted(members)):
+                # Decoder layer i is hidden-state index i + 1.
+                lo, size = first + 1 - 0.5, last - first + 1
+                ax.add_patch(plt.Rectangle((lo, lo), size, size, fill=False, edgecolor=colours[c], linewidth=2))
+        reps = [r + 1 for r in data.get("representatives", [])]
+        ax.plot(reps, reps, linestyle="none", marker="*", markersize=9, color="white", markeredgecolor="black",
+                label="representatives")
+        ax.legend(loc="upper left", fontsize=8, framealpha=0.8)
+        ax.set_title(ax.get_title() + f", {len(data['clusters'])} clusters ({data.get('method', '')})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_segments(data, out):
+    clusters, layers = data["clusters"], data.get("layers") or sorted(l for c in data["clusters"] for l in c)
+    reps = set(data.get("representatives", []))
+    colours = cluster_colours(len(clusters))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(layers) + 2), 2.6))
+    for c, members in enumerate(clusters):
+        for first, last in runs(sorted(members)):
+            ax.broken_barh([(first - 0.5, last - first + 1)], (0, 1), facecolors=colours[c], edgecolor="black",
+                           linewidth=0.8)
+        mid = members[len(members) // 2]
+        ax.text(mid, 1.12, f"C{c}", ha="center", va="bottom", fontsize=8)
+    for r in sorted(reps):
+        ax.plot(r, 0.5, marker="*", markersize=12, color="white", markeredgecolor="black", linestyle="none")
+    ax.plot([], [], marker="*", markersize=10, color="white", markeredgecolor="black", linestyle="none",
+            label="representative (kept layer)")
+    ax.set_xlim(min(layers) - 0.6, max(layers) + 0.6)
+    ax.set_ylim(-0.1, 1.5)
+    ax.set_yticks([])
+    ax.set_xlabel("decoder layer")
+    step = max(1, int(np.ceil(len(layers) / 16)))
+    ax.set_xticks(layers[::step])
+    score = data.get("score")
+    ax.set_title(f"{len(clusters)} clusters of layers {min(layers)}-{max(layers)} ({data.get('method', '')}"
+                 + (f", score {score:.3f})" if isinstance(score, (int, float)) else ")"))
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.8, bbox_to_anchor=(1.0, 1.32))
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def plot_lens(f, out):
+    kl, js = f["kl"][()], f["js"][()]
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 5.0))
+    for ax, m, title, cmap in ((axes[0], kl, "mean KL($p_i \\parallel p_j$)", "viridis"),
+                               (axes[1], js, "mean Jensen-Shannon divergence", "viridis")):
+        im = ax.imshow(m, origin="lower", cmap=cmap, interpolation="nearest")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="nats")
+        ax.set_title(title)
+        ax.set_xlabel("layer j (hidden-state index)")
+        ax.set_ylabel("layer i (hidden-state index)")
+        layer_ticks(ax, m.shape[1], "x")
+        layer_ticks(ax, m.shape[0], "y")
+    name = model_name(dict(f.attrs))
+    fig.suptitle("Logit lens: distances between layers' next-token distributions" + (f" ({name})" if name else ""))
+    fig.tight_layout()
+    return fig
+
+
+def plot_line(f, out):
+    alpha, loss = f["alpha"][()], f["loss"][()]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(alpha, loss, marker="o", markersize=3.5, linewidth=1.6, color="tab:blue")
+    for a0, label in ((0.0, r"$\theta_A$"), (1.0, r"$\theta_B$")):
+        i = int(np.argmin(np.abs(alpha - a0)))
+        if abs(alpha[i] - a0) < 1e-9:
+            ax.plot(alpha[i], loss[i], marker="D", color="tab:red", linestyle="none")
+            ax.annotate(label, (alpha[i], loss[i]), textcoords="offset points", xytext=(6, 8))
+    ax.set_xlabel(r"$\alpha$  in  $\theta(\alpha) = (1-\alpha)\,\theta_A + \alpha\,\theta_B$")
+    ax.set_ylabel("loss (mean next-token cross-entropy)")
+    ax.set_title("Loss along the line between two models")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_plane(f, out):
+    a, b, loss = f["a"][()], f["b"][()], f["loss"][()]
+    if loss.shape != (len(a), len(b)):
+        fail(f"/loss has shape {loss.shape}, expected [len(a), len(b)] = {(len(a), len(b))}")
+    fig, ax = plt.subplots(figsize=(6.4, 5.4))
+    z = loss.T  # rows: b, columns: a
+    lo, hi = float(np.nanmin(z)), float(np.nanmax(z))
+    if lo > 0 and hi / lo > 20:
+        levels, norm = np.geomspace(lo, hi, 30), colors.LogNorm(lo, hi)
+    else:
+        levels, norm = np.linspace(lo, hi if hi > lo else lo + 1e-9, 30), None
+    cs = ax.contourf(a, b, z, levels=levels, norm=norm, cmap="viridis")
+    ax.contour(a, b, z, levels=levels[::3], norm=norm, colors="white", linewidths=0.4, alpha=0.6)
+    fig.colorbar(cs, ax=ax, fraction=0.046, pad=0.04, label="loss")
+    for (x, y), label in (((0, 0), r"$\theta_0$"), ((1, 0), r"$\theta_1$"), ((0, 1), r"$\theta_2$")):
+        ax.plot(x, y, marker="o", markersize=7, color="tab:red", markeredgecolor="white", linestyle="none")
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontsize=11)
+    ax.set_xlabel(r"$a$  ($\theta_1 - \theta_0$ direction)")
+    ax.set_ylabel(r"$b$  ($\theta_2 - \theta_0$ direction)")
+    ax.set_title(r"Loss on the plane $\theta_0 + a(\theta_1-\theta_0) + b(\theta_2-\theta_0)$")
+    fig.tight_layout()
+    return fig
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", help="a crash-hpc output: CKA, lens or landscape HDF5, or a clusters JSON")
+    p.add_argument("--clusters", help="clusters JSON: draw its blocks on a CKA heat map")
+    p.add_argument("--out", required=True, help="PNG to write")
+    args = p.parse_args()
+    if not os.path.exists(args.input):
+        fail(f"{args.input}: no such file")
+    if args.clusters and not os.path.exists(args.clusters):
+        fail(f"{args.clusters}: no such file")
+
+    with open(args.input, "rb") as f:
+        is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+    if not is_hdf5:
+        fig = plot_segments(read_clusters(args.input), args.out)
+    else:
+        import h5py
+
+        with h5py.File(args.input, "r") as f:
+            if "cka" in f:
+                fig = plot_cka(f, args.out, args.clusters)
+            elif "kl" in f and "js" in f:
+                fig = plot_lens(f, args.out)
+            elif "alpha" in f and "loss" in f:
+                fig = plot_line(f, args.out)
+            elif "a" in f and "b" in f and "loss" in f:
+                fig = plot_plane(f, args.out)
+            else:
+                fail(f"{args.input}: not a file this script plots (expected /cka, /kl and /js, /alpha and /loss, "
+                     f"or /a, /b and /loss; found {sorted(f.keys())})")
+    # Written under a temporary name, then renamed: no half-written figure.
+    tmp = args.out + ".tmp.png"
+    fig.savefig(tmp, dpi=DPI)
+    plt.close(fig)
+    os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+#include "framework/optim.h"
+
+#include <cmath>
+
+namespace crash {
+
+void Optimizer::zero_grad() {
+  for (auto& p : params_)
+    if (p.param.grad().defined()) p.param.mutable_grad().zero_();
+}
+
+AdamW::AdamW(std::vector<OptimParam> params, const AdamWOptions& options) : options_(options) {
+  params_ = std::move(params);
+  torch::NoGradGuard no_grad;
+  for (auto& p : params_) {
+    auto param = p.param.detach();
+    own_master_.push_back(param.scalar_type() == torch::kFloat32);
+    master_.push_back(own_master_.back() ? param : param.to(torch::kFloat32));
+    exp_avg_.push_back(torch::zeros_like(master_.back()));
+    exp_avg_sq_.push_back(torch::zeros_like(master_.back()));
+  }
+}
+
+void AdamW::step(double lr) {
+  torch::NoGradGuard no_grad;
+  ++steps_;
+  const double bias1 = 1 - std::pow(options_.beta1, static_cast<double>(steps_));
+  const double bias2 = 1 - std::pow(options_.beta2, static_cast<double>(steps_));
+  for (size_t i = 0; i < params_.size(); ++i) {
+    auto param = params_[i].param;
+    if (!param.grad().defined()) continue;
+    auto grad = param.grad().to(torch::kFloat32);
+    auto& w = master_[i];
+    // The order of torch::optim::AdamW, so both give the same bits.
+    w.mul_(1 - lr * options_.weight_decay);
+    exp_avg_[i].mul_(options_.beta1).add_(grad, 1 - options_.beta1);
+    exp_avg_sq_[i].mul_(options_.beta2).addcmul_(grad, grad, 1 - options_.beta2);
+    auto denom = (exp_avg_sq_[i].sqrt() / std::sqrt(bias2)).add_(options_.eps);
+    w.addcdiv_(exp_avg_[i], denom, -lr / bias1);
+    if (!own_master_[i]) param.detach().copy_(w);
+  }
+}
+
+std::vector<StateTensor> AdamW::state() {
+  std::vector<StateTensor> out;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& name = params_[i].name;
+    out.push_back({"param", name, params_[i].param.detach()});
+    if (!own_master_[i]) out.push_back({"master", name, master_[i]});
+    out.push_back({"exp_avg", name, exp_avg_[i]});
+    out.push_back({"exp_avg_sq", name, exp_avg_sq_[i]});
+  }
+  return out;
+}
+
+void AdamW::state_loaded() {}
+
+double global_grad_norm(const std::vector<OptimParam>& params, const std::vector<CommPtr>& sum_over) {
+  torch::NoGradGuard no_grad;
+  torch::Tensor sum;
+  for (const auto& p : params) {
+    if (!p.in_norm || !p.param.grad().defined()) continue;
+    auto s = p.param.grad().to(torch::kFloat64).pow(2).sum().cpu();
+    sum = sum.defined() ? sum + s : s;
+  }
+  auto total = (sum.defined() ? sum : torch::zeros({}, torch::kFloat64)).reshape({1});
+  if (!params.empty()) total = total.to(params.front().param.device());
+  for (const auto& comm : sum_over)
+    if (comm && comm->size() > 1) comm->allreduce(total);
+  return std::sqrt(total.item<double>());
+}
+
+double clip_grad_norm(const std::vector<OptimParam>& params, double max_norm, const std::vector<CommPtr>& sum_over) {
+  const double norm = global_grad_norm(params, sum_over);
+  if (max_norm > 0) {
+    const double coef = max_norm / (norm + 1e-6);
+    if (coef < 1) {
+      torch::NoGradGuard no_grad;
+      for (const auto& p : params)
+        if (p.param.grad().defined()) p.param.mutable_grad().mul_(coef);
+    }
+  }
+  return norm;
+}
+
+double linear_schedule(double peak, int64_t step, int64_t warmup, int64_t total) {
+  if (step < warmup) return peak * static_cast<double>(step) / static_cast<double>(warmup);
+  if (total <= warmup) return peak;
+  return peak * std::max(0.0, static_cast<double>(total - step) / static_cast<double>(total - warmup));
+}
+
+}  // namespace crash

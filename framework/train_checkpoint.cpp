@@ -1,0 +1,221 @@
+#include "framework/train_checkpoint.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <fmt/ranges.h>
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <regex>
+
+#include "framework/json_fields.h"
+#include "framework/safetensors.h"
+#include "parallel/errors.h"
+
+namespace crash {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr const char* kFormat = "crash-hpc train checkpoint 1";
+
+std::string file_name(int tp, int pp) { return fmt::format("shard-pp{:03d}-tp{:03d}.safetensors", pp, tp); }
+
+std::vector<int64_t> full_shape(const torch::Tensor& t, const std::optional<ShardSlice>& s) {
+  auto shape = t.sizes().vec();
+  if (s) shape[static_cast<size_t>(s->dim)] = s->full;
+  return shape;
+}
+
+nlohmann::json slice_json(const std::optional<ShardSlice>& s) {
+  if (!s) return nullptr;
+  return {{"dim", s->dim}, {"full", s->full}, {"start", s->start}, {"length", s->length}, {"group", s->group}};
+}
+
+torch::Tensor rng_state() {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  return gen.get_state();
+}
+
+void set_rng_state(const torch::Tensor& state) {
+  auto gen = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(gen.mutex());
+  gen.set_state(state);
+}
+
+}  // namespace
+
+void save_train_checkpoint(const std::string& root, int64_t step, const ProcessGrid& grid, Optimizer& optimizer,
+                           const SliceMap& slices, const nlohmann::json& trainer_state, int keep) {
+  const fs::path dir = fs::path(root) / fmt::format("step-{:06d}", step);
+  const fs::path tmp = dir.string() + ".tmp";
+  std::error_code ec;
+  if (grid.rank() == 0) {
+    fs::remove_all(tmp, ec);
+    fs::create_directories(tmp, ec);
+    if (ec) fail("{}: cannot create checkpoint folder ({})", tmp.string(), ec.message());
+  }
+  grid.world()->barrier();
+  if (grid.dp_rank() == 0) {
+    // The file's own slice table goes into its header, so rank 0 can build the manifest.
+    std::vector<std::pair<std::string, torch::Tensor>> tensors;
+    nlohmann::json table = nlohmann::json::object();
+    for (auto& s : optimizer.state()) {
+      const std::string key = s.kind + "/" + s.param;
+      auto it = slices.find(s.param);
+      const std::optional<ShardSlice> slice = it == slices.end() ? std::nullopt : it->second;
+      tensors.emplace_back(key, s.value.detach().cpu());
+      table[key] = {{"param", s.param}, {"full_shape", full_shape(s.value, slice)}, {"slice", slice_json(slice)}};
+    }
+    tensors.emplace_back("rng/torch", rng_state());
+    write_safetensors((tmp / file_name(grid.tp_rank(), grid.pp_rank())).string(), tensors,
+                      {{"crash_slices", table.dump()}});
+  }
+  grid.world()->barrier();
+  if (grid.rank() == 0) {
+    nlohmann::json files = nlohmann::json::array();
+    for (int pp = 0; pp < grid.pp(); ++pp)
+      for (int tp = 0; tp < grid.tp(); ++tp) {
+        SafetensorsFile f((tmp / file_name(tp, pp)).string());
+        files.push_back({{"file", file_name(tp, pp)},
+                         {"tp_rank", tp},
+                         {"pp_rank", pp},
+                         {"tensors", nlohmann::json::parse(f.metadata().at("crash_slices"))}});
+      }
+    nlohmann::json manifest = {{"format", kFormat},
+                               {"step", step},
+                               {"grid", {{"tp", grid.tp()}, {"pp", grid.pp()}, {"dp", grid.dp()}}},
+                               {"optimizer_steps", optimizer.steps()},
+                               {"trainer", trainer_state},
+                               {"files", files}};
+    {
+      std::ofstream out((tmp / "manifest.json").string());
+      out << manifest.dump(2) << "\n";
+      if (!out) fail("{}: cannot write manifest.json", tmp.string());
+    }
+    fs::remove_all(dir, ec);
+    fs::rename(tmp, dir, ec);
+    if (ec) fail("{}: cannot move the checkpoint into place ({})", dir.string(), ec.message());
+    // Old checkpoints beyond the newest `keep` go (the complete ones, oldest first).
+    std::vector<fs::path> done;
+    static const std::regex pattern(R"(step-\d{6})");
+    for (const auto& e : fs::directory_iterator(root))
+      if (e.is_directory() && std::regex_match(e.path().filename().string(), pattern)) done.push_back(e.path());
+    std::sort(done.begin(), done.end());
+    for (size_t i = 0; i + static_cast<size_t>(keep) < done.size(); ++i) fs::remove_all(done[i], ec);
+  }
+  grid.world()->barrier();
+}
+
+std::optional<std::string> latest_train_checkpoint(const std::string& root) {
+  if (!fs::is_directory(root)) return std::nullopt;
+  static const std::regex pattern(R"(step-\d{6})");
+  std::vector<fs::path> done;
+  for (const auto& e : fs::directory_iterator(root))
+    if (e.is_directory() && std::regex_match(e.path().filename().string(), pattern) &&
+        fs::exists(e.path() / "manifest.json"))
+      done.push_back(e.path());
+  if (done.empty()) return std::nullopt;
+  std::sort(done.begin(), done.end());
+  return done.back().string();
+}
+
+nlohmann::json read_train_manifest(const std::string& dir) {
+  const std::string path = dir + "/manifest.json";
+  std::ifstream in(path);
+  if (!in) fail("{}: cannot open (not a training checkpoint)", path);
+  nlohmann::json m;
+  try {
+    m = nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: not valid JSON ({})", path, e.what());
+  }
+  if (!m.is_object() || m.value("format", "") != kFormat) fail("{}: field 'format' must be \"{}\"", path, kFormat);
+  for (const char* key : {"step", "grid", "trainer", "files", "optimizer_steps"})
+    if (!m.contains(key)) fail("{}: missing field '{}'", path, key);
+  return m;
+}
+
+void load_train_checkpoint(const std::string& dir, const ProcessGrid& grid, Optimizer& optimizer,
+                           const SliceMap& slices, const std::string& tied_embedding) {
+  const auto manifest = read_train_manifest(dir);
+  const std::string mpath = dir + "/manifest.json";
+  // Every saved piece of each tensor: (file, slice table entry).
+  struct Piece {
+    std::string file;
+    nlohmann::json entry;
+  };
+  std::map<std::string, std::vector<Piece>> pieces;
+  std::string rng_file;
+  for (const auto& f : manifest["files"]) {
+    const auto file = json_field<std::string>(f, "file", mpath);
+    for (const auto& [key, entry] : f.at("tensors").items()) pieces[key].push_back({file, entry});
+    if (json_field<int64_t>(f, "tp_rank", mpath) == grid.tp_rank() && json_field<int64_t>(f, "pp_rank", mpath) == grid.pp_rank())
+      rng_file = file;
+  }
+  std::map<std::string, std::unique_ptr<SafetensorsFile>> open;
+  auto file = [&](const std::string& name) -> SafetensorsFile& {
+    auto& f = open[name];
+    if (!f) {
+      const std::string path = dir + "/" + name;
+      if (!fs::exists(path)) fail("{}: missing; the checkpoint is incomplete", path);
+      f = std::make_unique<SafetensorsFile>(path);
+    }
+    return *f;
+  };
+  // The saved key of a tensor; a tied model's lm_head (on a last stage) and embedding (first
+  // stage) are one tensor. Empty when absent.
+  auto find = [&](const std::string& kind, const std::string& param) -> std::string {
+    if (pieces.count(kind + "/" + param)) return kind + "/" + param;
+    if (tied_embedding.empty()) return "";
+    const std::string other = param == "lm_head.weight" ? tied_embedding
+                              : param == tied_embedding ? std::string("lm_head.weight") : "";
+    return !other.empty() && pieces.count(kind + "/" + other) ? kind + "/" + other : "";
+  };
+
+  torch::NoGradGuard no_grad;
+  for (auto& s : optimizer.state()) {
+    auto it = slices.find(s.param);
+    const std::optional<ShardSlice> mine = it == slices.end() ? std::nullopt : it->second;
+    const auto want_full = full_shape(s.value, mine);
+    const std::string key = find(s.kind, s.param);
+    if (key.empty())
+      fail("{}: the checkpoint has no '{}/{}'; it was written for other trained parameters or another dtype", mpath,
+           s.kind, s.param);
+    // Assemble the full tensor from the saved pieces, then take this rank's slice.
+    torch::Tensor full;
+    for (const auto& piece : pieces.at(key)) {
+      const auto saved_full = json_field<std::vector<int64_t>>(piece.entry, "full_shape", mpath);
+      if (saved_full != want_full)
+        fail("{}: '{}' has the full shape {} but the model needs {}", mpath, key, fmt::join(saved_full, "x"),
+             fmt::join(want_full, "x"));
+      auto data = file(piece.file).view(key);
+      if (!full.defined()) full = torch::zeros(want_full, torch::TensorOptions().dtype(data.scalar_type()));
+      if (piece.entry["slice"].is_null()) {
+        full.copy_(data);
+        continue;
+      }
+      const int64_t dim = piece.entry["slice"]["dim"].get<int64_t>();
+      const int64_t start = piece.entry["slice"]["start"].get<int64_t>();
+      const int64_t length = piece.entry["slice"]["length"].get<int64_t>();
+      const int64_t avail = std::max<int64_t>(0, std::min(length, want_full[static_cast<size_t>(dim)] - start));
+      if (avail > 0) full.narrow(dim, start, avail).copy_(data.narrow(dim, 0, avail));
+    }
+    auto target = s.value;
+    if (!mine) {
+      target.copy_(full);
+      continue;
+    }
+    const int64_t avail = std::max<int64_t>(0, std::min(mine->length, mine->full - mine->start));
+    if (avail > 0) target.narrow(mine->dim, 0, avail).copy_(full.narrow(mine->dim, mine->start, avail));
+    if (avail < mine->length) target.narrow(mine->dim, avail, mine->length - avail).zero_();
+  }
+  optimizer.set_steps(manifest["optimizer_steps"].get<int64_t>());
+  optimizer.state_loaded();
+  if (!rng_file.empty()) set_rng_state(file(rng_file).read("rng/torch"));
+}
+
+}  // namespace crash

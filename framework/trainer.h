@@ -1,0 +1,79 @@
+// The sharded trainer of the `train` job: fine-tunes a model (by default only an emulator's
+// adapter layers) on any DP x PP x TP grid with AdamW, a linear schedule, gradient clipping
+// and accumulation, loss on target tokens only; validates, keeps the best model, and writes
+// checkpoints that resume exactly, on the same grid or another one.
+#pragma once
+#include <torch/types.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "framework/config.h"
+#include "framework/tokenizer.h"
+#include "parallel/grid.h"
+
+namespace crash {
+
+struct TrainOptions {
+  std::string model, data, val_data, out;
+  int64_t steps = 100;
+  int64_t batch_size = 8;  // examples per optimiser step, over all DP ranks
+  int micro_batches = 1;   // pipeline micro-batches per forward/backward
+  int grad_accum = 1;      // forward/backward passes per optimiser step
+  double lr = 1e-4;
+  int64_t warmup = 0;
+  double weight_decay = 0.0, clip = 1.0;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
+  uint64_t seed = 0;
+  int64_t eval_every = 0;  // 0: validate only at the end (when --val-data is given)
+  int64_t save_every = 0;  // 0: a checkpoint only at the end
+  int keep_checkpoints = 2;
+  bool train_all = false, resume = false, overwrite = false;
+  torch::ScalarType dtype = torch::kFloat32;  // compute type; master weights and moments are fp32
+  GridSizes grid;
+  std::vector<int64_t> pp_layers;
+  // Knowledge distillation from the full model (empty: none).
+  std::string distill_from;
+  double kd_alpha = 0.5, kd_temperature = 2.0;
+  int64_t stop_after = 0;  // tests: end (as if killed) after this many steps of this run
+};
+
+// One training example: tokens, and from which position on they are targets (each predicted
+// from the tokens before it): 1 for text, the continuation's start for multiple choice.
+struct TrainExample {
+  std::vector<int64_t> tokens;
+  int64_t loss_from = 1;
+};
+
+struct TrainData {
+  std::string path;
+  std::string kind;  // multiple_choice, text or tokens
+  std::vector<TrainExample> examples;
+  uint64_t hash = 0;  // of every example's tokens and loss_from: a changed data set is refused on resume
+};
+
+// A prepared folder (multiple choice: context + gold continuation, loss on the continuation;
+// text: every token) or JSON Lines of {"tokens"} (or {"text"} with a tokenizer). Examples
+// longer than max_length keep their last tokens.
+TrainData read_train_data(const std::string& path, const ModelConfig& config, const Tokenizer* tokenizer);
+
+struct TrainBatch {
+  torch::Tensor ids, mask, labels;  // [rows, length]; labels as causal_targets, -100 where no loss
+};
+// Rows of `data` (index -1: a filler row with no loss) right-padded to `length`.
+TrainBatch make_batch(const TrainData& data, const std::vector<int64_t>& rows, int64_t length, int64_t pad_id);
+
+// The order of epoch `epoch`: a permutation of n drawn from (seed, epoch) alone, so any step's
+// examples are known without replaying earlier ones.
+std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch);
+
+struct TrainSummary {
+  int64_t steps = 0;
+  double last_loss = 0, best_val = 0, tokens_per_second = 0;
+};
+
+// Runs the whole training (collective over the world); throws UserError on bad input.
+TrainSummary train(const TrainOptions& options);
+
+}  // namespace crash

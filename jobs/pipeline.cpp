@@ -1,0 +1,235 @@
+// pipeline: the CRaSh study end to end, one stage after another in this run:
+//   prepare -> collect -> similarity -> cluster -> for each of uniform, remove, share:
+//   emulate -> eval (emulator zero-shot) -> train -> eval (fine-tuned) -> plugin -> eval (plug-in)
+// and the CRaSh table. Every stage is the job of the same name; a stage whose complete output
+// exists is skipped (outputs appear only when complete), so a crashed pipeline resumes.
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <fstream>
+#include <optional>
+#include <sstream>
+
+#include "framework/checkpoint.h"
+#include "framework/json_fields.h"
+#include "jobs/job.h"
+#include "parallel/errors.h"
+#include "parallel/world.h"
+
+namespace crash {
+
+namespace fs = std::filesystem;
+
+void pipeline_options(po::options_description& o) {
+  o.add_options()("model", po::value<std::string>()->required(), "the full model (Hugging Face folder with tokenizer.json)")(
+      "train-task", po::value<std::string>()->required(), "fine-tuning data (task JSON Lines)")(
+      "valid-task", po::value<std::string>(), "validation data for fine-tuning (keeps the best step)")(
+      "eval-task", po::value<std::vector<std::string>>()->composing()->required(),
+      "task to evaluate (JSON Lines; repeat for several)")(
+      "collect-task", po::value<std::string>(), "data the representations are collected on (default: --train-task)")(
+      "work", po::value<std::string>()->required(), "output folder of every stage")(
+      "num-examples", po::value<int64_t>()->default_value(512), "examples collected for the similarity analysis")(
+      "pooling", po::value<std::string>()->default_value("mean"), "pooling of collected hidden states")(
+      "k", po::value<int64_t>()->default_value(4), "clusters of the middle layers")(
+      "cluster-method", po::value<std::string>()->default_value("adjacent"), "adjacent (CRaSh) or optimal")(
+      "adapters", po::value<std::string>()->default_value("2,2"), "trainable layers at the bottom and the top: A,B")(
+      "modes", po::value<std::string>()->default_value("uniform,remove,share"), "emulators to build")(
+      "steps", po::value<int64_t>()->default_value(200), "fine-tuning steps")(
+      "lr", po::value<double>()->default_value(1e-4), "peak learning rate")(
+      "warmup", po::value<int64_t>()->default_value(20), "warm-up steps")(
+      "batch-size", po::value<int64_t>()->default_value(16), "examples per optimiser step")(
+      "eval-every", po::value<int64_t>()->default_value(0), "validation every N steps (0: only at the end)")(
+      "seed", po::value<int64_t>()->default_value(1234), "fine-tuning seed")(
+      "eval-batch-size", po::value<int64_t>()->default_value(16), "evaluation batch size")(
+      "eval-examples", po::value<int64_t>()->default_value(-1), "first N examples of each evaluation task (all: -1)")(
+      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype of collection, training and evaluation")(
+      "plot", po::bool_switch(), "PNG plots of the similarity and the clusters");
+  add_grid_options(o);
+}
+
+namespace {
+
+// Runs the job `name` with `args` (plus the grid and common options of the pipeline), unless
+// `output` exists already.
+class StageRunner {
+ public:
+  StageRunner(const po::variables_map& vm) : vm_(vm) {}
+
+  void run(const std::string& name, const std::string& output, std::vector<std::string> args, bool grid) {
+    if (fs::exists(output)) {
+      spdlog::info("pipeline: {} -> {} exists, skipped", name, output);
+      return;
+    }
+    spdlog::info("pipeline: {} -> {}", name, output);
+    if (grid)
+      for (const char* key : {"tp", "pp"}) args.insert(args.end(), {std::string("--") + key, std::to_string(vm_[key].as<int>())});
+    if (grid) args.insert(args.end(), {"--backend", vm_["backend"].as<std::string>()});
+    if (grid && !vm_["pp-layers"].as<std::string>().empty())
+      args.insert(args.end(), {"--pp-layers", vm_["pp-layers"].as<std::string>()});
+    args.insert(args.end(), {"--log-level", vm_["log-level"].as<std::string>(), "--threads",
+                             std::to_string(vm_["threads"].as<int>())});
+    const Job* job = nullptr;
+    for (const auto& j : all_jobs())
+      if (name == j.name) job = &j;
+    if (!job) fail("pipeline: this build has no '{}' job", name);
+    bool help = false;
+    auto stage_vm = parse_job_options(*job, args, help);
+    job->run(stage_vm);
+  }
+
+ private:
+  const po::variables_map& vm_;
+};
+
+std::string task_name(const std::string& path) { return fs::path(path).stem().string(); }
+
+std::vector<std::string> split_list(const std::string& text) {
+  std::vector<std::string> out;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ','))
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
+
+// The metric a task is judged by in the CRaSh table, from one eval job's results.
+std::optional<double> main_metric(const nlohmann::json& results, const std::string& task, std::string& metric) {
+  if (!results.contains("results") || !results["results"].is_array()) return std::nullopt;
+  for (const auto& r : results["results"]) {
+    if (r.value("task", "") != task || !r.contains("metrics")) continue;
+    for (const char* name : {"acc", "exact_match", "perplexity"})
+      if (r["metrics"].contains(name) && r["metrics"][name]["value"].is_number()) {
+        metric = name;
+        return r["metrics"][name]["value"].get<double>();
+      }
+  }
+  return std::nullopt;
+}
+
+// The CRaSh table (Full zero-shot, Emulator zero-shot, Emulator fine-tuned, Plug-in per task
+// and emulator) as crash_table.md and crash_table.json in the work folder, printed on rank 0.
+void write_crash_table(const fs::path& work, const std::vector<std::string>& modes,
+                       const std::vector<std::string>& eval_tasks) {
+  if (World::get().rank() != 0) return;
+  auto load = [&](const std::string& setting) { return read_json_file((work / "eval" / (setting + ".json")).string()); };
+  const auto full = load("full");
+  const char* columns[] = {"emulator-zero-shot", "emulator-fine-tuned", "plugin"};
+  std::string table = "| Task | Metric | Emulator | Full zero-shot | Emulator zero-shot | Emulator fine-tuned | Plug-in |\n"
+                      "|---|---|---|---|---|---|---|\n";
+  nlohmann::json summary = nlohmann::json::object();
+  for (const auto& path : eval_tasks) {
+    const std::string task = task_name(path);
+    std::string metric;
+    const auto base = main_metric(full, task, metric);
+    if (!base) fail("{}: no result for task '{}'", (work / "eval" / "full.json").string(), task);
+    for (const auto& mode : modes) {
+      std::string row = fmt::format("| {} | {} | {} | {:.4f} |", task, metric, mode, *base);
+      summary[task][mode]["full-zero-shot"] = *base;
+      for (const char* column : columns) {
+        std::string m;
+        auto v = main_metric(load(mode + "-" + column), task, m);
+        if (!v) fail("{}: no result for task '{}'", (work / "eval" / (mode + "-" + column + ".json")).string(), task);
+        row += fmt::format(" {:.4f} |", *v);
+        summary[task][mode][column] = *v;
+      }
+      summary[task]["metric"] = metric;
+      table += row + "\n";
+    }
+  }
+  std::ofstream((work / "crash_table.md").string()) << table;
+  std::ofstream((work / "crash_table.json").string()) << summary.dump(2) << "\n";
+  std::printf("\nCRaSh results (%s)\n\n%s\n", (work / "crash_table.md").c_str(), table.c_str());
+  std::fflush(stdout);
+}
+
+}  // namespace
+
+int pipeline_run(const po::variables_map& vm) {
+  const std::string model = vm["model"].as<std::string>();
+  const fs::path work = vm["work"].as<std::string>();
+  const auto modes = split_list(vm["modes"].as<std::string>());
+  for (const auto& m : modes)
+    if (m != "uniform" && m != "remove" && m != "share") fail("--modes: unknown emulator '{}' (uniform, remove, share)", m);
+  if (modes.empty()) fail("--modes: name at least one of uniform, remove, share");
+  if (!fs::exists(fs::path(model) / "tokenizer.json")) fail("{}: the pipeline needs the model's tokenizer.json", model);
+  const auto eval_tasks = vm["eval-task"].as<std::vector<std::string>>();
+  for (const auto& t : eval_tasks)
+    if (!fs::exists(t)) fail("--eval-task: {} does not exist", t);
+  const std::string train_task = vm["train-task"].as<std::string>();
+  const std::string collect_task = vm.count("collect-task") ? vm["collect-task"].as<std::string>() : train_task;
+  const auto [bottom, top] = parse_adapters(vm["adapters"].as<std::string>());
+  std::error_code ec;
+  fs::create_directories(work / "prepared", ec);
+  if (ec) fail("{}: cannot create the work folder ({})", work.string(), ec.message());
+  StageRunner stage(vm);
+  auto str = [](auto v) { return std::to_string(v); };
+  const std::string dtype = vm["dtype"].as<std::string>();
+
+  // Tokenize every task once.
+  auto prepared = [&](const std::string& task) { return (work / "prepared" / task_name(task)).string(); };
+  std::vector<std::string> tasks = {train_task, collect_task};
+  if (vm.count("valid-task")) tasks.push_back(vm["valid-task"].as<std::string>());
+  tasks.insert(tasks.end(), eval_tasks.begin(), eval_tasks.end());
+  for (const auto& t : tasks) stage.run("prepare", prepared(t), {"--task", t, "--tokenizer", model, "--out", prepared(t)}, false);
+
+  // Representations, similarity and clusters of the middle layers.
+  const std::string archive = (work / "activations.h5").string(), cka = (work / "cka.h5").string(),
+                    clusters = (work / "clusters.json").string();
+  std::vector<std::string> collect_args = {"--model", model, "--data", prepared(collect_task), "--out", archive,
+                                           "--num-examples", str(vm["num-examples"].as<int64_t>()), "--pooling",
+                                           vm["pooling"].as<std::string>(), "--dtype", dtype};
+  if (fs::exists(archive + ".partial")) collect_args.push_back("--resume");
+  stage.run("collect", archive, collect_args, true);
+  std::vector<std::string> plot;
+  if (vm["plot"].as<bool>()) plot.push_back("--plot");
+  std::vector<std::string> sim_args = {"--archive", archive, "--out", cka};
+  sim_args.insert(sim_args.end(), plot.begin(), plot.end());
+  stage.run("similarity", cka, sim_args, false);
+  const int64_t L = CheckpointReader(model).config().num_layers;
+  std::vector<std::string> cluster_args = {"--cka", cka, "--k", str(vm["k"].as<int64_t>()), "--method",
+                                           vm["cluster-method"].as<std::string>(), "--layers",
+                                           fmt::format("{}:{}", bottom, L - top), "--out", clusters};
+  cluster_args.insert(cluster_args.end(), plot.begin(), plot.end());
+  stage.run("cluster", clusters, cluster_args, false);
+
+  // Evaluation of one model on every task: work/eval/<setting>.json.
+  fs::create_directories(work / "eval", ec);
+  auto evaluate = [&](const std::string& dir, const std::string& setting) {
+    std::vector<std::string> args = {"--model", dir, "--out", (work / "eval" / (setting + ".json")).string(),
+                                     "--batch-size", str(vm["eval-batch-size"].as<int64_t>()), "--num-examples",
+                                     str(vm["eval-examples"].as<int64_t>()), "--dtype", dtype};
+    for (const auto& t : eval_tasks) args.insert(args.end(), {"--data", prepared(t)});
+    stage.run("eval", args[3], args, true);
+  };
+  evaluate(model, "full");
+
+  for (const auto& mode : modes) {
+    const fs::path dir = work / mode;
+    fs::create_directories(dir, ec);
+    const std::string emulator = (dir / "emulator").string(), trained = (dir / "train").string(),
+                      plugged = (dir / "plugin").string();
+    stage.run("emulate", emulator,
+              {"--model", model, "--mode", mode, "--clusters", clusters, "--adapters", vm["adapters"].as<std::string>(),
+               "--out", emulator},
+              false);
+    evaluate(emulator, mode + "-emulator-zero-shot");
+    std::vector<std::string> train_args = {
+        "--model", emulator, "--data", prepared(train_task), "--out", trained, "--steps", str(vm["steps"].as<int64_t>()),
+        "--lr", fmt::format("{}", vm["lr"].as<double>()), "--warmup", str(vm["warmup"].as<int64_t>()), "--batch-size",
+        str(vm["batch-size"].as<int64_t>()), "--seed", str(vm["seed"].as<int64_t>()), "--dtype", dtype};
+    if (vm.count("valid-task")) {
+      train_args.insert(train_args.end(), {"--val-data", prepared(vm["valid-task"].as<std::string>())});
+      if (vm["eval-every"].as<int64_t>() > 0) train_args.insert(train_args.end(), {"--eval-every", str(vm["eval-every"].as<int64_t>())});
+    }
+    if (fs::exists(fs::path(trained) / "checkpoints")) train_args.push_back("--resume");
+    const std::string tuned = (fs::path(trained) / "model").string();
+    stage.run("train", tuned, train_args, true);
+    evaluate(tuned, mode + "-emulator-fine-tuned");
+    stage.run("plugin", plugged, {"--model", model, "--emulator", tuned, "--out", plugged}, false);
+    evaluate(plugged, mode + "-plugin");
+  }
+  write_crash_table(work, modes, eval_tasks);
+  return 0;
+}
+
+}  // namespace crash

@@ -1,0 +1,73 @@
+// train: fine-tunes a model (an emulator's adapter layers by default) on any DP x PP x TP grid
+// with checkpoints that resume exactly (framework/trainer.h).
+#include "framework/trainer.h"
+#include "jobs/job.h"
+#include "parallel/errors.h"
+#include "parallel/world.h"
+
+namespace crash {
+
+void train_options(po::options_description& o) {
+  o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder (an emulator with crash_plan.json)")(
+      "data", po::value<std::string>()->required(), "prepared task folder (multiple choice or text), or JSON Lines of {\"tokens\"}")(
+      "out", po::value<std::string>()->required(), "output folder: model/, train_log.jsonl, checkpoints/")(
+      "val-data", po::value<std::string>()->default_value(""), "validation data (same forms as --data); keeps the best model")(
+      "steps", po::value<int64_t>()->default_value(100), "optimiser steps")(
+      "batch-size", po::value<int64_t>()->default_value(8), "examples per optimiser step, over all data-parallel ranks")(
+      "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per forward/backward pass")(
+      "grad-accum", po::value<int>()->default_value(1), "forward/backward passes per optimiser step")(
+      "lr", po::value<double>()->default_value(1e-4), "peak learning rate")(
+      "warmup", po::value<int64_t>()->default_value(0), "warm-up steps (linear), then linear decay to 0")(
+      "weight-decay", po::value<double>()->default_value(0.0), "AdamW decoupled weight decay")(
+      "clip", po::value<double>()->default_value(1.0), "clip the global gradient norm to this (0: no clipping)")(
+      "adam-eps", po::value<double>()->default_value(1e-8), "AdamW epsilon")(
+      "seed", po::value<uint64_t>()->default_value(0), "data order seed")(
+      "eval-every", po::value<int64_t>()->default_value(0), "validate every N steps (and at the end)")(
+      "save-every", po::value<int64_t>()->default_value(0), "checkpoint every N steps (and at the end)")(
+      "keep-checkpoints", po::value<int>()->default_value(2), "newest checkpoints kept")(
+      "train-all", po::bool_switch(), "train every parameter, not only the emulator's adapter layers")(
+      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16 (master weights fp32)")(
+      "resume", po::bool_switch(), "continue from the newest complete checkpoint in OUT/checkpoints")(
+      "overwrite", po::bool_switch(), "replace an existing OUT")(
+      "distill-from", po::value<std::string>()->default_value(""), "full model folder: knowledge distillation teacher")(
+      "kd-alpha", po::value<double>()->default_value(0.5), "weight of the distillation term")(
+      "kd-temperature", po::value<double>()->default_value(2.0), "distillation temperature")(
+      "stop-after", po::value<int64_t>()->default_value(0), "end after N steps of this run, as if killed (tests)");
+  add_grid_options(o);
+}
+
+int train_run(const po::variables_map& vm) {
+  TrainOptions t;
+  t.model = vm["model"].as<std::string>();
+  t.data = vm["data"].as<std::string>();
+  t.out = vm["out"].as<std::string>();
+  t.val_data = vm["val-data"].as<std::string>();
+  t.steps = vm["steps"].as<int64_t>();
+  t.batch_size = vm["batch-size"].as<int64_t>();
+  t.micro_batches = vm["micro-batches"].as<int>();
+  t.grad_accum = vm["grad-accum"].as<int>();
+  t.lr = vm["lr"].as<double>();
+  t.warmup = vm["warmup"].as<int64_t>();
+  t.weight_decay = vm["weight-decay"].as<double>();
+  t.clip = vm["clip"].as<double>();
+  t.eps = vm["adam-eps"].as<double>();
+  t.seed = vm["seed"].as<uint64_t>();
+  t.eval_every = vm["eval-every"].as<int64_t>();
+  t.save_every = vm["save-every"].as<int64_t>();
+  t.keep_checkpoints = vm["keep-checkpoints"].as<int>();
+  if (t.keep_checkpoints < 1) fail("--keep-checkpoints must be at least 1");
+  t.train_all = vm["train-all"].as<bool>();
+  t.dtype = parse_dtype(vm["dtype"].as<std::string>());
+  t.resume = vm["resume"].as<bool>();
+  t.overwrite = vm["overwrite"].as<bool>();
+  t.distill_from = vm["distill-from"].as<std::string>();
+  t.kd_alpha = vm["kd-alpha"].as<double>();
+  t.kd_temperature = vm["kd-temperature"].as<double>();
+  t.stop_after = vm["stop-after"].as<int64_t>();
+  t.grid = grid_sizes(vm);
+  t.pp_layers = pp_layer_counts(vm);
+  train(t);
+  return 0;
+}
+
+}  // namespace crash

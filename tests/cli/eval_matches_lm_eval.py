@@ -1,0 +1,94 @@
+#!/usr/bin/env python3
+"""`crash-hpc eval` against lm-eval's own results (tests/fixtures/eval/expected.json, made by
+tests/fixtures/eval/generate.py with lm-eval's HFLM).
+
+usage: eval_matches_lm_eval.py CRASH_HPC FIXTURES [NP TP PP]
+Prepares the fixture's three tasks, runs eval on NP ranks (mpirun when NP > 1) with --tp/--pp, and
+checks: every choice's log-likelihood within 1e-4 of lm-eval's, the predictions and acc/acc_norm
+(and their stderr) equal, every generation and exact_match equal, perplexity within 1e-6 relative.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+TOL_LL = 1e-4
+
+
+def run(cmd, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def check(cond, what):
+    if not cond:
+        sys.exit(f"FAIL: {what}")
+
+
+def main():
+    crash, fixtures = sys.argv[1], sys.argv[2]
+    np_, tp, pp = (int(x) for x in sys.argv[3:6]) if len(sys.argv) > 3 else (1, 1, 1)
+    here = os.path.join(fixtures, "eval")
+    model = os.path.join(here, "model")
+    with open(os.path.join(here, "expected.json")) as f:
+        exp = json.load(f)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("mc", "gen", "lm"):
+            run([crash, "prepare", "--task", os.path.join(here, f"{name}.jsonl"), "--tokenizer", model, "--out",
+                 os.path.join(tmp, name), "--window", str(exp["window"])])
+        out, details = os.path.join(tmp, "results.json"), os.path.join(tmp, "details.jsonl")
+        cmd = [crash, "eval", "--model", model, "--data", os.path.join(tmp, "mc"), "--data", os.path.join(tmp, "gen"),
+               "--data", os.path.join(tmp, "lm"), "--out", out, "--details", details, "--batch-size", "3",
+               "--max-new-tokens", str(exp["max_new_tokens"]), "--tp", str(tp), "--pp", str(pp), "--threads", "1"]
+        if np_ > 1:
+            cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS=1",
+                   "-np", str(np_)] + cmd
+        r = run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        check("|mc " in r.stdout and "acc_norm" in r.stdout, f"no results table on stdout:\n{r.stdout}")
+        with open(out) as f:
+            res = {t["task"]: t for t in json.load(f)["results"]}
+        with open(details) as f:
+            det = [json.loads(line) for line in f]
+
+    # Multiple choice.
+    mc = [d for d in det if d["task"] == "mc"]
+    check(len(mc) == len(exp["mc"]["logliks"]), "one detail line per multiple-choice example")
+    worst = 0.0
+    for d, ll, p, pn in zip(mc, exp["mc"]["logliks"], exp["mc"]["pred"], exp["mc"]["pred_norm"]):
+        check(len(d["logliks"]) == len(ll), f"example {d['index']}: number of choices")
+        worst = max(worst, max(abs(a - b) for a, b in zip(d["logliks"], ll)))
+        check(d["pred"] == p and d["pred_norm"] == pn, f"example {d['index']}: predictions {d} vs {p}, {pn}")
+    check(worst <= TOL_LL, f"log-likelihoods differ from lm-eval's by {worst:.3g} (> {TOL_LL})")
+    m = res["mc"]["metrics"]
+    for k in ("acc", "acc_norm"):
+        check(abs(m[k]["value"] - exp["mc"][k]) < 1e-12, f"{k} {m[k]['value']} vs lm-eval {exp['mc'][k]}")
+        check(abs(m[k]["stderr"] - exp["mc"][k + "_stderr"]) < 1e-12, f"{k} stderr")
+    check(res["mc"]["kind"] == "multiple_choice" and res["mc"]["num_examples"] == len(mc), "mc kind and count")
+
+    # Generation.
+    gen = [d for d in det if d["task"] == "gen"]
+    for d, g, e in zip(gen, exp["gen"]["generations"], exp["gen"]["exact_match_per_example"]):
+        check(d["generation"] == g, f"example {d['index']}: generation {d['generation']!r} vs lm-eval {g!r}")
+        check(d["exact_match"] == e, f"example {d['index']}: exact_match {d['exact_match']} vs {e}")
+    check(len(gen) == len(exp["gen"]["generations"]), "one detail line per generation example")
+    g = res["gen"]["metrics"]["exact_match"]
+    check(abs(g["value"] - exp["gen"]["exact_match"]) < 1e-12, "exact_match")
+    check(abs(g["stderr"] - exp["gen"]["exact_match_stderr"]) < 1e-12, "exact_match stderr")
+
+    # Perplexity.
+    lm = [d for d in det if d["task"] == "lm"]
+    check([d["tokens"] for d in lm] == exp["lm"]["tokens_per_window"], "scored tokens per window")
+    for d, n in zip(lm, exp["lm"]["nll_per_window"]):
+        check(abs(d["nll"] - n) <= TOL_LL, f"window {d['index']}: nll {d['nll']} vs {n}")
+    for k in ("nll", "perplexity", "bits_per_token"):
+        v = res["lm"]["metrics"][k]["value"]
+        check(math.isclose(v, exp["lm"][k], rel_tol=1e-6), f"{k} {v} vs {exp['lm'][k]}")
+    print(f"ok: np {np_} tp {tp} pp {pp}; largest log-likelihood difference vs lm-eval {worst:.3g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""The train job as a user runs it, on a tiny emulator of a fixture model and a multiple-choice
+task written in prepare's format (loss on the gold continuation only).
+
+  train_grids.py CRASH_HPC FIXTURES grids    TP2, PP2, DP2, TP2xPP2 and gradient accumulation give
+                                             1 rank's losses; the saved models give the same logits
+  train_grids.py CRASH_HPC FIXTURES resume   resume on the same grid (1 rank, TP2) is exact
+  train_grids.py CRASH_HPC FIXTURES reshard  a TP2xDP2 checkpoint resumed on PP2 and on 1 rank
+                                             continues the uninterrupted curve
+  train_grids.py CRASH_HPC FIXTURES bad      bad input: one line, exit code 2
+
+Debian's python3 (numpy, h5py) only.
+"""
+import json
+import os
+import random
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+
+import h5py
+import numpy as np
+
+BIN, FIXTURES, MODE = sys.argv[1], sys.argv[2], sys.argv[3]
+MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS=1"]
+TOL = 1e-5
+failures = 0
+passes = 0
+
+
+def check(ok, what):
+    global failures, passes
+    print(("ok   " if ok else "FAIL ") + what, flush=True)
+    if ok:
+        passes += 1
+    else:
+        failures += 1
+
+
+def run(args, np_=1, expect=0):
+    cmd = ([] if np_ == 1 else MPIRUN + ["-np", str(np_)]) + [BIN] + args + ["--threads", "1", "--log-level", "warn"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    if p.returncode != expect:
+        print(" ".join(cmd), "\n", p.stdout[-3000:], p.stderr[-3000:])
+        raise SystemExit(f"FAIL: exit code {p.returncode}, expected {expect}")
+    return p
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    kinds = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "U8": np.uint8}
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        b, e = info["data_offsets"]
+        out[name] = np.frombuffer(data[b:e], dtype=kinds[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def model_tensors(folder):
+    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    out = {}
+    for f in files:
+        out.update(read_safetensors(os.path.join(folder, f)))
+    return out
+
+
+def losses(out):
+    """[(step, 'loss'|'val_loss', value)] of OUT/train_log.jsonl."""
+    rows = []
+    with open(os.path.join(out, "train_log.jsonl")) as f:
+        for line in f:
+            j = json.loads(line)
+            kind = "loss" if "loss" in j else "val_loss"
+            rows.append((j["step"], kind, j[kind]))
+    return rows
+
+
+def compare(a, b, name, exact=False):
+    if [(s, k) for s, k, _ in a] != [(s, k) for s, k, _ in b]:
+        check(False, f"{name}: the logs hold different steps: {[(s, k) for s, k, _ in b]}")
+        return
+    diff = max(abs(x - y) for (_, _, x), (_, _, y) in zip(a, b))
+    if exact:
+        check(all(x == y for (_, _, x), (_, _, y) in zip(a, b)), f"{name}: identical losses (max diff {diff:.3g})")
+    else:
+        check(diff <= TOL, f"{name}: max loss diff {diff:.3g} over {len(a)} values")
+
+
+work = tempfile.mkdtemp(prefix="crash-train-")
+try:
+    # An emulator of opt_preln's 4 layers: layers 0 and 3 are the adapters.
+    emu = os.path.join(work, "emu")
+    shutil.copytree(os.path.join(FIXTURES, "models", "opt_preln"), emu)
+    plan = {"format": "crash-hpc emulator plan 1", "mode": "uniform", "source_model": "opt_preln", "full_layers": 4,
+            "adapters": [1, 1], "slots": [{"source": l, "train": l in (0, 3), "stored_as": l} for l in range(4)]}
+    with open(os.path.join(emu, "crash_plan.json"), "w") as f:
+        json.dump(plan, f)
+
+    # A multiple-choice task in prepare's format: tokens = context + gold continuation.
+    def task(folder, n, seed):
+        rnd = random.Random(seed)
+        os.makedirs(folder)
+        with open(os.path.join(folder, "shard-00000.jsonl"), "w") as f:
+            for i in range(n):
+                ctx = [rnd.randrange(3, 128) for _ in range(rnd.randrange(4, 14))]
+                conts = [[rnd.randrange(3, 128) for _ in range(rnd.randrange(1, 4))] for _ in range(3)]
+                gold = rnd.randrange(3)
+                f.write(json.dumps({"index": i, "hash": f"{i + 1:016x}", "tokens": ctx + conts[gold], "context": ctx,
+                                    "continuations": conts, "gold": gold, "choice_chars": [len(c) * 3 for c in conts]}) + "\n")
+        with open(os.path.join(folder, "manifest.json"), "w") as f:
+            json.dump({"kind": "multiple_choice", "task": "synthetic", "shards": ["shard-00000.jsonl"]}, f)
+        return folder
+
+    data = task(os.path.join(work, "train.prepared"), 24, 1)
+    val = task(os.path.join(work, "val.prepared"), 7, 2)
+    common = ["train", "--model", emu, "--data", data, "--batch-size", "4", "--lr", "3e-3", "--warmup", "2",
+              "--weight-decay", "0.01", "--seed", "5"]
+
+    def out(name):
+        return os.path.join(work, name)
+
+    if MODE == "grids":
+        args = common + ["--val-data", val, "--steps", "5", "--eval-every", "2", "--micro-batches", "2"]
+        run(args + ["--out", out("one")])
+        ref = losses(out("one"))
+        check(len(ref) == 5 + 3, f"1 rank: 5 steps and 3 validations logged ({len(ref)} lines)")
+        for name, np_, grid in [("tp2", 2, ["--tp", "2"]), ("pp2", 2, ["--pp", "2"]), ("dp2", 2, []),
+                                ("tp2pp2", 4, ["--tp", "2", "--pp", "2"])]:
+            run(args + ["--out", out(name)] + grid, np_)
+            compare(ref, losses(out(name)), f"{name} vs 1 rank")
+        run(common + ["--val-data", val, "--steps", "5", "--eval-every", "2", "--grad-accum", "2",
+                      "--out", out("accum")])
+        compare(ref, losses(out("accum")), "--grad-accum 2 vs 1")
+        # Knowledge distillation from the full model (here the emulator's own source weights, so
+        # the first step's KL is 0 and its loss is (1 - alpha) CE), on 1 rank and on TP2xPP2.
+        kd = common + ["--steps", "3", "--micro-batches", "2", "--kd-alpha", "0.5", "--kd-temperature", "2",
+                       "--distill-from", os.path.join(FIXTURES, "models", "opt_preln")]
+        run(kd + ["--out", out("kd_one")])
+        run(kd + ["--out", out("kd_tp2pp2"), "--tp", "2", "--pp", "2"], 4)
+        compare(losses(out("kd_one")), losses(out("kd_tp2pp2")), "distillation: tp2pp2 vs 1 rank")
+        first = losses(out("kd_one"))[0][2]
+        check(abs(first - 0.5 * ref[0][2]) <= 1e-6, f"distillation, step 1: {first:.7f} = (1 - alpha) CE {ref[0][2]:.7f}")
+
+        # The saved models: frozen layers as in the source, adapters trained; PP2 wrote a sharded folder.
+        src, one = model_tensors(emu), model_tensors(out("one/model"))
+        check(sorted(src) == sorted(one), "OUT/model holds the source's tensor names")
+        frozen = [n for n in src if ".layers.0." not in n and ".layers.3." not in n]
+        check(all(np.array_equal(src[n], one[n]) for n in frozen), f"{len(frozen)} frozen tensors unchanged bit for bit")
+        check(all(not np.array_equal(src[n], one[n]) for n in src if n not in frozen), "every adapter tensor changed")
+        check(os.path.exists(out("pp2/model/model.safetensors.index.json")), "PP2 model: sharded folder with an index")
+        check(os.path.exists(out("one/model/crash_plan.json")), "OUT/model carries crash_plan.json")
+        tokens = os.path.join(work, "in.jsonl")
+        with open(tokens, "w") as f:
+            f.write('{"tokens": [5, 9, 17, 33, 2, 41]}\n{"tokens": [12, 7, 99]}\n')
+        logits = {}
+        for name in ["one", "pp2", "tp2pp2"]:
+            run(["forward", "--model", out(name + "/model"), "--input", tokens, "--out", out(name + ".h5")])
+            with h5py.File(out(name + ".h5")) as h:
+                logits[name] = h["logits"][:]
+        for name in ["pp2", "tp2pp2"]:
+            d = float(np.abs(logits[name] - logits["one"]).max())
+            check(d <= TOL, f"forward on {name}'s saved model: logits max diff {d:.3g} from 1 rank's")
+
+    elif MODE == "resume":
+        args = common + ["--steps", "6", "--save-every", "2", "--train-all"]
+        run(args + ["--out", out("one")])
+        ref = losses(out("one"))
+        ckpts = sorted(os.listdir(out("one/checkpoints")))
+        check(ckpts == ["step-000004", "step-000006"], f"the newest 2 checkpoints kept: {ckpts}")
+        manifest = json.load(open(out("one/checkpoints/step-000006/manifest.json")))
+        check(manifest["step"] == 6 and manifest["trainer"]["data_position"] == 24, "manifest: step and data position")
+
+        # Killed after step 3 (newest checkpoint: step 2), resumed on the same grid: bit for bit.
+        run(args + ["--out", out("one_cut"), "--stop-after", "3"])
+        check(len(losses(out("one_cut"))) == 3, "interrupted run logged 3 steps")
+        run(args + ["--out", out("one_cut"), "--resume"])
+        compare(ref, losses(out("one_cut")), "1 rank, resumed from step 2", exact=True)
+        check(open(out("one/model/model.safetensors"), "rb").read() == open(out("one_cut/model/model.safetensors"), "rb").read(),
+              "resumed run's model identical to the uninterrupted one")
+        run(args + ["--out", out("tp2"), "--tp", "2"], 2)
+        run(args + ["--out", out("tp2_cut"), "--tp", "2", "--stop-after", "3"], 2)
+        run(args + ["--out", out("tp2_cut"), "--tp", "2", "--resume"], 2)
+        compare(losses(out("tp2")), losses(out("tp2_cut")), "TP2, resumed from step 2", exact=True)
+
+    elif MODE == "reshard":
+        # Written by TP2xDP2, resumed by PP2 and by one rank: resharded parameters and moments.
+        args = common + ["--steps", "6", "--save-every", "2", "--train-all"]
+        run(args + ["--out", out("one")])
+        ref = losses(out("one"))
+        run(args + ["--out", out("tp2dp2"), "--tp", "2", "--stop-after", "3"], 4)
+        for name, np_, grid in [("pp2", 2, ["--pp", "2"]), ("1", 1, [])]:
+            shutil.copytree(out("tp2dp2"), out("re_" + name))
+            run(args + ["--out", out("re_" + name), "--resume"] + grid, np_)
+            compare(ref, losses(out("re_" + name)), f"TP2xDP2 checkpoint resumed on {name}")
+
+    elif MODE == "bad":
+        def expect_error(name, args, *words):
+            p = run(args, 1, expect=2)
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            ok = len(lines) == 1 and all(w in lines[0] for w in words)
+            check(ok, f"{name}: {lines[-1] if lines else '(no message)'}")
+
+        args = common + ["--steps", "2"]
+        expect_error("resume without a checkpoint", args + ["--out", out("none"), "--resume"], "no complete checkpoint")
+        expect_error("--steps 0", common + ["--steps", "0", "--out", out("x")], "--steps")
+        expect_error("missing data", ["train", "--model", emu, "--data", out("nope.jsonl"), "--out", out("x")],
+                     "nope.jsonl", "not found")
+        expect_error("batch does not split", args + ["--micro-batches", "3", "--out", out("x")], "--micro-batches")
+        plain = os.path.join(FIXTURES, "models", "opt_preln")
+        expect_error("no plan, no --train-all", ["train", "--model", plain, "--data", data, "--out", out("x")],
+                     "crash_plan.json", "--train-all")
+        frozen = os.path.join(work, "frozen")
+        shutil.copytree(emu, frozen)
+        plan["slots"] = [{"source": l, "train": False, "stored_as": l} for l in range(4)]
+        with open(os.path.join(frozen, "crash_plan.json"), "w") as f:
+            json.dump(plan, f)
+        expect_error("plan without trainable layers", ["train", "--model", frozen, "--data", data, "--out", out("x")],
+                     "no trainable")
+        run(args + ["--out", out("done")])
+        expect_error("existing OUT", args + ["--out", out("done")], "--resume", "--overwrite")
+        other_lr = [("1e-2" if prev == "--lr" else a) for prev, a in zip([""] + args, args)]
+        expect_error("resume with another --lr", other_lr + ["--out", out("done"), "--resume"], "lr", "0.01")
+        shutil.rmtree(out("done/checkpoints/step-000002"))
+        os.makedirs(out("done/checkpoints/step-000002"))
+        expect_error("checkpoint without manifest", args + ["--out", out("done"), "--resume"],
+                     "no complete checkpoint")
+        check(not os.path.exists(out("x")), "no output left behind by the failures")
+    else:
+        raise SystemExit(f"unknown mode {MODE}")
+finally:
+    shutil.rmtree(work, ignore_errors=True)
+
+print(f"{passes} passed, {failures} failed")
+sys.exit(1 if failures else 0)
