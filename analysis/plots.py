@@ -21,7 +21,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import colors  # noqa: E402
+from matplotlib import colors, ticker  # noqa: E402
 
 DPI = 150
 plt.rcParams.update({"font.size": 10, "axes.titlesize": 11, "figure.titlesize": 12})
@@ -91,6 +91,8 @@ def plot_cka(f, out, clusters_path):
     rows = int(attrs.get("num_examples", 0))
     what = f"{rows} examples" if text(attrs.get("pooling", "")) != "none" else f"{int(attrs.get('rows', 0))} tokens"
     title = "Linear CKA" + (f" of {name_a}" if name_a and not two else "")
+    if two and name_a and name_b:
+        title = f"Linear CKA, {name_a} vs {name_b}"
     ax.set_title(f"{title}\n({method}, {what})" if method else title)
     if clusters_path:
         data = read_clusters(clusters_path)
@@ -125,7 +127,7 @@ def plot_segments(data, out):
     ax.plot([], [], marker="*", markersize=10, color="white", markeredgecolor="black", linestyle="none",
             label="representative (kept layer)")
     ax.set_xlim(min(layers) - 0.6, max(layers) + 0.6)
-    ax.set_ylim(-0.1, 1.5)
+    ax.set_ylim(-0.1, 1.75)
     ax.set_yticks([])
     ax.set_xlabel("decoder layer")
     step = max(1, int(np.ceil(len(layers) / 16)))
@@ -133,7 +135,7 @@ def plot_segments(data, out):
     score = data.get("score")
     ax.set_title(f"{len(clusters)} clusters of layers {min(layers)}-{max(layers)} ({data.get('method', '')}"
                  + (f", score {score:.3f})" if isinstance(score, (int, float)) else ")"))
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.8, bbox_to_anchor=(1.0, 1.32))
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.8)
     for side in ("left", "right", "top"):
         ax.spines[side].set_visible(False)
     fig.tight_layout()
@@ -188,7 +190,10 @@ def plot_plane(f, out):
         levels, norm = np.linspace(lo, hi if hi > lo else lo + 1e-9, 30), None
     cs = ax.contourf(a, b, z, levels=levels, norm=norm, cmap="viridis")
     ax.contour(a, b, z, levels=levels[::3], norm=norm, colors="white", linewidths=0.4, alpha=0.6)
-    fig.colorbar(cs, ax=ax, fraction=0.046, pad=0.04, label="loss")
+    bar = fig.colorbar(cs, ax=ax, fraction=0.046, pad=0.04, label="loss")
+    if norm is None:  # ticks at round numbers, not at the 30 contour levels
+        bar.locator = ticker.MaxNLocator(8)
+        bar.update_ticks()
     for (x, y), label in (((0, 0), r"$\theta_0$"), ((1, 0), r"$\theta_1$"), ((0, 1), r"$\theta_2$")):
         ax.plot(x, y, marker="o", markersize=7, color="tab:red", markeredgecolor="white", linestyle="none")
         ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 6), color="white", fontsize=11)

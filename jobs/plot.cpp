@@ -12,6 +12,10 @@
 
 extern char** environ;
 
+#ifndef CRASH_PLOTS_SCRIPT  // set by jobs/CMakeLists.txt to the source tree's script
+#define CRASH_PLOTS_SCRIPT "analysis/plots.py"
+#endif
+
 namespace crash {
 
 namespace {

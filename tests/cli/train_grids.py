@@ -128,15 +128,15 @@ try:
         return os.path.join(work, name)
 
     if MODE == "grids":
-        args = common + ["--val-data", val, "--steps", "5", "--eval-every", "2", "--micro-batches", "2"]
+        args = common + ["--val-data", val, "--steps", "20", "--eval-every", "6", "--micro-batches", "2"]
         run(args + ["--out", out("one")])
         ref = losses(out("one"))
-        check(len(ref) == 5 + 3, f"1 rank: 5 steps and 3 validations logged ({len(ref)} lines)")
+        check(len(ref) == 20 + 4, f"1 rank: 20 steps and 4 validations logged ({len(ref)} lines)")
         for name, np_, grid in [("tp2", 2, ["--tp", "2"]), ("pp2", 2, ["--pp", "2"]), ("dp2", 2, []),
-                                ("tp2pp2", 4, ["--tp", "2", "--pp", "2"])]:
+                                ("tp2pp2", 4, ["--tp", "2", "--pp", "2"]), ("tp2dp2", 4, ["--tp", "2"])]:
             run(args + ["--out", out(name)] + grid, np_)
             compare(ref, losses(out(name)), f"{name} vs 1 rank")
-        run(common + ["--val-data", val, "--steps", "5", "--eval-every", "2", "--grad-accum", "2",
+        run(common + ["--val-data", val, "--steps", "20", "--eval-every", "6", "--grad-accum", "2",
                       "--out", out("accum")])
         compare(ref, losses(out("accum")), "--grad-accum 2 vs 1")
         # Knowledge distillation from the full model (here the emulator's own source weights, so
@@ -189,6 +189,21 @@ try:
         run(args + ["--out", out("tp2_cut"), "--tp", "2", "--stop-after", "3"], 2)
         run(args + ["--out", out("tp2_cut"), "--tp", "2", "--resume"], 2)
         compare(losses(out("tp2")), losses(out("tp2_cut")), "TP2, resumed from step 2", exact=True)
+
+        # A real kill (SIGKILL while it runs, once a checkpoint is complete), then --resume.
+        long = common + ["--steps", "40", "--save-every", "2", "--train-all"]
+        run(long + ["--out", out("long")])
+        cmd = [BIN] + long + ["--out", out("killed"), "--threads", "1", "--log-level", "warn"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ckpt = out("killed/checkpoints/step-000004")
+        while proc.poll() is None and not os.path.exists(ckpt):
+            pass
+        proc.kill()
+        proc.wait()
+        done = len([l for l in losses(out("killed")) if l]) if os.path.exists(out("killed/train_log.jsonl")) else 0
+        check(not os.path.exists(out("killed/model")), f"killed before the end (no model yet; {done} log lines)")
+        run(long + ["--out", out("killed"), "--resume"])
+        compare(losses(out("long")), losses(out("killed")), "killed and resumed", exact=True)
 
     elif MODE == "reshard":
         # Written by TP2xDP2, resumed by PP2 and by one rank: resharded parameters and moments.

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""The CRaSh pipeline end to end (ctest label e2e), with Debian's python3 only.
+
+  pipeline.py BINARY demo CONFIG.ini WORK
+      The README's main job on the demo model: every stage's output is there, the CRaSh table
+      is printed and written, the plots exist, Plug-in beats Full zero-shot on the held-out
+      task for every emulator, and a second run skips every stage (a crashed pipeline resumes).
+  pipeline.py BINARY grid FIXTURES NP TP PP
+      The pipeline on a tiny fixture model on an MPI grid equals the one-rank run: the same
+      clusters and the same evaluation numbers of every stage (within 1e-5).
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+failures = []
+
+
+def check(ok, what):
+    if not ok:
+        failures.append(what)
+        print("FAIL:", what, flush=True)
+
+
+def run(cmd, **kw):
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        sys.exit(f"command failed ({r.returncode}): {' '.join(cmd)}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r, time.time() - t0
+
+
+def stage_outputs(work, modes):
+    out = ["activations.h5", "cka.h5", "clusters.json", "eval/full.json", "crash_table.md", "crash_table.json"]
+    for m in modes:
+        out += [f"{m}/emulator/crash_plan.json", f"{m}/train/model/config.json", f"{m}/plugin/model.safetensors",
+                f"eval/{m}-emulator-zero-shot.json", f"eval/{m}-emulator-fine-tuned.json", f"eval/{m}-plugin.json"]
+    return out
+
+
+def results(path):
+    with open(path) as f:
+        return {r["task"]: {k: v["value"] for k, v in r["metrics"].items()} for r in json.load(f)["results"]}
+
+
+def demo(binary, config, work):
+    modes = ["uniform", "remove", "share"]
+    shutil.rmtree(work, ignore_errors=True)
+    r, seconds = run([binary, "pipeline", "--config", config, "--work", work, "--plot"])
+    print(f"pipeline: {seconds:.0f} s", flush=True)
+    for rel in stage_outputs(work, modes):
+        check(os.path.exists(os.path.join(work, rel)), f"missing stage output {rel}")
+    check("CRaSh results" in r.stdout and "Plug-in" in r.stdout, "the CRaSh table is printed")
+    for png in ("cka.png", "clusters.png"):
+        p = os.path.join(work, png)
+        check(os.path.exists(p) and os.path.getsize(p) > 10_000, f"plot {png} written")
+    with open(os.path.join(work, "crash_table.json")) as f:
+        table = json.load(f)
+    for task, row in table.items():
+        for m in modes:
+            full, plug = row[m]["full-zero-shot"], row[m]["plugin"]
+            print(f"{task} {m}: full zero-shot {full:.4f}, emulator zero-shot {row[m]['emulator-zero-shot']:.4f}, "
+                  f"emulator fine-tuned {row[m]['emulator-fine-tuned']:.4f}, plug-in {plug:.4f}", flush=True)
+            check(plug > full, f"{task} {m}: plug-in {plug:.4f} does not beat full zero-shot {full:.4f}")
+    # A second run finds every stage's output and does nothing but print the table again.
+    r, seconds = run([binary, "pipeline", "--config", config, "--work", work, "--plot"])
+    check(r.stdout.count("CRaSh results") == 1, "second run prints the table")
+    check("skipped" in r.stdout + r.stderr and seconds < 60, f"second run skips every stage ({seconds:.0f} s)")
+
+
+def grid(binary, fixtures, np_, tp, pp):
+    model = os.path.join(fixtures, "eval", "model")
+    with tempfile.TemporaryDirectory() as tmp:
+        # A short multiple-choice task that fits the fixture model's 64 positions.
+        task = os.path.join(tmp, "pairs.jsonl")
+        words = ["cat", "house", "tree", "river", "stone", "bird", "cloud", "road", "apple", "light", "sea", "hill"]
+        with open(task, "w") as f:
+            for i in range(24):
+                a, b = words[i % len(words)], words[(i * 5 + 1) % len(words)]
+                f.write(json.dumps({"context": f"Which comes first, {a} or {b}?\nAnswer:", "choices": [f" {a}", f" {b}"],
+                                    "gold": i % 2}) + "\n")
+        grid_runs(binary, model, task, tmp, np_, tp, pp)
+
+
+def grid_runs(binary, model, task, tmp, np_, tp, pp):
+    base = [binary, "pipeline", "--model", model, "--train-task", task, "--eval-task", task, "--num-examples", "16",
+            "--adapters", "1,1", "--k", "1", "--steps", "4", "--warmup", "1", "--batch-size", "4", "--lr", "1e-3",
+            "--modes", "uniform,share", "--threads", "1"]
+    one, many = os.path.join(tmp, "one"), os.path.join(tmp, "many")
+    run(base + ["--work", one])
+    mpirun = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(np_)]
+    run(mpirun + base + ["--work", many, "--tp", str(tp), "--pp", str(pp)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for rel in stage_outputs(many, ["uniform", "share"]):
+        check(os.path.exists(os.path.join(many, rel)), f"missing stage output {rel}")
+    with open(os.path.join(one, "clusters.json")) as a, open(os.path.join(many, "clusters.json")) as b:
+        check(json.load(a)["clusters"] == json.load(b)["clusters"], "clusters equal")
+    worst = 0.0
+    for name in sorted(os.listdir(os.path.join(one, "eval"))):
+        a, b = results(os.path.join(one, "eval", name)), results(os.path.join(many, "eval", name))
+        for t in a:
+            for k in a[t]:
+                worst = max(worst, abs(a[t][k] - b[t][k]))
+    print(f"largest difference of evaluation numbers, {np_} ranks (tp {tp}, pp {pp}) vs 1: {worst:.3g}")
+    check(worst <= 1e-5, f"evaluation numbers differ by {worst:.3g}")
+
+
+def main():
+    binary, mode = sys.argv[1], sys.argv[2]
+    if mode == "demo":
+        demo(binary, sys.argv[3], sys.argv[4])
+    else:
+        grid(binary, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+    print(f"{'FAILED' if failures else 'passed'}: {len(failures)} failure(s)")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
