@@ -8,6 +8,9 @@ task written in prepare's format (loss on the gold continuation only).
   train_grids.py CRASH_HPC FIXTURES reshard  a TP2xDP2 checkpoint resumed on PP2 and on 1 rank
                                              continues the uninterrupted curve
   train_grids.py CRASH_HPC FIXTURES bad      bad input: one line, exit code 2
+  train_grids.py CRASH_HPC FIXTURES sift     SIFT (--sparse-increment): RHO=1 equals dense AdamW, exactly k
+                                             entries train, the same mask on DP2/TP2/TP2xPP2, resume,
+                                             increments and merge, bad input
 
 Debian's python3 (numpy, h5py) only.
 """
@@ -215,6 +218,109 @@ try:
             shutil.copytree(out("tp2dp2"), out("re_" + name))
             run(args + ["--out", out("re_" + name), "--resume"] + grid, np_)
             compare(ref, losses(out("re_" + name)), f"TP2xDP2 checkpoint resumed on {name}")
+
+    elif MODE == "sift":
+        def read_increments(path):
+            t = read_safetensors(path)
+            return {n[: -len(".sift_index")]: (t[n], t[n[: -len(".sift_index")] + ".sift_delta"])
+                    for n in t if n.endswith(".sift_index")}
+
+        # RHO = 1 trains every entry: the same as dense AdamW (clipping, weight decay, schedule).
+        args = common + ["--steps", "10", "--train-all", "--micro-batches", "2"]
+        run(args + ["--out", out("dense")])
+        run(args + ["--out", out("rho1"), "--sparse-increment", "1"])
+        compare(losses(out("dense")), losses(out("rho1")), "RHO=1 vs dense AdamW, 10 steps")
+        dense, rho1 = model_tensors(out("dense/model")), model_tensors(out("rho1/model"))
+        d = max(float(np.abs(dense[n] - rho1[n]).max()) for n in dense)
+        check(d <= TOL, f"RHO=1 vs dense AdamW: final weights max diff {d:.3g}")
+
+        # RHO = 0.05: exactly k entries per tensor train; the rest stay bit for bit.
+        rho = 0.05
+        sargs = common + ["--steps", "6", "--train-all", "--sparse-increment", str(rho), "--save-every", "2"]
+        run(sargs + ["--out", out("s1"), "--save-increments", out("s1.safetensors")])
+        src, s1 = model_tensors(emu), model_tensors(out("s1/model"))
+        inc1 = read_increments(out("s1.safetensors"))
+        check(sorted(inc1) == sorted(n for n in src), f"increments of every trained tensor ({len(inc1)})")
+        sizes = {n: (len(inc1[n][0]), int(np.floor(rho * src[n].size)) + 1) for n in inc1}
+        check(all(a == b for a, b in sizes.values()), "exactly floor(rho numel) + 1 entries per tensor")
+        untouched = changed = True
+        for n, (idx, delta) in inc1.items():
+            mask = np.zeros(src[n].size, bool)
+            mask[idx] = True
+            untouched &= np.array_equal(src[n].reshape(-1)[~mask], s1[n].reshape(-1)[~mask])
+            changed &= np.array_equal(s1[n].reshape(-1)[idx] - src[n].reshape(-1)[idx], delta)
+        check(untouched, "entries outside the mask bit-identical to the base")
+        check(changed, "increments = trained - base at the mask (fp32, bitwise)")
+        check(np.mean([float(np.abs(inc1[n][1]).max()) > 0 for n in inc1]) == 1.0, "every tensor's increment nonzero")
+
+        # The mask (and the run) on other grids: DP2 broadcasts rank 0's, TP2 selects over shards.
+        for name, np_, grid in [("dp2", 2, []), ("tp2", 2, ["--tp", "2"]), ("tp2pp2", 4, ["--tp", "2", "--pp", "2"])]:
+            run(sargs + ["--out", out("s_" + name), "--save-increments", out(name + ".safetensors")] + grid, np_)
+            inc = read_increments(out(name + ".safetensors"))
+            same = sorted(inc) == sorted(inc1) and all(np.array_equal(inc[n][0], inc1[n][0]) for n in inc1)
+            check(same, f"{name}: the same k-set per tensor as 1 rank")
+            d = max(float(np.abs(inc[n][1] - inc1[n][1]).max()) for n in inc1)
+            check(d <= TOL, f"{name}: increments max diff {d:.3g} from 1 rank's")
+            compare(losses(out("s1")), losses(out("s_" + name)), f"{name} vs 1 rank, SIFT losses")
+
+        # Resume on the same grid continues exactly; another grid is refused.
+        run(sargs + ["--out", out("s1_cut"), "--stop-after", "3"])
+        run(sargs + ["--out", out("s1_cut"), "--resume", "--save-increments", out("cut.safetensors")])
+        compare(losses(out("s1")), losses(out("s1_cut")), "SIFT, resumed from step 2", exact=True)
+        check(open(out("s1.safetensors"), "rb").read() == open(out("cut.safetensors"), "rb").read(),
+              "resumed run's increments identical to the uninterrupted one")
+        p = run(sargs + ["--out", out("s1_cut"), "--resume", "--tp", "2"], 2, expect=2)
+        check("same TP and PP" in p.stderr, "SIFT checkpoint resumed on TP2: refused (exit 2)")
+
+        # merge: base + increments, bitwise in fp32.
+        run(["merge", "--model", emu, "--increments", out("s1.safetensors"), "--out", out("merged")])
+        merged = model_tensors(out("merged"))
+        ok = sorted(merged) == sorted(src)
+        for n in src:
+            want = src[n].reshape(-1).copy()
+            if n in inc1:
+                want[inc1[n][0]] = want[inc1[n][0]] + inc1[n][1]
+            ok &= np.array_equal(merged[n].reshape(-1), want)
+        check(ok, "merged weights == base + increments (bitwise, fp32)")
+        logits = {}
+        tokens = os.path.join(work, "in.jsonl")
+        with open(tokens, "w") as f:
+            f.write('{"tokens": [5, 9, 17, 33, 2, 41]}\n')
+        for name in ["merged", "s1/model"]:
+            run(["forward", "--model", out(name), "--input", tokens, "--out", out(name.replace("/", "_") + ".h5")])
+            with h5py.File(out(name.replace("/", "_") + ".h5")) as h:
+                logits[name] = h["logits"][:]
+        d = float(np.abs(logits["merged"] - logits["s1/model"]).max())
+        check(d <= TOL, f"merged model's logits vs the trained model's: max diff {d:.3g}")
+
+        # Bad input: one line, exit code 2.
+        def expect_error(name, args, *words):
+            p = run(args, 1, expect=2)
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            check(len(lines) == 1 and all(w in lines[0] for w in words), f"{name}: {lines[-1] if lines else ''}")
+
+        for bad in ["0", "-0.1", "1.5"]:
+            expect_error(f"--sparse-increment {bad}", common + ["--steps", "2", "--train-all", "--sparse-increment", bad,
+                                                                "--out", out("x")], "--sparse-increment")
+        other = os.path.join(FIXTURES, "models", "llama_gqa")
+        expect_error("merge into another model", ["merge", "--model", other, "--increments", out("s1.safetensors"),
+                                                  "--out", out("x")], "not in the base model")
+        # The same names with another shape: the increments' recorded shape of one tensor changed.
+        with open(out("s1.safetensors"), "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            rest = f.read()
+        shapes = json.loads(header["__metadata__"]["shapes"])
+        first = sorted(shapes)[0]
+        shapes[first] = [x + 1 for x in shapes[first]]
+        header["__metadata__"]["shapes"] = json.dumps(shapes)
+        h = json.dumps(header).encode()
+        h += b" " * (-len(h) % 8)
+        with open(out("badshape.safetensors"), "wb") as f:
+            f.write(struct.pack("<Q", len(h)) + h + rest)
+        expect_error("merge with a mismatched shape", ["merge", "--model", emu, "--increments", out("badshape.safetensors"),
+                                                       "--out", out("x")], first, "shape")
+        check(not os.path.exists(out("x")), "no output left behind by the failures")
 
     elif MODE == "bad":
         def expect_error(name, args, *words):
