@@ -128,6 +128,15 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& s
         fail("{}: 'crash_shared_layers'[{}] = {} must name a layer that stores its own weights", src, l, s);
     }
   }
+  if (j.contains("crash_sfsd_ranks") && !j.at("crash_sfsd_ranks").is_null()) {
+    const auto& ranks = j.at("crash_sfsd_ranks");
+    if (!ranks.is_object()) fail("{}: 'crash_sfsd_ranks' must be an object (module name -> rank)", src);
+    for (const auto& [name, r] : ranks.items()) {
+      if (!r.is_number_integer() || r.get<int64_t>() < 1)
+        fail("{}: 'crash_sfsd_ranks'[\"{}\"] = {} must be a positive integer rank", src, name, r.dump());
+      c.sfsd_ranks[name] = r.get<int64_t>();
+    }
+  }
   static const char* kActivations[] = {"relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish"};
   bool known = false;
   for (const char* a : kActivations) known = known || c.activation == a;

@@ -1,6 +1,7 @@
 // Model configuration read from a Hugging Face config.json (OPT and LLaMA families).
 #pragma once
 #include <cstdint>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -57,6 +58,9 @@ struct ModelConfig {
   int64_t storage_of(int64_t layer) const {
     return shared_layers.empty() ? layer : shared_layers[static_cast<size_t>(layer)];
   }
+  // SFSD factored Linears (analysis/sfsd.h): module name -> rank, from config.json's
+  // "crash_sfsd_ranks"; such a module holds factor_a [r, in] and factor_b [out, r] (+ bias).
+  std::map<std::string, int64_t> sfsd_ranks;
   // Layers stored (and trained) once: num_layers without sharing.
   int64_t stored_layers() const;
 

@@ -9,6 +9,10 @@ void Optimizer::zero_grad() {
     if (p.param.grad().defined()) p.param.mutable_grad().zero_();
 }
 
+double Optimizer::clip_gradients(double max_norm, const std::vector<CommPtr>& sum_over) {
+  return clip_grad_norm(params_, max_norm, sum_over);
+}
+
 AdamW::AdamW(std::vector<OptimParam> params, const AdamWOptions& options) : options_(options) {
   params_ = std::move(params);
   torch::NoGradGuard no_grad;
@@ -24,21 +28,25 @@ AdamW::AdamW(std::vector<OptimParam> params, const AdamWOptions& options) : opti
 void AdamW::step(double lr) {
   torch::NoGradGuard no_grad;
   ++steps_;
-  const double bias1 = 1 - std::pow(options_.beta1, static_cast<double>(steps_));
-  const double bias2 = 1 - std::pow(options_.beta2, static_cast<double>(steps_));
   for (size_t i = 0; i < params_.size(); ++i) {
     auto param = params_[i].param;
     if (!param.grad().defined()) continue;
     auto grad = param.grad().to(torch::kFloat32);
-    auto& w = master_[i];
-    // The order of torch::optim::AdamW, so both give the same bits.
-    w.mul_(1 - lr * options_.weight_decay);
-    exp_avg_[i].mul_(options_.beta1).add_(grad, 1 - options_.beta1);
-    exp_avg_sq_[i].mul_(options_.beta2).addcmul_(grad, grad, 1 - options_.beta2);
-    auto denom = (exp_avg_sq_[i].sqrt() / std::sqrt(bias2)).add_(options_.eps);
-    w.addcdiv_(exp_avg_[i], denom, -lr / bias1);
-    if (!own_master_[i]) param.detach().copy_(w);
+    adamw_update(master_[i], exp_avg_[i], exp_avg_sq_[i], grad, lr, steps_, options_);
+    if (!own_master_[i]) param.detach().copy_(master_[i]);
   }
+}
+
+void adamw_update(torch::Tensor& w, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq, const torch::Tensor& grad,
+                  double lr, int64_t step, const AdamWOptions& o) {
+  const double bias1 = 1 - std::pow(o.beta1, static_cast<double>(step));
+  const double bias2 = 1 - std::pow(o.beta2, static_cast<double>(step));
+  // The order of torch::optim::AdamW, so both give the same bits.
+  w.mul_(1 - lr * o.weight_decay);
+  exp_avg.mul_(o.beta1).add_(grad, 1 - o.beta1);
+  exp_avg_sq.mul_(o.beta2).addcmul_(grad, grad, 1 - o.beta2);
+  auto denom = (exp_avg_sq.sqrt() / std::sqrt(bias2)).add_(o.eps);
+  w.addcdiv_(exp_avg, denom, -lr / bias1);
 }
 
 std::vector<StateTensor> AdamW::state() {
@@ -55,19 +63,25 @@ std::vector<StateTensor> AdamW::state() {
 
 void AdamW::state_loaded() {}
 
-double global_grad_norm(const std::vector<OptimParam>& params, const std::vector<CommPtr>& sum_over) {
+double global_norm(const std::vector<torch::Tensor>& tensors, torch::Device device,
+                   const std::vector<CommPtr>& sum_over) {
   torch::NoGradGuard no_grad;
   torch::Tensor sum;
-  for (const auto& p : params) {
-    if (!p.in_norm || !p.param.grad().defined()) continue;
-    auto s = p.param.grad().to(torch::kFloat64).pow(2).sum().cpu();
+  for (const auto& t : tensors) {
+    auto s = t.to(torch::kFloat64).pow(2).sum().cpu();
     sum = sum.defined() ? sum + s : s;
   }
-  auto total = (sum.defined() ? sum : torch::zeros({}, torch::kFloat64)).reshape({1});
-  if (!params.empty()) total = total.to(params.front().param.device());
+  auto total = (sum.defined() ? sum : torch::zeros({}, torch::kFloat64)).reshape({1}).to(device);
   for (const auto& comm : sum_over)
     if (comm && comm->size() > 1) comm->allreduce(total);
   return std::sqrt(total.item<double>());
+}
+
+double global_grad_norm(const std::vector<OptimParam>& params, const std::vector<CommPtr>& sum_over) {
+  std::vector<torch::Tensor> grads;
+  for (const auto& p : params)
+    if (p.in_norm && p.param.grad().defined()) grads.push_back(p.param.grad());
+  return global_norm(grads, params.empty() ? torch::Device(torch::kCPU) : params.front().param.device(), sum_over);
 }
 
 double clip_grad_norm(const std::vector<OptimParam>& params, double max_norm, const std::vector<CommPtr>& sum_over) {

@@ -22,9 +22,12 @@ struct OptimParam {
 
 // One tensor of optimiser state (or the parameter itself) for checkpoints: `kind/name`.
 struct StateTensor {
-  std::string kind;   // "param", "master", "exp_avg", "exp_avg_sq"
+  std::string kind;   // "param", "master", "exp_avg", "exp_avg_sq" ("sift_index" for SIFT)
   std::string param;  // the parameter it belongs to (same shape and slice)
   torch::Tensor value;  // live: loading a checkpoint copies into it
+  // Per-rank sparse data (SIFT: entries of this rank's shard, any length): saved as it is,
+  // loaded only on the same TP x PP grid, by replacing the tensor's storage (set_).
+  bool sparse = false;
 };
 
 class Optimizer {
@@ -40,6 +43,9 @@ class Optimizer {
   virtual std::vector<StateTensor> state() = 0;
   // After the state tensors were overwritten: refresh what derives from them.
   virtual void state_loaded() {}
+  // Clips the gradients the update will use to a global norm of max_norm and returns the norm
+  // before clipping (see clip_grad_norm below); SIFT counts only its masked entries.
+  virtual double clip_gradients(double max_norm, const std::vector<CommPtr>& sum_over);
 
  protected:
   std::vector<OptimParam> params_;
@@ -66,9 +72,17 @@ class AdamW : public Optimizer {
   std::vector<bool> own_master_;  // fp32 parameters are stepped in place
 };
 
+// One AdamW update of w (fp32) and its moments by grad (fp32, same shape) at optimiser step
+// `step` (1-based); shared by the dense AdamW and SIFT's sparse one.
+void adamw_update(torch::Tensor& w, torch::Tensor& exp_avg, torch::Tensor& exp_avg_sq, const torch::Tensor& grad,
+                  double lr, int64_t step, const AdamWOptions& options);
+
 // Norm of the gradient of the whole model: squares summed over this rank's parameters that
 // count (in_norm), then over each group in `sum_over` (TP, then PP; DP ranks hold the same
 // gradients after the sum and are not counted again). fp64.
+// Norm of tensors summed over this rank's list, then over each group of `sum_over`. fp64.
+double global_norm(const std::vector<torch::Tensor>& tensors, torch::Device device,
+                   const std::vector<CommPtr>& sum_over);
 double global_grad_norm(const std::vector<OptimParam>& params, const std::vector<CommPtr>& sum_over);
 // Scales gradients so the global norm is at most max_norm (as torch clip_grad_norm_);
 // returns the norm before clipping. max_norm <= 0: only measures.

@@ -65,6 +65,13 @@ void save_train_checkpoint(const std::string& root, int64_t step, const ProcessG
     nlohmann::json table = nlohmann::json::object();
     for (auto& s : optimizer.state()) {
       const std::string key = s.kind + "/" + s.param;
+      if (s.sparse) {
+        // A shard may hold none of a tensor's mask: the table says so, the file has nothing
+        // (the safetensors reader refuses zero-byte entries).
+        if (s.value.numel() > 0) tensors.emplace_back(key, s.value.detach().cpu());
+        table[key] = {{"param", s.param}, {"full_shape", s.value.sizes().vec()}, {"slice", nullptr}, {"sparse", true}};
+        continue;
+      }
       auto it = slices.find(s.param);
       const std::optional<ShardSlice> slice = it == slices.end() ? std::nullopt : it->second;
       tensors.emplace_back(key, s.value.detach().cpu());
@@ -178,6 +185,24 @@ void load_train_checkpoint(const std::string& dir, const ProcessGrid& grid, Opti
 
   torch::NoGradGuard no_grad;
   for (auto& s : optimizer.state()) {
+    if (s.sparse) {
+      // SIFT's sparse state belongs to one rank's shard: only the same TP x PP grid reads it.
+      const auto& g = manifest["grid"];
+      if (g.value("tp", 0) != grid.tp() || g.value("pp", 0) != grid.pp())
+        fail("{}: written on TP {} x PP {}; sparse (SIFT) optimiser state resumes only on the same TP and PP sizes, "
+             "not TP {} x PP {}", mpath, g.value("tp", 0), g.value("pp", 0), grid.tp(), grid.pp());
+      const std::string key = s.kind + "/" + s.param;
+      auto it = pieces.find(key);
+      const Piece* piece = nullptr;
+      if (it != pieces.end())
+        for (const auto& p : it->second)
+          if (p.file == rng_file) piece = &p;
+      if (!piece) fail("{}: the checkpoint has no '{}' for this rank; it was written for other trained parameters", mpath, key);
+      const auto saved = json_field<std::vector<int64_t>>(piece->entry, "full_shape", mpath);
+      if (saved.size() == 1 && saved[0] == 0) s.value.set_(torch::empty({0}, s.value.options()));
+      else s.value.set_(file(piece->file).read(key).to(s.value.device()).clone());
+      continue;
+    }
     auto it = slices.find(s.param);
     const std::optional<ShardSlice> mine = it == slices.end() ? std::nullopt : it->second;
     const auto want_full = full_shape(s.value, mine);

@@ -17,6 +17,7 @@
 #include "framework/emulator.h"
 #include "framework/optim.h"
 #include "framework/prepared.h"
+#include "framework/sift.h"
 #include "framework/token_input.h"
 #include "framework/train_checkpoint.h"
 #include "parallel/errors.h"
@@ -102,12 +103,15 @@ namespace {
 
 // Options that shape the loss sequence: a checkpoint resumes only with the same ones.
 nlohmann::json schedule_options(const TrainOptions& o) {
-  return {{"steps", o.steps},         {"batch_size", o.batch_size}, {"grad_accum", o.grad_accum},
+  nlohmann::json j = {{"steps", o.steps},         {"batch_size", o.batch_size}, {"grad_accum", o.grad_accum},
           {"lr", o.lr},               {"warmup", o.warmup},         {"weight_decay", o.weight_decay},
           {"clip", o.clip},           {"seed", o.seed},             {"train_all", o.train_all},
           {"dtype", std::string(c10::toString(o.dtype))},         {"beta1", o.beta1},           {"beta2", o.beta2},
           {"eps", o.eps},             {"distill_from", o.distill_from}, {"kd_alpha", o.kd_alpha},
           {"kd_temperature", o.kd_temperature}};
+  // Only SIFT runs carry the key, so dense checkpoints written before it still resume.
+  if (o.sparse_increment > 0) j["sparse_increment"] = o.sparse_increment;
+  return j;
 }
 
 std::string time_text(double seconds) {
@@ -127,6 +131,10 @@ void check_options(const TrainOptions& o, int world_size) {
   if (o.weight_decay < 0) fail("--weight-decay must not be negative, got {}", o.weight_decay);
   if (o.eval_every < 0 || o.save_every < 0) fail("--eval-every and --save-every must not be negative");
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
+  if (o.sparse_increment < 0 || o.sparse_increment > 1 || std::isnan(o.sparse_increment))
+    fail("--sparse-increment must be in (0, 1], got {}", o.sparse_increment);
+  if (!o.save_increments.empty() && o.sparse_increment <= 0)
+    fail("--save-increments {}: needs --sparse-increment (only SIFT trains increments)", o.save_increments);
   if (!o.distill_from.empty()) {
     if (o.kd_alpha < 0 || o.kd_alpha > 1) fail("--kd-alpha must be in [0, 1], got {}", o.kd_alpha);
     if (o.kd_temperature <= 0) fail("--kd-temperature must be positive, got {}", o.kd_temperature);
@@ -282,7 +290,22 @@ TrainSummary train(const TrainOptions& o) {
   aopts.beta2 = o.beta2;
   aopts.eps = o.eps;
   aopts.weight_decay = o.weight_decay;
-  AdamW optimizer(oparams, aopts);
+  std::unique_ptr<Optimizer> optimizer;
+  SparseAdamW* sift = nullptr;
+  if (o.sparse_increment > 0) {
+    std::vector<SiftParam> sp;
+    for (size_t i = 0; i < oparams.size(); ++i) {
+      const auto& slice = slices[oparams[i].name];
+      const int64_t n = oparams[i].param.numel();
+      sp.push_back({oparams[i], slice, slice ? n / slice->length * slice->full : n});
+    }
+    auto s = std::make_unique<SparseAdamW>(sp, o.sparse_increment, aopts, grid->tp_group(), grid->tp_rank(),
+                                           grid->dp_group());
+    sift = s.get();
+    optimizer = std::move(s);
+  } else {
+    optimizer = std::make_unique<AdamW>(oparams, aopts);
+  }
   const std::vector<CommPtr> norm_groups = {grid->tp_group(), grid->pp_group()};
   {
     auto n = torch::full({1}, static_cast<double>(trained_numel), torch::kFloat64);
@@ -298,7 +321,7 @@ TrainSummary train(const TrainOptions& o) {
   int64_t start = 0, best_step = -1;
   double best_val = std::numeric_limits<double>::infinity();
   if (resume_from) {
-    load_train_checkpoint(*resume_from, *grid, optimizer, slices, tied);
+    load_train_checkpoint(*resume_from, *grid, *optimizer, slices, tied);
     start = manifest["step"].get<int64_t>();
     const auto& t = manifest["trainer"];
     if (!t["best_val"].is_null()) best_val = t["best_val"].get<double>();
@@ -371,7 +394,7 @@ TrainSummary train(const TrainOptions& o) {
   int64_t ran = 0;
   for (int64_t step = start; step < o.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
-    optimizer.zero_grad();
+    optimizer->zero_grad();
     std::vector<int64_t> rows(static_cast<size_t>(B));
     int64_t length = 1;
     double targets = 0, tokens = 0;
@@ -394,9 +417,9 @@ TrainSummary train(const TrainOptions& o) {
       loss += model.forward_backward(batch.ids, batch.mask, o.micro_batches, k == K - 1, batch.labels,
                                      std::max(1.0, targets), kd ? &*kd : nullptr);
     }
-    const double norm = clip_grad_norm(optimizer.params(), o.clip, norm_groups);
+    const double norm = optimizer->clip_gradients(o.clip, norm_groups);
     const double lr = linear_schedule(o.lr, step, o.warmup, o.steps);
-    optimizer.step(lr);
+    optimizer->step(lr);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     tokens_done += tokens;
     ++ran;
@@ -421,9 +444,18 @@ TrainSummary train(const TrainOptions& o) {
     }
     if (last && !val) model.save_model((out / "model").string());
     if ((o.save_every > 0 && (step + 1) % o.save_every == 0) || last)
-      save_train_checkpoint(ckpt_root.string(), step + 1, *grid, optimizer, slices, trainer_state(step + 1),
+      save_train_checkpoint(ckpt_root.string(), step + 1, *grid, *optimizer, slices, trainer_state(step + 1),
                             o.keep_checkpoints);
     if (o.stop_after > 0 && ran >= o.stop_after) break;
+  }
+  if (sift && !o.save_increments.empty() && start + ran == o.steps)
+    save_increments(o.save_increments, *sift, *grid, ckpt, cfg.tie_word_embeddings ? "lm_head.weight" : "");
+  {
+    // Optimiser memory (moments, masters, SIFT's indices) of this rank: what SIFT shrinks.
+    int64_t bytes = 0;
+    for (const auto& s : optimizer->state())
+      if (s.kind != "param") bytes += s.value.numel() * static_cast<int64_t>(s.value.element_size());
+    spdlog::info("optimizer state: {} bytes on rank {}", bytes, grid->rank());
   }
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
   summary.steps = ran;

@@ -37,6 +37,10 @@ struct TrainOptions {
   std::string distill_from;
   double kd_alpha = 0.5, kd_temperature = 2.0;
   int64_t stop_after = 0;  // tests: end (as if killed) after this many steps of this run
+  // SIFT (framework/sift.h): rho in (0, 1] trains each tensor's top floor(rho numel) + 1
+  // entries by the first step's |gradient|; 0: dense AdamW.
+  double sparse_increment = 0;
+  std::string save_increments;  // SIFT: write the increments (index + trained - base) here at the end
 };
 
 // One training example: tokens, and from which position on they are targets (each predicted

@@ -58,6 +58,8 @@ void cluster_options(po::options_description& o);
 int cluster_run(const po::variables_map& vm);
 void train_options(po::options_description& o);
 int train_run(const po::variables_map& vm);
+void merge_options(po::options_description& o);
+int merge_run(const po::variables_map& vm);
 void lens_options(po::options_description& o);
 int lens_run(const po::variables_map& vm);
 void landscape_options(po::options_description& o);
@@ -71,5 +73,7 @@ void eval_options(po::options_description& o);
 int eval_run(const po::variables_map& vm);
 void pipeline_options(po::options_description& o);
 int pipeline_run(const po::variables_map& vm);
+void decompose_options(po::options_description& o);
+int decompose_run(const po::variables_map& vm);
 
 }  // namespace crash

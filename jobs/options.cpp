@@ -22,6 +22,8 @@ const std::vector<Job>& all_jobs() {
        cluster_options, cluster_run},
       {"train", "fine-tune a model (an emulator's adapters) on any grid, with checkpoints that resume exactly",
        train_options, train_run},
+      {"merge", "a base model plus SIFT increments (train --save-increments) as a Hugging Face folder",
+       merge_options, merge_run},
       {"lens", "logit lens: per-layer next-token distributions, their KL/JS divergences, agreement and loss",
        lens_options, lens_run},
       {"landscape", "loss along the line between two checkpoints or on the plane through three", landscape_options,
@@ -33,6 +35,8 @@ const std::vector<Job>& all_jobs() {
        eval_options, eval_run},
       {"pipeline", "the CRaSh study end to end: collect, similarity, cluster, emulate, train, plug in, evaluate",
        pipeline_options, pipeline_run},
+      {"decompose", "SFSD: factor each decoder Linear by the top eigenvectors of its outputs' covariance (HF folder)",
+       decompose_options, decompose_run},
   };
   return jobs;
 }

@@ -40,6 +40,7 @@ void pipeline_options(po::options_description& o) {
       "batch-size", po::value<int64_t>()->default_value(16), "examples per optimiser step")(
       "eval-every", po::value<int64_t>()->default_value(0), "validation every N steps (0: only at the end)")(
       "seed", po::value<int64_t>()->default_value(1234), "fine-tuning seed")(
+      "save-every", po::value<int64_t>()->default_value(50), "fine-tuning checkpoint every N steps (a crash resumes there)")(
       "eval-batch-size", po::value<int64_t>()->default_value(16), "evaluation batch size")(
       "eval-examples", po::value<int64_t>()->default_value(-1), "first N examples of each evaluation task (all: -1)")(
       "dtype", po::value<std::string>()->default_value("float32"), "compute dtype of collection, training and evaluation")(
@@ -216,12 +217,17 @@ int pipeline_run(const po::variables_map& vm) {
     std::vector<std::string> train_args = {
         "--model", emulator, "--data", prepared(train_task), "--out", trained, "--steps", str(vm["steps"].as<int64_t>()),
         "--lr", fmt::format("{}", vm["lr"].as<double>()), "--warmup", str(vm["warmup"].as<int64_t>()), "--batch-size",
-        str(vm["batch-size"].as<int64_t>()), "--seed", str(vm["seed"].as<int64_t>()), "--dtype", dtype};
+        str(vm["batch-size"].as<int64_t>()), "--seed", str(vm["seed"].as<int64_t>()), "--dtype", dtype,
+        "--save-every", str(vm["save-every"].as<int64_t>())};
     if (vm.count("valid-task")) {
       train_args.insert(train_args.end(), {"--val-data", prepared(vm["valid-task"].as<std::string>())});
       if (vm["eval-every"].as<int64_t>() > 0) train_args.insert(train_args.end(), {"--eval-every", str(vm["eval-every"].as<int64_t>())});
     }
-    if (fs::exists(fs::path(trained) / "checkpoints")) train_args.push_back("--resume");
+    // A crashed fine-tuning resumes from its newest checkpoint; one that left none starts over.
+    if (fs::exists(fs::path(trained) / "checkpoints") && !fs::is_empty(fs::path(trained) / "checkpoints"))
+      train_args.push_back("--resume");
+    else if (fs::exists(trained))
+      train_args.push_back("--overwrite");
     const std::string tuned = (fs::path(trained) / "model").string();
     stage.run("train", tuned, train_args, true);
     evaluate(tuned, mode + "-emulator-fine-tuned");

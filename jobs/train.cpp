@@ -32,7 +32,9 @@ void train_options(po::options_description& o) {
       "distill-from", po::value<std::string>()->default_value(""), "full model folder: knowledge distillation teacher")(
       "kd-alpha", po::value<double>()->default_value(0.5), "weight of the distillation term")(
       "kd-temperature", po::value<double>()->default_value(2.0), "distillation temperature")(
-      "stop-after", po::value<int64_t>()->default_value(0), "end after N steps of this run, as if killed (tests)");
+      "stop-after", po::value<int64_t>()->default_value(0), "end after N steps of this run, as if killed (tests)")(
+      "sparse-increment", po::value<double>(), "SIFT: train only each tensor's top floor(RHO numel) + 1 entries by the first step's |gradient|, 0 < RHO <= 1")(
+      "save-increments", po::value<std::string>()->default_value(""), "SIFT: write the increments (index + trained - base) to this .safetensors file at the end");
   add_grid_options(o);
 }
 
@@ -64,6 +66,12 @@ int train_run(const po::variables_map& vm) {
   t.kd_alpha = vm["kd-alpha"].as<double>();
   t.kd_temperature = vm["kd-temperature"].as<double>();
   t.stop_after = vm["stop-after"].as<int64_t>();
+  if (vm.count("sparse-increment")) {
+    t.sparse_increment = vm["sparse-increment"].as<double>();
+    if (!(t.sparse_increment > 0 && t.sparse_increment <= 1))
+      fail("--sparse-increment must be in (0, 1], got {}", vm["sparse-increment"].as<double>());
+  }
+  t.save_increments = vm["save-increments"].as<std::string>();
   t.grid = grid_sizes(vm);
   t.pp_layers = pp_layer_counts(vm);
   train(t);

@@ -97,9 +97,42 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(int64_t in, int64_t full_out,
   }
 }
 
+LowRankFactorImpl::LowRankFactorImpl(int64_t out, int64_t in, bool has_bias, std::optional<ShardSlice> slice)
+    : slice_(slice) {
+  weight = register_parameter("weight", torch::empty({out, in}));
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (has_bias) bias = register_parameter("bias", torch::zeros({out}));
+}
+
+namespace {
+// The whole output of a layer whose last dimension is split as `s` says (key/value heads
+// replicated over a group are taken once).
+torch::Tensor gather_output(const torch::Tensor& y, ShardSlice s, const CommPtr& tp) {
+  s.dim = y.dim() - 1;
+  return gather_shards(y, s, tp);
+}
+}  // namespace
+
 torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) {
-  auto y = torch::linear(copy_to_tp(x, tp_), weight, bias);
+  auto xin = copy_to_tp(x, tp_);
+  auto y = factor_a ? torch::linear(torch::linear(xin, factor_a->weight), factor_b->weight, factor_b->bias)
+                    : torch::linear(xin, weight, bias);
+  if (observer) observer(gather_output(y.detach(), slice_, tp_));
   return gather_ ? gather_from_tp(y, tp_) : y;
+}
+
+void ColumnParallelLinearImpl::make_low_rank(int64_t rank) {
+  const bool has_bias = bias.defined();
+  const int64_t in = weight.size(1);
+  const auto dtype = weight.scalar_type();
+  const auto device = weight.device();
+  parameters_.erase("weight");
+  if (has_bias) parameters_.erase("bias");
+  weight = bias = torch::Tensor();
+  factor_a = register_module("factor_a", LowRankFactor(rank, in, false, std::nullopt));
+  factor_b = register_module("factor_b", LowRankFactor(slice_.length, rank, true, slice_));
+  factor_a->to(device, dtype);
+  factor_b->to(device, dtype);
 }
 
 std::optional<ShardSlice> ColumnParallelLinearImpl::slice_of(const std::string&) const { return slice_; }
@@ -116,9 +149,30 @@ RowParallelLinearImpl::RowParallelLinearImpl(int64_t full_in, int64_t start, int
 }
 
 torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) {
-  // The bias is added once, after the partial products are summed.
-  auto y = reduce_from_tp(torch::linear(x, weight), tp_);
-  return bias.defined() ? y + bias : y;
+  torch::Tensor y;
+  if (factor_a) {
+    y = torch::linear(reduce_from_tp(torch::linear(x, factor_a->weight), tp_), factor_b->weight, factor_b->bias);
+  } else {
+    // The bias is added once, after the partial products are summed.
+    y = reduce_from_tp(torch::linear(x, weight), tp_);
+    if (bias.defined()) y = y + bias;
+  }
+  if (observer) observer(y.detach());
+  return y;
+}
+
+void RowParallelLinearImpl::make_low_rank(int64_t rank) {
+  const bool has_bias = bias.defined();
+  const int64_t out = weight.size(0);
+  const auto dtype = weight.scalar_type();
+  const auto device = weight.device();
+  parameters_.erase("weight");
+  if (has_bias) parameters_.erase("bias");
+  weight = bias = torch::Tensor();
+  factor_a = register_module("factor_a", LowRankFactor(rank, slice_.length, false, slice_));
+  factor_b = register_module("factor_b", LowRankFactor(out, rank, true, std::nullopt));
+  factor_a->to(device, dtype);
+  factor_b->to(device, dtype);
 }
 
 std::optional<ShardSlice> RowParallelLinearImpl::slice_of(const std::string& param) const {

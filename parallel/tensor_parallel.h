@@ -4,6 +4,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <functional>
 #include <map>
 #include <string>
 
@@ -42,6 +43,23 @@ class TensorParallelModule {
 // Reassembles a full tensor from every TP rank's part (collective over tp).
 torch::Tensor gather_shards(const torch::Tensor& local, const ShardSlice& slice, const CommPtr& tp);
 
+// One factor of a low-rank (SFSD) linear layer: y = x W^T (+ b), W [out, in]; `slice` when its
+// weight (and bias) is a part of the full factor split over TP.
+class LowRankFactorImpl : public torch::nn::Module, public TensorParallelModule {
+ public:
+  LowRankFactorImpl(int64_t out, int64_t in, bool bias, std::optional<ShardSlice> slice);
+  std::optional<ShardSlice> slice_of(const std::string& param) const override { return slice_; }
+  torch::Tensor weight, bias;
+
+ private:
+  std::optional<ShardSlice> slice_;
+};
+TORCH_MODULE(LowRankFactor);
+
+// Calibration hook of a linear layer: receives every forward's whole output (gathered over TP),
+// detached. Empty (the default): no cost.
+using LinearObserver = std::function<void(const torch::Tensor& y)>;
+
 // y = x W^T + b with W split by rows (output features). `start` is this rank's first output
 // row of the full `full_out`; with gather_output the full output is returned.
 class ColumnParallelLinearImpl : public torch::nn::Module, public TensorParallelModule {
@@ -50,7 +68,13 @@ class ColumnParallelLinearImpl : public torch::nn::Module, public TensorParallel
                            int group = 1, bool gather_output = false);
   torch::Tensor forward(const torch::Tensor& x);
   std::optional<ShardSlice> slice_of(const std::string& param) const override;
+  // SFSD: weight and bias become factor_a [rank, in] (replicated) and factor_b [local_out, rank]
+  // with the bias (split like the outputs), so forward computes B (A x) + b. Fresh values.
+  void make_low_rank(int64_t rank);
+  int64_t low_rank() const { return factor_a ? factor_a->weight.size(0) : 0; }
   torch::Tensor weight, bias;
+  LowRankFactor factor_a{nullptr}, factor_b{nullptr};
+  LinearObserver observer;
 
  private:
   ShardSlice slice_;
@@ -65,7 +89,13 @@ class RowParallelLinearImpl : public torch::nn::Module, public TensorParallelMod
   RowParallelLinearImpl(int64_t full_in, int64_t start, int64_t local_in, int64_t out, bool bias, CommPtr tp);
   torch::Tensor forward(const torch::Tensor& x);
   std::optional<ShardSlice> slice_of(const std::string& param) const override;
+  // SFSD: weight and bias become factor_a [rank, local_in] (split by input columns; the
+  // rank-dimension partial sums are allreduced) and factor_b [out, rank] with the bias (replicated).
+  void make_low_rank(int64_t rank);
+  int64_t low_rank() const { return factor_a ? factor_a->weight.size(0) : 0; }
   torch::Tensor weight, bias;
+  LowRankFactor factor_a{nullptr}, factor_b{nullptr};
+  LinearObserver observer;
 
  private:
   ShardSlice slice_;

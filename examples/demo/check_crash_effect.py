@@ -4,7 +4,7 @@ Plug-in accuracy above Full zero-shot on the held-out test split.
 
     python examples/demo/check_crash_effect.py [--steps 200 --batch 32 --lr 1e-3 --warmup 20]
 1. Full zero-shot: score wordnet_test.jsonl lm-eval style (sum of the continuation's log-probs; acc_norm divides it
-   by the choice's length in characters; tokens split as lm-eval splits them, no special tokens).
+   by the choice's length in characters, without the leading space; tokens split as lm-eval splits them, no special tokens).
 2. Uniform emulator: the bottom 2 and top 2 layers are trainable adapters, round(i*(M-1)/(n-1)) of the M middle
    layers are kept frozen (n = M/2). Emulator zero-shot.
 3. Fine-tune only the adapters on wordnet_train.jsonl (AdamW, weight decay 0, linear warm-up and decay, clip 1.0,
@@ -81,7 +81,7 @@ def score(model, enc, rows, pad, batch=64):
             tgt = torch.tensor(s[L - n:])
             ll[e, c] = logp[i, L - n - 1:L - 1].gather(-1, tgt[:, None]).sum()
     gold = torch.tensor([r["gold"] for r in rows])
-    chars = torch.tensor([[len(c) for c in r["choices"]] for r in rows], dtype=torch.float)
+    chars = torch.tensor([[len(c) - c.startswith(" ") for c in r["choices"]] for r in rows], dtype=torch.float)  # as prepare: no delimiter
     acc = (ll.argmax(1) == gold).float().mean().item()
     acc_norm = ((ll / chars).argmax(1) == gold).float().mean().item()
     return acc, acc_norm

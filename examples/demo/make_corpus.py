@@ -39,7 +39,7 @@ LEXNAMES = ("adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifa
             "verb.perception verb.possession verb.social verb.stative verb.weather adj.ppl").split()
 POS = {"noun": "n", "verb": "v", "adj": "a", "adv": "r"}
 MIN_BOOK_COUNT = 3  # a task word must occur this often in the novels (common words: the model can know them)
-N_TEST, N_VALID = 500, 330
+N_TEST, N_VALID, N_TRAIN = 500, 230, 1650  # questions (items) per split; other words are not used
 
 
 def fetch(work):
@@ -148,21 +148,22 @@ def main():
     # Split by word (so also by synset): no test word or synset is gold or distractor in train/valid.
     words = sorted({it["word"] for it in items})
     rng.shuffle(words)
-    # Pick test/valid words until each has the wanted number of items (a margin for items without distractors).
+    # Pick test, valid and train words until each has the wanted number of items (test: a margin for items without
+    # distractors). The task is kept small so that pretraining can repeat its glosses often enough to learn them.
     split_of = {}
-    need = {"test": N_TEST + 60, "valid": N_VALID}
+    need = {"test": N_TEST + 60, "valid": N_VALID, "train": N_TRAIN}
     by_word = collections.defaultdict(list)
     for it in items:
         by_word[it["word"]].append(it)
-    have = {"test": 0, "valid": 0}
+    have = {sp: 0 for sp in need}
     for w in words:
-        for sp in ("test", "valid"):
+        for sp in need:
             if have[sp] < need[sp]:
                 split_of[w] = sp
                 have[sp] += len(by_word[w])
                 break
         else:
-            split_of[w] = "train"
+            split_of[w] = None
     out, facts = {}, []  # facts: the glosses of the task's synsets as text (pretraining repeats them)
     for sp in ("train", "valid", "test"):
         its = [it for it in items if split_of[it["word"]] == sp]

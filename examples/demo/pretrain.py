@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Pretrains the demo model (OPT-style, pre-LN, 12 layers, hidden 128) from scratch on the demo corpus.
 
-    python examples/demo/pretrain.py [--work /tmp/demo-work] [--steps 400] [--gloss-epochs 10] [--forward-epochs 2]
+    python examples/demo/pretrain.py [--work /tmp/demo-work] [--steps 1600] [--gloss-epochs 36] [--forward-epochs 3]
 Needs make_corpus.py and make_tokenizer.py to have run. The glosses of the task's synsets are seen as
 "the word for GLOSS is WORD." --gloss-epochs times and as "WORD: GLOSS." --forward-epochs times, so a model this
 small can learn them; Austen's novels fill the rest of the token budget (--steps x --batch windows of --seq tokens). Seeded and
@@ -41,13 +41,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/demo-work")
     ap.add_argument("--model", default=os.path.join(HERE, "model"))
-    ap.add_argument("--steps", type=int, default=400)
-    ap.add_argument("--gloss-epochs", type=int, default=10)
-    ap.add_argument("--forward-epochs", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=1600)
+    ap.add_argument("--gloss-epochs", type=int, default=36)
+    ap.add_argument("--forward-epochs", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=30)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

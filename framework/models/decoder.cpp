@@ -167,8 +167,52 @@ std::vector<std::pair<std::string, torch::Tensor>> CausalLM::hf_state() const {
 std::shared_ptr<CausalLM> build_opt(const ModelConfig& config, const ModelShard& shard);
 std::shared_ptr<CausalLM> build_llama(const ModelConfig& config, const ModelShard& shard);
 
+namespace {
+
+// The decoder layer a module name is under ("model.layers.3.mlp.up_proj" -> 3), or -1.
+int64_t layer_of(const std::string& name) {
+  const std::string key = "layers.";
+  const auto at = name.find(key);
+  if (at == std::string::npos) return -1;
+  size_t end = 0;
+  try {
+    return std::stoll(name.substr(at + key.size()), &end);
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+// SFSD: the Linears config.json names in "crash_sfsd_ranks" become two factors.
+void apply_sfsd_ranks(CausalLM& model, const ModelConfig& config) {
+  if (config.sfsd_ranks.empty()) return;
+  std::map<std::string, std::shared_ptr<torch::nn::Module>> modules;
+  for (const auto& item : model.named_modules()) modules[item.key()] = item.value();
+  for (const auto& [name, rank] : config.sfsd_ranks) {
+    auto it = modules.find(name);
+    if (it == modules.end()) {
+      const int64_t layer = layer_of(name);
+      const bool elsewhere = layer >= 0 && layer < config.num_layers &&
+                             (layer < model.first_layer() || layer >= model.end_layer());
+      if (elsewhere) continue;  // another pipeline stage's layer
+      fail("config.json: 'crash_sfsd_ranks' names '{}', which is not a module of this {} model", name,
+           config.model_type);
+    }
+    if (auto* col = dynamic_cast<ColumnParallelLinearImpl*>(it->second.get())) {
+      col->make_low_rank(rank);
+    } else if (auto* row = dynamic_cast<RowParallelLinearImpl*>(it->second.get())) {
+      row->make_low_rank(rank);
+    } else {
+      fail("config.json: 'crash_sfsd_ranks' names '{}', which is not a decoder Linear", name);
+    }
+  }
+}
+
+}  // namespace
+
 std::shared_ptr<CausalLM> build_model(const ModelConfig& config, const ModelShard& shard) {
-  return config.family == Family::OPT ? build_opt(config, shard) : build_llama(config, shard);
+  auto model = config.family == Family::OPT ? build_opt(config, shard) : build_llama(config, shard);
+  apply_sfsd_ranks(*model, config);
+  return model;
 }
 
 std::shared_ptr<CausalLM> load_model(const CheckpointReader& checkpoint, const ModelShard& shard_in,

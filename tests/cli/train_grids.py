@@ -254,12 +254,17 @@ try:
         check(np.mean([float(np.abs(inc1[n][1]).max()) > 0 for n in inc1]) == 1.0, "every tensor's increment nonzero")
 
         # The mask (and the run) on other grids: DP2 broadcasts rank 0's, TP2 selects over shards.
+        # k_proj.bias is left out: softmax ignores it, so its gradient is 0 but for rounding, and
+        # its mask and Adam-normalised steps are rounding noise that differs between grids.
+        real = [n for n in inc1 if not n.endswith("k_proj.bias")]
         for name, np_, grid in [("dp2", 2, []), ("tp2", 2, ["--tp", "2"]), ("tp2pp2", 4, ["--tp", "2", "--pp", "2"])]:
             run(sargs + ["--out", out("s_" + name), "--save-increments", out(name + ".safetensors")] + grid, np_)
             inc = read_increments(out(name + ".safetensors"))
-            same = sorted(inc) == sorted(inc1) and all(np.array_equal(inc[n][0], inc1[n][0]) for n in inc1)
-            check(same, f"{name}: the same k-set per tensor as 1 rank")
-            d = max(float(np.abs(inc[n][1] - inc1[n][1]).max()) for n in inc1)
+            check(sorted(inc) == sorted(inc1) and all(len(inc[n][0]) == len(inc1[n][0]) for n in inc1),
+                  f"{name}: increments of the same tensors, k entries each")
+            same = all(np.array_equal(inc[n][0], inc1[n][0]) for n in real)
+            check(same, f"{name}: the same k-set as 1 rank in all {len(real)} tensors with a real gradient")
+            d = max(float(np.abs(inc[n][1] - inc1[n][1]).max()) for n in real)
             check(d <= TOL, f"{name}: increments max diff {d:.3g} from 1 rank's")
             compare(losses(out("s1")), losses(out("s_" + name)), f"{name} vs 1 rank, SIFT losses")
 
@@ -302,6 +307,10 @@ try:
         for bad in ["0", "-0.1", "1.5"]:
             expect_error(f"--sparse-increment {bad}", common + ["--steps", "2", "--train-all", "--sparse-increment", bad,
                                                                 "--out", out("x")], "--sparse-increment")
+        expect_error("--save-increments without SIFT", common + ["--steps", "2", "--train-all", "--save-increments",
+                                                                 out("i.safetensors"), "--out", out("x")], "--sparse-increment")
+        expect_error("merge of a missing file", ["merge", "--model", emu, "--increments", out("none.safetensors"),
+                                                 "--out", out("x")], "none.safetensors", "not found")
         other = os.path.join(FIXTURES, "models", "llama_gqa")
         expect_error("merge into another model", ["merge", "--model", other, "--increments", out("s1.safetensors"),
                                                   "--out", out("x")], "not in the base model")

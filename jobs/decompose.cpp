@@ -1,0 +1,278 @@
+// decompose: SFSD feature-space low-rank decomposition (analysis/sfsd.h), on any grid.
+// Calibrates every decoder Linear's output statistics, picks ranks (--ratio or --search
+// greedy), writes the factored model as an HF folder with sfsd_ranks.json, and reports
+// parameters, FLOPs per token and metrics before and after (log and sfsd_report.json).
+#include <spdlog/spdlog.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "analysis/sfsd.h"
+#include "framework/eval.h"
+#include "framework/prepared.h"
+#include "framework/token_input.h"
+#include "jobs/job.h"
+#include "jobs/version.h"
+#include "parallel/errors.h"
+#include "parallel/world.h"
+
+namespace fs = std::filesystem;
+
+namespace crash {
+
+void decompose_options(po::options_description& o) {
+  o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
+      "data", po::value<std::vector<std::string>>()->required()->composing(),
+      "prepared calibration task (repeat to mix several)")(
+      "out", po::value<std::string>()->required(), "output model folder")(
+      "num-examples", po::value<int64_t>()->default_value(512), "calibration examples, mixed from the tasks")(
+      "tokens", po::value<int64_t>()->default_value(128), "first tokens of each calibration example")(
+      "ratio", po::value<double>(), "keep this fraction of each module's rank, in (0, 1]")(
+      "search", po::value<std::string>()->default_value(""), "rank search: greedy")(
+      "val-data", po::value<std::string>()->default_value(""), "greedy search: prepared validation task")(
+      "val-examples", po::value<int64_t>()->default_value(-1), "greedy search: first N validation examples")(
+      "tolerance", po::value<double>()->default_value(0.02),
+      "greedy search: largest metric loss accepted (accuracy points as a fraction, or relative perplexity)")(
+      "candidates", po::value<std::string>()->default_value("0.05,0.1,0.2,0.3,0.5,0.7"),
+      "greedy search: candidate fractions of each module's rank, tried small to large")(
+      "eval-data", po::value<std::vector<std::string>>()->composing(),
+      "prepared task evaluated before and after (repeatable, optional)")(
+      "batch-size", po::value<int64_t>()->default_value(8), "rows per forward pass")(
+      "dtype", po::value<std::string>()->default_value("float32"),
+      "compute dtype: float32, float64 (factors then saved in float64), bfloat16 or float16")(
+      "overwrite", po::bool_switch(), "replace an existing output folder");
+  add_grid_options(o);
+}
+
+namespace {
+
+void write_atomic(const std::string& path, const std::string& text) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    if (!f) fail("{}: cannot write", tmp);
+    f << text;
+    if (!f) fail("{}: write failed (disk full?)", tmp);
+  }
+  std::error_code ec;
+  fs::rename(tmp, path, ec);
+  if (ec) fail("{}: cannot rename to {} ({})", tmp, path, ec.message());
+}
+
+std::vector<std::string> side_files(const std::string& dir) {
+  return {(fs::path(dir) / "tokenizer.json").string(), (fs::path(dir) / "tokenizer_config.json").string(),
+          (fs::path(dir) / "special_tokens_map.json").string(), (fs::path(dir) / "generation_config.json").string()};
+}
+
+nlohmann::json evaluate_all(const std::string& dir, const std::shared_ptr<ProcessGrid>& grid,
+                            const DistributedOptions& dist, const std::vector<PreparedTask>& tasks, int64_t batch) {
+  nlohmann::json out = nlohmann::json::array();
+  if (tasks.empty()) return out;
+  CheckpointReader ckpt(dir);
+  DistributedLM model(ckpt, grid, dist);
+  model.stage().eval();
+  EvalOptions options;
+  options.batch_size = batch;
+  const auto tok = model_tokenizer(dir);
+  for (const auto& t : tasks) out.push_back(evaluate_task(model, t, options, tok ? &*tok : nullptr).to_json());
+  return out;
+}
+
+// The metric the greedy search keeps within tolerance: acc (multiple choice), exact_match
+// (generation), perplexity (text); true when larger is better.
+std::pair<double, bool> headline(const nlohmann::json& result) {
+  const auto& m = result.at("metrics");
+  for (const char* name : {"acc", "exact_match"})
+    if (m.contains(name)) return {m.at(name).at("value").get<double>(), true};
+  return {m.at("perplexity").at("value").get<double>(), false};
+}
+
+std::vector<double> parse_fractions(const std::string& text) {
+  std::vector<double> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    double f = 0;
+    try {
+      size_t used = 0;
+      f = std::stod(item, &used);
+      if (used != item.size()) throw std::invalid_argument(item);
+    } catch (const std::exception&) {
+      fail("--candidates: '{}' is not a number", item);
+    }
+    if (!(f > 0.0 && f <= 1.0)) fail("--candidates: {} is outside (0, 1]", f);
+    out.push_back(f);
+  }
+  if (out.empty()) fail("--candidates: no fraction given");
+  return out;
+}
+
+}  // namespace
+
+int decompose_run(const po::variables_map& vm) {
+  const auto model_dir = vm["model"].as<std::string>();
+  const auto data = vm["data"].as<std::vector<std::string>>();
+  const auto out_dir = vm["out"].as<std::string>();
+  const int64_t num_examples = vm["num-examples"].as<int64_t>();
+  const int64_t tokens = vm["tokens"].as<int64_t>();
+  const int64_t batch = vm["batch-size"].as<int64_t>();
+  const std::string search = vm["search"].as<std::string>();
+  const bool has_ratio = vm.count("ratio") != 0;
+  const double ratio = has_ratio ? vm["ratio"].as<double>() : 0.0;
+  const auto eval_dirs = vm.count("eval-data") ? vm["eval-data"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  if (num_examples <= 0) fail("--num-examples must be positive, got {}", num_examples);
+  if (tokens < 2) fail("--tokens must be at least 2, got {}", tokens);
+  if (batch <= 0) fail("--batch-size must be positive, got {}", batch);
+  if (has_ratio && !search.empty()) fail("--ratio and --search exclude each other: give one");
+  if (!has_ratio && search.empty()) fail("give --ratio F (fixed fraction of each module's rank) or --search greedy");
+  if (has_ratio && !(ratio > 0.0 && ratio <= 1.0)) fail("--ratio must be in (0, 1], got {}", ratio);
+  if (!search.empty() && search != "greedy") fail("--search: unknown method '{}' (expected greedy)", search);
+  const bool greedy = search == "greedy";
+  const auto val_dir = vm["val-data"].as<std::string>();
+  const double tolerance = vm["tolerance"].as<double>();
+  if (greedy && val_dir.empty()) fail("--search greedy needs --val-data (a prepared validation task)");
+  if (greedy && !(tolerance >= 0.0)) fail("--tolerance must be non-negative, got {}", tolerance);
+  const auto fractions = greedy ? parse_fractions(vm["candidates"].as<std::string>()) : std::vector<double>{};
+  if (fs::exists(out_dir) && !vm["overwrite"].as<bool>())
+    fail("{}: output exists (pass --overwrite to replace it)", out_dir);
+
+  CheckpointReader ckpt(model_dir);
+  const ModelConfig& cfg = ckpt.config();
+  const auto linears = decoder_linears(ckpt);
+  // float64 is accepted here (exact references); the other types as every job parses them.
+  const std::string dtype_name = vm["dtype"].as<std::string>();
+  const bool fp64 = dtype_name == "float64" || dtype_name == "fp64";
+  DistributedOptions dist;
+  if (fp64) {
+    dist.pp_layers = pp_layer_counts(vm);
+    validate_model_grid(cfg, World::get().size(), grid_sizes(vm), dist.pp_layers);
+    dist.dtype = torch::kFloat64;
+  } else {
+    dist = grid_plan(vm, cfg);
+  }
+
+  // Calibration examples: round robin over the tasks until --num-examples.
+  std::vector<std::vector<std::vector<int64_t>>> per_task;
+  for (const auto& dir : data) {
+    auto task = read_prepared(dir, num_examples, cfg.vocab_size);
+    check_task_tokenizer(task, model_dir);
+    if (task.examples.empty()) fail("{}: no examples", dir);
+    per_task.emplace_back();
+    for (auto& e : task.examples) per_task.back().push_back(std::move(e.tokens));
+  }
+  std::vector<std::vector<int64_t>> examples;
+  for (size_t i = 0; static_cast<int64_t>(examples.size()) < num_examples; ++i) {
+    bool any = false;
+    for (const auto& t : per_task)
+      if (i < t.size() && static_cast<int64_t>(examples.size()) < num_examples) {
+        examples.push_back(t[i]);
+        any = true;
+      }
+    if (!any) break;
+  }
+  std::vector<PreparedTask> eval_tasks;
+  for (const auto& dir : eval_dirs) {
+    eval_tasks.push_back(read_prepared(dir, -1, cfg.vocab_size));
+    check_task_tokenizer(eval_tasks.back(), model_dir);
+  }
+
+  std::vector<PreparedTask> val_task;
+  if (greedy) {
+    val_task.push_back(read_prepared(val_dir, vm["val-examples"].as<int64_t>(), cfg.vocab_size));
+    check_task_tokenizer(val_task.back(), model_dir);
+    if (val_task.back().kind == "generation") fail("{}: the greedy search scores multiple choice or text tasks", val_dir);
+  }
+
+  auto grid = ProcessGrid::create(grid_sizes(vm));
+  spdlog::info("decompose: {} calibration examples x {} tokens, {} decoder Linears, grid {}", examples.size(), tokens,
+               linears.size(), grid->describe());
+  const auto before = evaluate_all(model_dir, grid, dist, eval_tasks, batch);
+
+  std::map<std::string, OutputStats> stats;
+  {
+    DistributedLM model(ckpt, grid, dist);
+    model.stage().eval();
+    const auto t0 = std::chrono::steady_clock::now();
+    auto local = calibrate(model, linears, examples, tokens, batch);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats = gather_stats(*grid, linears, std::move(local));
+    if (grid->rank() == 0 && !stats.empty())
+      spdlog::info("calibration: {:.0f} tokens in {:.2f} s ({:.0f} tokens/s)", stats.begin()->second.count, secs,
+                   stats.begin()->second.count / secs);
+  }
+
+  // Writes a rank plan's factored model (rank 0) for every rank to load.
+  const std::optional<torch::ScalarType> factor_dtype =
+      fp64 ? std::optional<torch::ScalarType>(torch::kFloat64) : std::nullopt;
+  auto write_plan = [&](const std::string& dir, const std::map<std::string, int64_t>& plan) {
+    if (grid->rank() == 0) {
+      SaveOptions save;
+      save.copy_files = side_files(model_dir);
+      save.extra_files["sfsd_ranks.json"] = sfsd_summary(ckpt, linears, plan).modules.dump(2) + "\n";
+      save_hf_folder(dir, cfg, factored_tensors(ckpt, linears, stats, plan, factor_dtype), save,
+                     {{"crash_sfsd_ranks", plan}});
+    }
+    grid->world()->barrier();
+  };
+
+  std::map<std::string, int64_t> ranks;
+  nlohmann::json search_log = nlohmann::json::array();
+  if (greedy) {
+    const auto [reference, larger_better] = headline(evaluate_all(model_dir, grid, dist, val_task, batch).at(0));
+    spdlog::info("greedy search: reference {} {:.6g}, tolerance {}", larger_better ? "metric" : "perplexity",
+                 reference, tolerance);
+    const std::string candidate = out_dir + ".sfsd-candidate";
+    ranks = greedy_ranks(linears, fractions, [&](const std::map<std::string, int64_t>& plan) {
+      write_plan(candidate, plan);
+      const double value = headline(evaluate_all(candidate, grid, dist, val_task, batch).at(0)).first;
+      const bool ok = larger_better ? value >= reference - tolerance : value <= reference * (1.0 + tolerance);
+      const auto summary = sfsd_summary(ckpt, linears, plan);
+      spdlog::info("  {} modules factored, decoder parameters {}: metric {:.6g} -> {}", plan.size(),
+                   summary.decoder_params_after, value, ok ? "accepted" : "rejected");
+      search_log.push_back({{"ranks", plan}, {"metric", value}, {"accepted", ok}});
+      return ok;
+    });
+    if (grid->rank() == 0) fs::remove_all(candidate);
+  } else {
+    ranks = ratio_ranks(linears, ratio);
+  }
+  const auto summary = sfsd_summary(ckpt, linears, ranks);
+  write_plan(out_dir, ranks);
+  const auto after = evaluate_all(out_dir, grid, dist, eval_tasks, batch);
+
+  if (grid->rank() != 0) return 0;
+  const double dec_kept = double(summary.decoder_params_after) / double(summary.decoder_params_before);
+  spdlog::info("parameters {} -> {} (decoder {} -> {}, {:.1f}% removed), FLOPs/token {} -> {}", summary.params_before,
+               summary.params_after, summary.decoder_params_before, summary.decoder_params_after,
+               100.0 * (1.0 - dec_kept), summary.flops_before, summary.flops_after);
+  for (size_t i = 0; i < before.size(); ++i)
+    spdlog::info("{}: before {} after {}", before[i]["task"].get<std::string>(), before[i]["metrics"].dump(),
+                 after[i]["metrics"].dump());
+  nlohmann::json report = {{"model", model_dir},
+                           {"out", out_dir},
+                           {"grid", grid->describe()},
+                           {"method", greedy ? "greedy" : "ratio"},
+                           {"ratio", greedy ? nlohmann::json(nullptr) : nlohmann::json(ratio)},
+                           {"tolerance", greedy ? nlohmann::json(tolerance) : nlohmann::json(nullptr)},
+                           {"search", search_log},
+                           {"num_examples", examples.size()},
+                           {"tokens", tokens},
+                           {"calibration_tokens", stats.empty() ? 0.0 : stats.begin()->second.count},
+                           {"factored_modules", ranks.size()},
+                           {"params_before", summary.params_before},
+                           {"params_after", summary.params_after},
+                           {"decoder_params_before", summary.decoder_params_before},
+                           {"decoder_params_after", summary.decoder_params_after},
+                           {"decoder_compression", 1.0 - dec_kept},
+                           {"flops_per_token_before", summary.flops_before},
+                           {"flops_per_token_after", summary.flops_after},
+                           {"metrics_before", before},
+                           {"metrics_after", after},
+                           {"tool_version", kVersion}};
+  write_atomic((fs::path(out_dir) / "sfsd_report.json").string(), report.dump(2) + "\n");
+  spdlog::info("wrote {}", out_dir);
+  return 0;
+}
+
+}  // namespace crash

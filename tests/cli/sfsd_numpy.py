@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""`crash-hpc decompose` (SFSD) against a NumPy fp64 reference, and its bad inputs.
+
+usage: sfsd_numpy.py CRASH_HPC FIXTURES [NP TP PP]
+Prepares the eval fixture's multiple-choice task, decomposes the fixture model (OPT, pre-LN) with
+--ratio 0.25 in float64 and recomputes, for layer 0's q/k/v projections (whose inputs NumPy gets
+from the embeddings and the first layer norm), the output mean and covariance over the
+calibration tokens, the top-r eigenvectors and the factors: B A = P W, B B^T = P and
+b' = P b + (I - P) mu (P = V_r V_r^T: independent of the eigenvectors' signs) within 1e-8.
+Checks sfsd_ranks.json and sfsd_report.json, and that bad inputs exit 2. With NP > 1 the run is
+on NP ranks (mpirun) with --tp/--pp and must give the same factors.
+"""
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+TOL = 1e-8
+TOKENS = 16
+
+
+def run(cmd, expect=0, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    if r.returncode != expect:
+        sys.exit(f"command exited {r.returncode}, expected {expect}: {' '.join(cmd)}\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def check(cond, what):
+    if not cond:
+        sys.exit(f"FAIL: {what}")
+
+
+def load_safetensors(path):
+    dtypes = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64}
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        a, b = info["data_offsets"]
+        out[name] = np.frombuffer(data[a:b], dtype=dtypes[info["dtype"]]).reshape(info["shape"]).astype(np.float64)
+    return out
+
+
+def prepared_tokens(folder):
+    shards = sorted(f for f in os.listdir(folder) if f.startswith("shard-"))
+    out = []
+    for s in shards:
+        with open(os.path.join(folder, s)) as f:
+            out += [json.loads(line)["tokens"] for line in f if line.strip()]
+    return out
+
+
+def layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdims=True)
+    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    return (x - mu) / np.sqrt(var + eps) * w + b
+
+
+def main():
+    crash, fixtures = sys.argv[1], sys.argv[2]
+    np_, tp, pp = (int(x) for x in sys.argv[3:6]) if len(sys.argv) > 3 else (1, 1, 1)
+    model = os.path.join(fixtures, "eval", "model")
+    with open(os.path.join(model, "config.json")) as f:
+        cfg = json.load(f)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "mc")
+        run([crash, "prepare", "--task", os.path.join(fixtures, "eval", "mc.jsonl"), "--tokenizer", model, "--out", data])
+        out = os.path.join(tmp, "factored")
+        cmd = [crash, "decompose", "--model", model, "--data", data, "--out", out, "--ratio", "0.25", "--tokens",
+               str(TOKENS), "--batch-size", "3", "--dtype", "float64", "--threads", "1", "--eval-data", data,
+               "--tp", str(tp), "--pp", str(pp)]
+        if np_ > 1:
+            cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS=1",
+                   "-np", str(np_)] + cmd
+        run(cmd, env=env)
+
+        w0 = load_safetensors(os.path.join(model, "model.safetensors"))
+        w1 = load_safetensors(os.path.join(out, "model.safetensors"))
+        with open(os.path.join(out, "sfsd_ranks.json")) as f:
+            ranks = json.load(f)
+        with open(os.path.join(out, "sfsd_report.json")) as f:
+            report = json.load(f)
+        with open(os.path.join(out, "config.json")) as f:
+            out_cfg = json.load(f)
+        seqs = [t[:TOKENS] for t in prepared_tokens(data)]
+
+        # Layer 0's input: embeddings (+ learned positions, offset 2) through its first layer norm.
+        pre = "model.decoder."
+        x = []
+        for t in seqs:
+            h = w0[pre + "embed_tokens.weight"][t] + w0[pre + "embed_positions.weight"][np.arange(len(t)) + 2]
+            x.append(layer_norm(h, w0[pre + "layers.0.self_attn_layer_norm.weight"],
+                                w0[pre + "layers.0.self_attn_layer_norm.bias"], 1e-5))
+        x = np.concatenate(x)
+        check(abs(report["calibration_tokens"] - len(x)) == 0, f"calibration tokens {report['calibration_tokens']} vs {len(x)}")
+
+        worst = 0.0
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            name = pre + "layers.0.self_attn." + proj
+            W, b = w0[name + ".weight"], w0[name + ".bias"]
+            r = ranks[name]["rank"]
+            check(r == int(np.ceil(0.25 * min(W.shape))), f"{name}: rank {r}")
+            check(out_cfg["crash_sfsd_ranks"][name] == r, f"{name}: config.json rank")
+            check(name + ".weight" not in w1, f"{name}: dense weight still saved")
+            y = x @ W.T + b
+            mu = y.mean(0)
+            C = (y - mu).T @ (y - mu) / len(y)
+            evals, evecs = np.linalg.eigh(C)
+            V = evecs[:, ::-1][:, :r]
+            P = V @ V.T
+            A, B, bias = w1[name + ".factor_a.weight"], w1[name + ".factor_b.weight"], w1[name + ".factor_b.bias"]
+            check(A.shape == (r, W.shape[1]) and B.shape == (W.shape[0], r), f"{name}: factor shapes")
+            scale = max(1.0, np.abs(W).max(), np.abs(mu).max())
+            errs = [np.abs(B @ A - P @ W).max(), np.abs(B @ B.T - P).max(),
+                    np.abs(bias - (P @ b + (np.eye(len(P)) - P) @ mu)).max()]
+            worst = max(worst, max(errs) / scale)
+            # The factored layer's outputs: the projection of the originals, the rest at their mean.
+            y1 = x @ A.T @ B.T + bias
+            worst = max(worst, np.abs(y1 - (mu + (y - mu) @ P)).max() / scale)
+        check(worst <= TOL, f"factors differ from the NumPy reference by {worst:.3g} (> {TOL})")
+
+        total = sum(m["params_before"] - m["params_after"] for m in ranks.values())
+        check(report["decoder_params_before"] - report["decoder_params_after"] == total, "report parameter counts")
+        check(report["flops_per_token_after"] < report["flops_per_token_before"], "fewer FLOPs per token")
+        check(len(report["metrics_before"]) == 1 and len(report["metrics_after"]) == 1, "metrics before and after")
+
+        # Greedy search, validated on the task itself. Tolerance 1 accepts everything: every module
+        # takes its smallest candidate that saves parameters. Tolerance 0: the result keeps the
+        # reference accuracy, and is the last plan the search accepted.
+        cands = [0.1, 0.25, 0.5]
+        for tol in (1.0, 0.0):
+            g = os.path.join(tmp, f"greedy_{tol}")
+            cmd = [crash, "decompose", "--model", model, "--data", data, "--out", g, "--search", "greedy",
+                   "--val-data", data, "--tolerance", str(tol), "--candidates", ",".join(map(str, cands)),
+                   "--tokens", str(TOKENS), "--eval-data", data, "--threads", "1", "--tp", str(tp), "--pp", str(pp)]
+            if np_ > 1:
+                cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x",
+                       "OMP_NUM_THREADS=1", "-np", str(np_)] + cmd
+            run(cmd, env=env)
+            with open(os.path.join(g, "sfsd_report.json")) as f:
+                rep = json.load(f)
+            with open(os.path.join(g, "config.json")) as f:
+                got = json.load(f)["crash_sfsd_ranks"]
+            if tol == 1.0:
+                want = {}
+                for name, m in ranks.items():
+                    for c in cands:
+                        r = int(np.ceil(c * min(m["in"], m["out"]) - 1e-9))
+                        if r * (m["in"] + m["out"]) < m["in"] * m["out"]:
+                            want[name] = r
+                            break
+                check(got == want, f"greedy, tolerance 1: ranks {got} vs {want}")
+                check(all(s["accepted"] for s in rep["search"]), "greedy, tolerance 1: every trial accepted")
+            else:
+                acc0 = rep["metrics_before"][0]["metrics"]["acc"]["value"]
+                acc1 = rep["metrics_after"][0]["metrics"]["acc"]["value"]
+                check(acc1 >= acc0 - 1e-12, f"greedy, tolerance 0: accuracy {acc1} < reference {acc0}")
+                accepted = [s for s in rep["search"] if s["accepted"]]
+                check(not accepted or accepted[-1]["ranks"] == got, "greedy: result is the last accepted plan")
+                check(all(s["metric"] >= acc0 - 1e-12 for s in accepted), "greedy: accepted plans keep the metric")
+
+        # Bad inputs: exit 2 with one line naming the problem.
+        base = [crash, "decompose", "--model", model, "--data", data, "--threads", "1"]
+        for args, words in [
+            (["--out", os.path.join(tmp, "x"), "--ratio", "0"], "--ratio"),
+            (["--out", os.path.join(tmp, "x"), "--ratio", "1.5"], "--ratio"),
+            (["--out", os.path.join(tmp, "x")], "--ratio"),
+            (["--out", os.path.join(tmp, "x"), "--ratio", "0.5", "--search", "greedy"], "exclude"),
+            (["--out", os.path.join(tmp, "x"), "--search", "beam"], "--search"),
+            (["--out", os.path.join(tmp, "x"), "--search", "greedy"], "--val-data"),
+            (["--out", os.path.join(tmp, "x"), "--search", "greedy", "--val-data", data, "--candidates", "0.5,2"],
+             "--candidates"),
+            (["--out", out, "--ratio", "0.5"], "exists"),
+            (["--out", os.path.join(tmp, "x"), "--ratio", "0.5", "--data", os.path.join(tmp, "missing")], "missing"),
+            (["--out", os.path.join(tmp, "x"), "--ratio", "0.5", "--num-examples", "0"], "--num-examples"),
+        ]:
+            r = run(base + args, expect=2)
+            check(words in r.stderr, f"{args}: '{words}' not in: {r.stderr}")
+        # A factored model is not decomposed again.
+        r = run([crash, "decompose", "--model", out, "--data", data, "--out", os.path.join(tmp, "x"), "--ratio", "0.5"],
+                expect=2)
+        check("already factored" in r.stderr, f"refactoring: {r.stderr}")
+    print(f"ok: SFSD factors match NumPy within {worst:.2g} (np {np_}, tp {tp}, pp {pp})")
+
+
+if __name__ == "__main__":
+    main()
