@@ -47,19 +47,6 @@ void decompose_options(po::options_description& o) {
 
 namespace {
 
-void write_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    if (!f) fail("{}: cannot write", tmp);
-    f << text;
-    if (!f) fail("{}: write failed (disk full?)", tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) fail("{}: cannot rename to {} ({})", tmp, path, ec.message());
-}
-
 std::vector<std::string> side_files(const std::string& dir) {
   return {(fs::path(dir) / "tokenizer.json").string(), (fs::path(dir) / "tokenizer_config.json").string(),
           (fs::path(dir) / "special_tokens_map.json").string(), (fs::path(dir) / "generation_config.json").string()};

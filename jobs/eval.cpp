@@ -30,23 +30,6 @@ void eval_options(po::options_description& o) {
   add_grid_options(o);
 }
 
-namespace {
-
-void write_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    if (!f) fail("{}: cannot write", tmp);
-    f << text;
-    if (!f) fail("{}: write failed (disk full?)", tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) fail("{}: cannot rename to {} ({})", tmp, path, ec.message());
-}
-
-}  // namespace
-
 int eval_run(const po::variables_map& vm) {
   const auto model_dir = vm["model"].as<std::string>();
   const auto data = vm["data"].as<std::vector<std::string>>();

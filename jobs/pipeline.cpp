@@ -137,8 +137,8 @@ void write_crash_table(const fs::path& work, const std::vector<std::string>& mod
       table += row + "\n";
     }
   }
-  std::ofstream((work / "crash_table.md").string()) << table;
-  std::ofstream((work / "crash_table.json").string()) << summary.dump(2) << "\n";
+  write_atomic((work / "crash_table.md").string(), table);
+  write_atomic((work / "crash_table.json").string(), summary.dump(2) + "\n");
   std::printf("\nCRaSh results (%s)\n\n%s\n", (work / "crash_table.md").c_str(), table.c_str());
   std::fflush(stdout);
 }
