@@ -15,6 +15,8 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-numpy python3-h5py python3-matplotlib
   hyperfine
+  slurm-wlm munge
+  clang libclang-rt-14-dev
 )
 
 missing=()

@@ -5,6 +5,7 @@
 // exists is skipped (outputs appear only when complete), so a crashed pipeline resumes.
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -171,7 +172,10 @@ int pipeline_run(const po::variables_map& vm) {
   std::vector<std::string> tasks = {train_task, collect_task};
   if (vm.count("valid-task")) tasks.push_back(vm["valid-task"].as<std::string>());
   tasks.insert(tasks.end(), eval_tasks.begin(), eval_tasks.end());
-  for (const auto& t : tasks) stage.run("prepare", prepared(t), {"--task", t, "--tokenizer", model, "--out", prepared(t)}, false);
+  // Text is cut into windows the model can take (prepare's default, 512, may exceed its positions).
+  const int64_t window = std::min<int64_t>(512, CheckpointReader(model).config().max_positions);
+  for (const auto& t : tasks)
+    stage.run("prepare", prepared(t), {"--task", t, "--tokenizer", model, "--out", prepared(t), "--window", str(window)}, false);
 
   // Representations, similarity and clusters of the middle layers.
   const std::string archive = (work / "activations.h5").string(), cka = (work / "cka.h5").string(),
