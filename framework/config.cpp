@@ -6,8 +6,11 @@ namespace crash {
 
 namespace {
 
-void require_positive(int64_t v, const char* key, const std::string& source) {
+// Sizes beyond any real model's are rejected here: an absurd one would otherwise reach a
+// tensor allocation (an overflowing size or a failed terabyte request) before any shape check.
+void require_positive(int64_t v, const char* key, const std::string& source, int64_t most = int64_t(1) << 24) {
   if (v <= 0) fail("{}: field '{}' must be positive, got {}", source, key, v);
+  if (v > most) fail("{}: field '{}' is {}, larger than any model's (at most {})", source, key, v, most);
 }
 
 void read_opt(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
@@ -100,13 +103,13 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& s
     fail("{}: model_type '{}' is not supported (expected 'opt' or 'llama')", src, c.model_type);
   }
   require_positive(c.vocab_size, "vocab_size", src);
-  require_positive(c.hidden_size, "hidden_size", src);
-  require_positive(c.intermediate_size, c.family == Family::OPT ? "ffn_dim" : "intermediate_size", src);
-  require_positive(c.num_layers, "num_hidden_layers", src);
-  require_positive(c.num_heads, "num_attention_heads", src);
-  require_positive(c.num_kv_heads, "num_key_value_heads", src);
+  require_positive(c.hidden_size, "hidden_size", src, 1 << 20);
+  require_positive(c.intermediate_size, c.family == Family::OPT ? "ffn_dim" : "intermediate_size", src, 1 << 22);
+  require_positive(c.num_layers, "num_hidden_layers", src, 1 << 16);
+  require_positive(c.num_heads, "num_attention_heads", src, 1 << 16);
+  require_positive(c.num_kv_heads, "num_key_value_heads", src, 1 << 16);
   require_positive(c.max_positions, "max_position_embeddings", src);
-  require_positive(c.word_embed_proj_dim, "word_embed_proj_dim", src);
+  require_positive(c.word_embed_proj_dim, "word_embed_proj_dim", src, 1 << 20);
   if (c.family == Family::LLaMA && j.contains("head_dim") && !j.at("head_dim").is_null()) {
     c.head_dim = json_field<int64_t>(j, "head_dim", src);
     require_positive(c.head_dim, "head_dim", src);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <iterator>
 #include <vector>
 
 namespace crash {
@@ -67,14 +68,41 @@ template std::vector<int64_t> json_field<std::vector<int64_t>>(const nlohmann::j
 template std::vector<std::string> json_field<std::vector<std::string>>(const nlohmann::json&, const std::string&,
                                                                        const std::string&);
 
-nlohmann::json read_json_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail("{}: cannot open file", path);
-  try {
-    return nlohmann::json::parse(in);
-  } catch (const nlohmann::json::parse_error& e) {
-    fail("{}: invalid JSON at byte {}", path, e.byte);
+void check_json_depth(std::string_view text, const std::string& source) {
+  int depth = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') ++i;
+      else if (c == '"') in_string = false;
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxJsonDepth) fail("{}: JSON nested deeper than {} levels (at byte {})", source, kMaxJsonDepth, i);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
   }
 }
+
+nlohmann::json parse_json(std::string_view text, const std::string& source) {
+  check_json_depth(text, source);
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    fail("{}: invalid JSON at byte {}", source, e.byte);
+  } catch (const nlohmann::json::exception& e) {  // a number too large for a double, ...
+    fail("{}: invalid JSON ({})", source, e.what());
+  }
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) fail("{}: cannot open file", path);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+nlohmann::json read_json_file(const std::string& path) { return parse_json(read_text_file(path), path); }
 
 }  // namespace crash

@@ -2,6 +2,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 #include <string>
+#include <string_view>
 
 #include "parallel/errors.h"
 
@@ -19,7 +20,15 @@ T json_field_or(const nlohmann::json& j, const std::string& key, T fallback, con
   return json_field<T>(j, key, source);
 }
 
-// Parses a JSON file, failing with the file name and the parser's position on bad syntax.
+// nlohmann copies and dumps documents recursively: one nested 100000 deep overflows the stack.
+// Fails naming `source` when `text` nests arrays and objects deeper than any real file does.
+constexpr int kMaxJsonDepth = 512;
+void check_json_depth(std::string_view text, const std::string& source);
+
+// Parses JSON text (depth checked), failing with `source` and the parser's position.
+nlohmann::json parse_json(std::string_view text, const std::string& source);
+std::string read_text_file(const std::string& path);
+// Parses a JSON file (depth checked), failing with the file name and the parser's position on bad syntax.
 nlohmann::json read_json_file(const std::string& path);
 
 }  // namespace crash

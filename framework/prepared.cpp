@@ -38,6 +38,9 @@ PreparedExample parse_line(const nlohmann::json& j, const std::string& kind, int
   const auto hash = json_field<std::string>(j, "hash", where);
   try {
     size_t used = 0;
+    // stoull alone takes a sign and a 0x prefix ("-1" would wrap): hex digits only.
+    if (hash.empty() || hash.size() > 16 || hash.find_first_not_of("0123456789abcdefABCDEF") != std::string::npos)
+      throw std::invalid_argument(hash);
     e.hash = std::stoull(hash, &used, 16);
     if (used != hash.size()) throw std::invalid_argument(hash);
   } catch (const std::exception&) {
@@ -85,11 +88,14 @@ PreparedTask read_prepared(const std::string& dir, int64_t limit, int64_t vocab_
       if (limit >= 0 && static_cast<int64_t>(task.examples.size()) >= limit) return task;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
       const std::string where = fmt::format("{}:{}", path, lineno);
+      check_json_depth(line, where);
       nlohmann::json j;
       try {
         j = nlohmann::json::parse(line);
       } catch (const nlohmann::json::parse_error& e) {
         fail("{}: not valid JSON (column {})", where, e.byte);
+      } catch (const nlohmann::json::exception& e) {  // a number too large for a double, ...
+        fail("{}: not valid JSON ({})", where, e.what());
       }
       task.examples.push_back(parse_line(j, task.kind, vocab_size, where));
     }

@@ -15,20 +15,6 @@
 
 namespace crash {
 
-int64_t TensorInfo::numel() const {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
-size_t safetensors_dtype_size(const std::string& d) {
-  static const std::map<std::string, size_t> sizes = {
-      {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8}, {"I32", 4}, {"I16", 2},
-      {"I8", 1},  {"U8", 1},  {"BOOL", 1}, {"U16", 2}, {"U32", 4}, {"U64", 8}};
-  auto it = sizes.find(d);
-  return it == sizes.end() ? 0 : it->second;
-}
-
 torch::ScalarType scalar_type_of(const std::string& d, const std::string& source) {
   static const std::map<std::string, torch::ScalarType> types = {
       {"F64", torch::kFloat64}, {"F32", torch::kFloat32}, {"F16", torch::kFloat16}, {"BF16", torch::kBFloat16},
@@ -55,68 +41,6 @@ std::string safetensors_dtype_of(torch::ScalarType t) {
   }
 }
 
-namespace {
-
-// Parses and validates the header; throws UserError naming the file and the entry.
-void parse_header(const std::string& path, const char* text, size_t size, uint64_t data_size,
-                  std::map<std::string, TensorInfo>& tensors, std::map<std::string, std::string>& metadata) {
-  nlohmann::json header;
-  try {
-    header = nlohmann::json::parse(text, text + size);
-  } catch (const nlohmann::json::parse_error& e) {
-    fail("{}: safetensors header is not valid JSON (byte {})", path, e.byte);
-  }
-  if (!header.is_object()) fail("{}: safetensors header must be a JSON object", path);
-  for (auto& [name, entry] : header.items()) {
-    if (name == "__metadata__") {
-      if (!entry.is_object()) fail("{}: __metadata__ must be an object of strings", path);
-      for (auto& [k, v] : entry.items()) {
-        if (!v.is_string()) fail("{}: __metadata__ field '{}' must be a string", path, k);
-        metadata[k] = v.get<std::string>();
-      }
-      continue;
-    }
-    if (!entry.is_object() || !entry.contains("dtype") || !entry.contains("shape") || !entry.contains("data_offsets"))
-      fail("{}: tensor '{}' needs dtype, shape and data_offsets", path, name);
-    TensorInfo t;
-    t.name = name;
-    if (!entry["dtype"].is_string()) fail("{}: tensor '{}': dtype must be a string", path, name);
-    t.dtype = entry["dtype"].get<std::string>();
-    size_t esize = safetensors_dtype_size(t.dtype);
-    if (esize == 0) fail("{}: tensor '{}': unknown dtype '{}'", path, name, t.dtype);
-    const auto& shape = entry["shape"];
-    if (!shape.is_array()) fail("{}: tensor '{}': shape must be an array", path, name);
-    for (const auto& d : shape) {
-      if (!d.is_number_integer() || d.get<int64_t>() < 0)
-        fail("{}: tensor '{}': shape entries must be non-negative integers", path, name);
-      t.shape.push_back(d.get<int64_t>());
-    }
-    const auto& off = entry["data_offsets"];
-    if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() || !off[1].is_number_unsigned())
-      fail("{}: tensor '{}': data_offsets must be two non-negative integers", path, name);
-    t.begin = off[0].get<uint64_t>();
-    t.end = off[1].get<uint64_t>();
-    if (t.begin > t.end || t.end > data_size)
-      fail("{}: tensor '{}': data_offsets [{}, {}) out of range (data section holds {} bytes; file truncated?)", path,
-           name, t.begin, t.end, data_size);
-    // Multiply with overflow checks: shape times element size must equal the byte length.
-    unsigned __int128 bytes = esize;
-    for (int64_t d : t.shape) bytes *= static_cast<uint64_t>(d);
-    if (bytes != t.end - t.begin)
-      fail("{}: tensor '{}': shape {} of {} needs {} bytes but data_offsets span {}", path, name, shape.dump(), t.dtype,
-           static_cast<uint64_t>(bytes), t.end - t.begin);
-    tensors.emplace(name, std::move(t));
-  }
-  std::vector<const TensorInfo*> order;
-  for (auto& [n, t] : tensors) order.push_back(&t);
-  std::sort(order.begin(), order.end(), [](auto* a, auto* b) { return a->begin < b->begin; });
-  for (size_t i = 1; i < order.size(); ++i)
-    if (order[i]->begin < order[i - 1]->end)
-      fail("{}: tensors '{}' and '{}' overlap in the data section", path, order[i - 1]->name, order[i]->name);
-}
-
-}  // namespace
-
 SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) fail("{}: cannot open ({})", path, std::strerror(errno));
@@ -140,15 +64,10 @@ SafetensorsFile::SafetensorsFile(const std::string& path) : path_(path) {
   // Pages come in only when a tensor asks for them (see view()).
   ::madvise(map_, map_size_, MADV_RANDOM);
   auto* bytes = static_cast<uint8_t*>(map_);
-  uint64_t header_size = 0;
-  std::memcpy(&header_size, bytes, 8);  // little-endian, as the format and x86/ARM are
   try {
-    if (header_size > file_size - 8)
-      fail("{}: header claims {} bytes but the file has {} after the size field (truncated?)", path, header_size,
-           file_size - 8);
+    const uint64_t header_size = parse_safetensors_header(path, bytes, file_size, tensors_, metadata_);
     data_ = bytes + 8 + header_size;
     data_size_ = file_size - 8 - header_size;
-    parse_header(path, reinterpret_cast<const char*>(bytes + 8), header_size, data_size_, tensors_, metadata_);
   } catch (...) {
     ::munmap(map_, map_size_);
     map_ = nullptr;

@@ -8,19 +8,10 @@
 #include <utility>
 #include <vector>
 
+#include "framework/safetensors_header.h"
+
 namespace crash {
 
-struct TensorInfo {
-  std::string name;
-  std::string dtype;  // as written in the header: F32, F16, BF16, I64, ...
-  std::vector<int64_t> shape;
-  uint64_t begin = 0;  // byte offsets into the data section, [begin, end)
-  uint64_t end = 0;
-  int64_t numel() const;
-};
-
-// Bytes of one element of a safetensors dtype; 0 when the dtype is unknown.
-size_t safetensors_dtype_size(const std::string& dtype);
 torch::ScalarType scalar_type_of(const std::string& dtype, const std::string& source);
 std::string safetensors_dtype_of(torch::ScalarType t);
 

@@ -3,6 +3,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "framework/json_fields.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -38,6 +39,10 @@ std::string string_field(const nlohmann::json& j, const char* key, const std::st
 Task read_task(const std::string& path, int64_t limit) {
   std::ifstream in(path);
   if (!in) fail("{}: cannot open task file", path);
+  return parse_task(in, path, limit);
+}
+
+Task parse_task(std::istream& in, const std::string& path, int64_t limit) {
   Task task;
   task.path = path;
   std::string line;
@@ -46,11 +51,14 @@ Task read_task(const std::string& path, int64_t limit) {
        ++lineno) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = fmt::format("{}:{}", path, lineno);
+    check_json_depth(line, where);
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(line);
     } catch (const nlohmann::json::parse_error& e) {
       fail("{}: not valid JSON (column {})", where, e.byte);
+    } catch (const nlohmann::json::exception& e) {  // a number too large for a double, ...
+      fail("{}: not valid JSON ({})", where, e.what());
     }
     if (!j.is_object()) fail("{}: expected a JSON object", where);
     for (auto& [key, value] : j.items())

@@ -6,6 +6,7 @@
 // examples/export_tasks.py); this reader checks the shape of every line.
 #pragma once
 #include <cstdint>
+#include <istream>
 #include <string>
 #include <vector>
 
@@ -31,5 +32,7 @@ struct Task {
 
 // Reads the first `limit` examples (all when negative). Errors name the file and line.
 Task read_task(const std::string& path, int64_t limit = -1);
+// The same from a stream; `path` names it in errors (the fuzz target feeds bytes here).
+Task parse_task(std::istream& in, const std::string& path, int64_t limit = -1);
 
 }  // namespace crash

@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "framework/prepare.h"
+#include "framework/json_fields.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -35,11 +36,14 @@ void read_file_lines(const std::string& path, int64_t vocab_size, int64_t max_le
   std::string line;
   for (int64_t lineno = 1; std::getline(in, line); ++lineno) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
+    check_json_depth(line, fmt::format("{}:{}", path, lineno));
     nlohmann::json j;
     try {
       j = nlohmann::json::parse(line);
     } catch (const nlohmann::json::parse_error& e) {
       fail("{}:{}: not valid JSON (column {})", path, lineno, e.byte);
+    } catch (const nlohmann::json::exception& e) {  // a number too large for a double, ...
+      fail("{}:{}: not valid JSON ({})", path, lineno, e.what());
     }
     if (!j.is_object()) fail("{}:{}: expected a JSON object", path, lineno);
     if (j.contains("text") && !j.contains("tokens")) {

@@ -1180,8 +1180,10 @@ void read_bpe(const Reader& r, const json& j, Tokenizer::Impl& m) {
 }
 }  // namespace
 
-Tokenizer Tokenizer::load(const std::string& path) {
-  json j = read_json_file(path);
+Tokenizer Tokenizer::load(const std::string& path) { return parse(read_text_file(path), path); }
+
+Tokenizer Tokenizer::parse(const std::string& text, const std::string& path) {
+  json j = parse_json(text, path);
   Reader r{path};
   if (!j.is_object()) fail("{}: expected a JSON object, got {}", path, j.type_name());
   auto m = std::make_shared<Impl>();

@@ -29,6 +29,8 @@ class Tokenizer {
  public:
   // Reads a tokenizer.json file; errors name the file and the field.
   static Tokenizer load(const std::string& path);
+  // The same from the file's text; `source` names it in errors.
+  static Tokenizer parse(const std::string& text, const std::string& source);
 
   // Text (UTF-8; invalid UTF-8 is a UserError) to ids. add_special_tokens applies the
   // post-processor's special tokens (for example BOS).

@@ -132,17 +132,25 @@ std::optional<std::string> latest_train_checkpoint(const std::string& root) {
 
 nlohmann::json read_train_manifest(const std::string& dir) {
   const std::string path = dir + "/manifest.json";
-  std::ifstream in(path);
-  if (!in) fail("{}: cannot open (not a training checkpoint)", path);
-  nlohmann::json m;
-  try {
-    m = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    fail("{}: not valid JSON ({})", path, e.what());
-  }
+  if (!std::ifstream(path)) fail("{}: cannot open (not a training checkpoint)", path);
+  const nlohmann::json m = read_json_file(path);
   if (!m.is_object() || m.value("format", "") != kFormat) fail("{}: field 'format' must be \"{}\"", path, kFormat);
   for (const char* key : {"step", "grid", "trainer", "files", "optimizer_steps"})
     if (!m.contains(key)) fail("{}: missing field '{}'", path, key);
+  // The trainer indexes its schedule and data with these: check them before anyone reads them.
+  if (json_field<int64_t>(m, "step", path) < 0) fail("{}: field 'step' must be non-negative", path);
+  if (json_field<int64_t>(m, "optimizer_steps", path) < 0) fail("{}: field 'optimizer_steps' must be non-negative", path);
+  const auto grid = json_field<nlohmann::json>(m, "grid", path);
+  for (const char* key : {"tp", "pp", "dp"})
+    if (json_field<int64_t>(grid, key, path + " grid") < 1) fail("{}: grid field '{}' must be positive", path, key);
+  const auto trainer = json_field<nlohmann::json>(m, "trainer", path);
+  json_field<nlohmann::json>(trainer, "options", path + " trainer");
+  json_field<std::string>(trainer, "data_hash", path + " trainer");
+  if (trainer.contains("best_val") && !trainer["best_val"].is_null()) json_field<double>(trainer, "best_val", path + " trainer");
+  json_field_or<int64_t>(trainer, "best_step", -1, path + " trainer");
+  if (!m["files"].is_array()) fail("{}: field 'files' must be a list of objects", path);
+  for (const auto& f : m["files"])
+    if (!f.is_object()) fail("{}: field 'files' must be a list of objects", path);
   return m;
 }
 
