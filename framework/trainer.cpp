@@ -21,6 +21,7 @@
 #include "framework/token_input.h"
 #include "framework/train_checkpoint.h"
 #include "parallel/errors.h"
+#include "parallel/stop_signal.h"
 #include "parallel/world.h"
 
 namespace crash {
@@ -204,6 +205,7 @@ class TrainLog {
 }  // namespace
 
 TrainSummary train(const TrainOptions& o) {
+  install_stop_handlers();  // before anything slow: a signal during loading is not fatal
   World& world = World::get();
   CheckpointReader ckpt(o.model);
   const ModelConfig& cfg = ckpt.config();
@@ -443,9 +445,16 @@ TrainSummary train(const TrainOptions& o) {
       spdlog::info("step {}: validation loss {:.4f}{}", step + 1, v, better ? " (best so far, saved)" : "");
     }
     if (last && !val) model.save_model((out / "model").string());
-    if ((o.save_every > 0 && (step + 1) % o.save_every == 0) || last)
+    const bool save = (o.save_every > 0 && (step + 1) % o.save_every == 0) || last;
+    // SIGUSR1/SIGTERM (a batch job near its time limit): every rank stops after the same step
+    // with a checkpoint, and --resume continues exactly from it.
+    const bool stop = !last && stop_agreed(*grid->world());
+    if (save || stop)
       save_train_checkpoint(ckpt_root.string(), step + 1, *grid, *optimizer, slices, trainer_state(step + 1),
                             o.keep_checkpoints);
+    if (stop)
+      throw StopRequested(fmt::format("stopped by a signal after step {} of {}; checkpoint in {} (run again with --resume)",
+                                      step + 1, o.steps, ckpt_root.string()));
     if (o.stop_after > 0 && ran >= o.stop_after) break;
   }
   if (sift && !o.save_increments.empty() && start + ran == o.steps)

@@ -77,5 +77,7 @@ void pipeline_options(po::options_description& o);
 int pipeline_run(const po::variables_map& vm);
 void decompose_options(po::options_description& o);
 int decompose_run(const po::variables_map& vm);
+void preflight_options(po::options_description& o);
+int preflight_run(const po::variables_map& vm);
 
 }  // namespace crash

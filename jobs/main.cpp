@@ -10,6 +10,7 @@
 #include "jobs/job.h"
 #include "parallel/errors.h"
 #include "parallel/log.h"
+#include "parallel/stop_signal.h"
 #include "parallel/world.h"
 
 namespace {
@@ -51,6 +52,10 @@ int main(int argc, char** argv) {
     init_logging(world.rank(), world.size(), vm["log-level"].as<std::string>(), vm["log-all-ranks"].as<bool>());
     apply_threads(vm);
     return job->run(vm);
+  } catch (const StopRequested& e) {
+    // Every rank stopped at the same step (stop_agreed): nobody waits, so no abort.
+    if (world.rank() == 0) std::fprintf(stderr, "crash-hpc: %s\n", e.what());
+    return kExitStopped;
   } catch (const UserError& e) {
     return report("error: ", e.what(), kExitUserError);
   } catch (const c10::Error& e) {

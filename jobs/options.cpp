@@ -38,6 +38,8 @@ const std::vector<Job>& all_jobs() {
        pipeline_options, pipeline_run},
       {"decompose", "SFSD: factor each decoder Linear by the top eigenvectors of its outputs' covariance (HF folder)",
        decompose_options, decompose_run},
+      {"preflight", "checks a batch job's launch, collectives, parallel HDF5 and memory before its stage runs",
+       preflight_options, preflight_run},
   };
   return jobs;
 }
