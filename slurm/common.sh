@@ -72,7 +72,8 @@ crash_srun() {
   local job=$1
   shift
   echo "crash-hpc slurm: $(date -u +%FT%TZ) srun --mpi=$CRASH_MPI $CRASH_BIN $job $*" >&2
-  srun --mpi="$CRASH_MPI" --kill-on-bad-exit=1 "$CRASH_BIN" "$job" "$@" $(common_args)
+  # stdin from /dev/null: srun would otherwise swallow the input of a loop around it.
+  srun --mpi="$CRASH_MPI" --kill-on-bad-exit=1 "$CRASH_BIN" "$job" "$@" $(common_args) </dev/null
 }
 
 # preflight OUT [MODEL]: the launch, collectives, parallel HDF5 and memory, before the stage.

@@ -27,4 +27,4 @@ args=(--model "$MODEL" --work "$WORK" --modes "$(cfg modes uniform,remove,share)
 while read -r t; do args+=(--eval-task "$t"); done < <(cfg_list eval-task)
 [ -z "$(cfg valid-task)" ] || args+=(--valid-task "$(cfg valid-task)")
 [ -z "$(cfg collect-task)" ] || args+=(--collect-task "$(cfg collect-task)")
-srun --ntasks=1 --mpi="$CRASH_MPI" "$CRASH_BIN" pipeline "${args[@]}" $(common_args)
+srun --ntasks=1 --mpi="$CRASH_MPI" "$CRASH_BIN" pipeline "${args[@]}" $(common_args) </dev/null

@@ -25,6 +25,8 @@ check() {  # DESCRIPTION COMMAND...
   if "${@:2}"; then echo "ok: $1"; else echo "FAILED: $1"; failures=$((failures + 1)); fi
 }
 slurm_cluster_start "$T/slurm" || exit 1
+# A copy of the program: a build relinking build/crash-hpc meanwhile cannot break a job.
+cp "$BIN" "$T/crash-hpc" && BIN=$T/crash-hpc
 HOST=$(hostname -s)
 cd "$SRC"
 
