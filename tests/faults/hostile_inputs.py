@@ -275,7 +275,7 @@ try:
 
     # ---- HDF5 activation archives (similarity reads them) ----
     good = W("good.h5")
-    p = run(["collect", "--model", llama, "--data", tokens, "--out", good, "--log-level", "warn"])
+    p = run(["collect", "--model", llama, "--data", tokens, "--out", good])
     if p.returncode != 0:
         raise SystemExit("FAIL: collect for the archive cases: " + p.stderr)
     good_bytes = open(good, "rb").read()
@@ -349,7 +349,7 @@ try:
 
     # ---- prepared folders (eval and train read them) ----
     prepared = W("good.prepared")
-    p = run(["prepare", "--task", mc, "--tokenizer", tok_model, "--out", prepared, "--log-level", "warn"])
+    p = run(["prepare", "--task", mc, "--tokenizer", tok_model, "--out", prepared])
     if p.returncode != 0:
         raise SystemExit("FAIL: prepare for the prepared-folder cases: " + p.stderr)
     shard = sorted(f for f in os.listdir(prepared) if f.endswith(".jsonl"))[0]
@@ -407,8 +407,7 @@ try:
                                 "continuations": cont, "gold": 0, "choice_chars": [3, 3, 3]}) + "\n")
     write(os.path.join(task, "manifest.json"), json.dumps({"kind": "multiple_choice", "task": "t",
                                                            "shards": ["shard-00000.jsonl"]}))
-    train = ["train", "--model", emu, "--data", task, "--batch-size", "4", "--steps", "4", "--save-every", "2",
-             "--log-level", "warn"]
+    train = ["train", "--model", emu, "--data", task, "--batch-size", "4", "--steps", "4", "--save-every", "2"]
     ref = W("trained")
     p = run(train + ["--out", ref, "--stop-after", "2"])
     if p.returncode != 0:
