@@ -264,7 +264,8 @@ double DistributedLM::evaluate_loss(const torch::Tensor& ids, const torch::Tenso
 }
 
 void DistributedLM::sync_gradients() {
-  auto grad_of = [](const torch::Tensor& p) {
+  auto grad_of = [this](const torch::Tensor& p) {
+    if (gradient_source_) return gradient_source_(p);
     if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
     return p.grad();
   };

@@ -80,6 +80,11 @@ class DistributedLM {
   // share replicated key/value heads, and between a tied embedding's first and last stage.
   // Frozen parameters are skipped.
   void sync_gradients();
+  // Where the sums above find a parameter's gradient (default: its .grad, made if absent). A
+  // sparse optimiser hands out the masked entries it keeps instead: the sums are elementwise,
+  // and every copy of a tensor has the same mask.
+  using GradientSource = std::function<torch::Tensor(const torch::Tensor& param)>;
+  void set_gradient_source(GradientSource source) { gradient_source_ = std::move(source); }
 
   // Marks which parameters train, by Hugging Face name (a tied lm_head is asked as the
   // embedding); the rest get requires_grad = false: no gradient, no sum, no optimiser state.
@@ -109,6 +114,7 @@ class DistributedLM {
   torch::Tensor tied_embedding_;  // first or last stage's copy when the embedding is tied across PP
   std::string source_dir_;
   int kv_group_size_ = 1;
+  GradientSource gradient_source_;
 };
 
 // Next-token targets: ids shifted left, ignore_index where the target or the position is padding.

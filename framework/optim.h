@@ -35,7 +35,7 @@ class Optimizer {
   virtual ~Optimizer() = default;
   // One update with learning rate `lr` from the gradients in the parameters.
   virtual void step(double lr) = 0;
-  void zero_grad();
+  virtual void zero_grad();
   int64_t steps() const { return steps_; }
   void set_steps(int64_t steps) { steps_ = steps; }
   const std::vector<OptimParam>& params() const { return params_; }

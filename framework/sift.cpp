@@ -6,6 +6,9 @@
 #include <cmath>
 #include <filesystem>
 #include <map>
+#include <numeric>
+
+#include <torch/csrc/autograd/function.h>
 
 #include "framework/safetensors.h"
 #include "parallel/errors.h"
@@ -76,6 +79,23 @@ torch::Tensor select_top_k(const torch::Tensor& grad, int64_t k, const std::opti
   return std::get<0>(torch::cat({above, ties.narrow(0, 0, take)}).sort());
 }
 
+namespace {
+
+// Runs after AccumulateGrad: the dense gradient autograd just stored is folded into the masked
+// sum and dropped, so at most one dense gradient lives at a time.
+struct MaskedGradientHook : torch::autograd::FunctionPostHook {
+  MaskedGradientHook(SparseAdamW* owner, size_t i) : owner(owner), i(i) {}
+  torch::autograd::variable_list operator()(const torch::autograd::variable_list& outputs,
+                                            const torch::autograd::variable_list&) override {
+    owner->absorb(i);
+    return outputs;
+  }
+  SparseAdamW* owner;
+  size_t i;
+};
+
+}  // namespace
+
 SparseAdamW::SparseAdamW(std::vector<SiftParam> params, double rho, const AdamWOptions& options, CommPtr tp,
                          int tp_rank, CommPtr dp)
     : rho_(rho), options_(options), tp_(std::move(tp)), dp_(std::move(dp)), tp_rank_(tp_rank) {
@@ -85,16 +105,38 @@ SparseAdamW::SparseAdamW(std::vector<SiftParam> params, double rho, const AdamWO
     full_numel_.push_back(p.full_numel);
     const auto dev = p.param.param.device();
     index_.push_back(torch::empty({0}, torch::TensorOptions().dtype(torch::kInt64).device(dev)));
-    for (auto* v : {&master_, &exp_avg_, &exp_avg_sq_})
+    for (auto* v : {&master_, &exp_avg_, &exp_avg_sq_, &masked_grad_})
       v->push_back(torch::empty({0}, torch::TensorOptions().dtype(torch::kFloat32).device(dev)));
     grad_.emplace_back();
   }
 }
 
-void SparseAdamW::select() {
+SparseAdamW::~SparseAdamW() {
+  for (auto& [node, key] : hooks_) node->del_post_hook(key);
+}
+
+std::vector<std::vector<size_t>> SparseAdamW::selection_groups(int passes,
+                                                               const std::vector<std::string>& pinned) const {
+  std::vector<std::vector<size_t>> groups(static_cast<size_t>(std::max(1, passes)));
+  int64_t total = 0;
+  for (const auto& p : params_) total += p.param.numel() * p.param.element_size();
+  const double per_group = static_cast<double>(total) / static_cast<double>(groups.size());
+  int64_t bytes = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const auto& p = params_[i];
+    const bool pin = std::find(pinned.begin(), pinned.end(), p.name) != pinned.end();
+    // Greedy in order: the group that the running byte count has reached.
+    const auto g = pin ? 0 : std::min(groups.size() - 1, static_cast<size_t>(static_cast<double>(bytes) / per_group));
+    groups[g].push_back(i);
+    bytes += p.param.numel() * p.param.element_size();
+  }
+  return groups;
+}
+
+void SparseAdamW::select(const std::vector<size_t>& which) {
   torch::NoGradGuard no_grad;
   int64_t chosen = 0;
-  for (size_t i = 0; i < params_.size(); ++i) {
+  for (size_t i : which) {
     auto param = params_[i].param.detach();
     auto grad = params_[i].param.grad().defined() ? params_[i].param.grad() : torch::zeros_like(param);
     auto idx = select_top_k(grad, sift_k(rho_, full_numel_[i]), slices_[i], tp_, tp_rank_);
@@ -111,23 +153,73 @@ void SparseAdamW::select() {
     exp_avg_[i] = torch::zeros_like(master_[i]);
     exp_avg_sq_[i] = torch::zeros_like(master_[i]);
     chosen += idx.numel();
+    params_[i].param.mutable_grad() = torch::Tensor();
+  }
+  spdlog::debug("SIFT: {} entries of {} tensors of this rank's shards train (rho {})", chosen, which.size(), rho_);
+}
+
+void SparseAdamW::arm() {
+  const bool hooked = !hooks_.empty();
+  for (size_t i = 0; i < params_.size(); ++i) {
+    masked_grad_[i] = torch::zeros_like(master_[i]);
+    if (hooked) continue;
+    auto node = torch::autograd::impl::grad_accumulator(params_[i].param);
+    if (!node) continue;
+    hooks_.emplace_back(node, node->add_post_hook(std::make_unique<MaskedGradientHook>(this, i)));
   }
   selected_ = true;
-  spdlog::debug("SIFT: {} entries of this rank's shards train (rho {})", chosen, rho_);
+}
+
+void SparseAdamW::absorb(size_t i) {
+  torch::NoGradGuard no_grad;
+  auto& p = params_[i].param;
+  if (!p.grad().defined()) return;
+  masked_grad_[i].add_(p.grad().reshape({-1}).index_select(0, index_[i]).to(torch::kFloat32));
+  p.mutable_grad() = torch::Tensor();
+}
+
+torch::Tensor SparseAdamW::gradient_of(const torch::Tensor& p) {
+  for (size_t i = 0; i < params_.size(); ++i)
+    if (params_[i].param.is_same(p)) {
+      if (selected_) {
+        absorb(i);
+        return masked_grad_[i];
+      }
+      break;
+    }
+  if (!p.grad().defined()) p.mutable_grad() = torch::zeros_like(p);
+  return p.grad();
+}
+
+void SparseAdamW::zero_grad() {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    params_[i].param.mutable_grad() = torch::Tensor();
+    if (masked_grad_[i].defined()) masked_grad_[i].zero_();
+  }
 }
 
 void SparseAdamW::gather_grads() {
-  torch::NoGradGuard no_grad;
+  // A gradient autograd left dense (no hook yet on this backward) is folded in first.
   for (size_t i = 0; i < params_.size(); ++i) {
-    const auto& p = params_[i].param;
-    grad_[i] = p.grad().defined() ? p.grad().reshape({-1}).index_select(0, index_[i]).to(torch::kFloat32)
-                                  : torch::zeros_like(master_[i]);
+    absorb(i);
+    grad_[i] = masked_grad_[i];
   }
   gathered_ = true;
 }
 
+void SparseAdamW::select_from_dense() {
+  std::vector<size_t> all(params_.size());
+  std::iota(all.begin(), all.end(), size_t{0});
+  // select() drops the dense gradients it read: this step's update still needs them.
+  std::vector<torch::Tensor> dense;
+  for (auto& p : params_) dense.push_back(p.param.grad());
+  select(all);
+  arm();
+  for (size_t i = 0; i < params_.size(); ++i) params_[i].param.mutable_grad() = dense[i];
+}
+
 double SparseAdamW::clip_gradients(double max_norm, const std::vector<CommPtr>& sum_over) {
-  if (!selected_) select();
+  if (!selected_) select_from_dense();
   gather_grads();
   std::vector<torch::Tensor> counted;
   for (size_t i = 0; i < params_.size(); ++i)
@@ -143,7 +235,7 @@ double SparseAdamW::clip_gradients(double max_norm, const std::vector<CommPtr>& 
 
 void SparseAdamW::step(double lr) {
   torch::NoGradGuard no_grad;
-  if (!selected_) select();
+  if (!selected_) select_from_dense();
   if (!gathered_) gather_grads();
   ++steps_;
   for (size_t i = 0; i < params_.size(); ++i) {
@@ -151,6 +243,7 @@ void SparseAdamW::step(double lr) {
     auto flat = params_[i].param.detach().view({-1});
     flat.index_copy_(0, index_[i], master_[i].to(flat.scalar_type()));
     grad_[i] = torch::Tensor();
+    masked_grad_[i].zero_();
   }
   gathered_ = false;
 }
@@ -168,7 +261,9 @@ std::vector<StateTensor> SparseAdamW::state() {
   return out;
 }
 
-void SparseAdamW::state_loaded() { selected_ = steps_ > 0; }
+void SparseAdamW::state_loaded() {
+  if (steps_ > 0) arm();
+}
 
 }  // namespace crash
 

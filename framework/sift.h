@@ -38,25 +38,47 @@ struct SiftParam {
   int64_t full_numel = 0;  // of the whole tensor (k is taken of it)
 };
 
-// AdamW on the masked entries only. The mask is chosen at the first clip_gradients/step.
+// AdamW on the masked entries only. The mask is chosen by the selection passes (the trainer,
+// from the first micro-batch) or else at the first clip_gradients/step from the gradients there.
+// Once armed, each new gradient keeps only its masked entries (fp32, summed over backward
+// passes) and the dense one is dropped as soon as autograd has accumulated it, so gradient
+// memory also grows with rho; reductions over replicas act on those entries (gradient_of).
 class SparseAdamW : public Optimizer {
  public:
   SparseAdamW(std::vector<SiftParam> params, double rho, const AdamWOptions& options, CommPtr tp, int tp_rank,
               CommPtr dp);
+  ~SparseAdamW() override;
   // Selects the mask on the first call, gathers the masked gradients and clips them by the
   // norm of the masked gradients over the grid.
   double clip_gradients(double max_norm, const std::vector<CommPtr>& sum_over) override;
   void step(double lr) override;
+  void zero_grad() override;
   std::vector<StateTensor> state() override;
   void state_loaded() override;
+
+  // This rank's parameters split into `passes` groups of about equal bytes, for selecting the
+  // mask in that many backward passes, each with the dense gradients of one group only. Every
+  // rank gets exactly `passes` groups (some may be empty), since each pass is collective over
+  // the grid. Names in `pinned` go to the first group (a tied embedding: the two stages that
+  // hold it reduce its gradient together, so in the same pass).
+  std::vector<std::vector<size_t>> selection_groups(int passes, const std::vector<std::string>& pinned) const;
+  // Selects the masks of parameters `which` from their (reduced) gradients and frees those.
+  // Collective over TP (sliced tensors) and DP (the mask of DP rank 0 is sent to all).
+  void select(const std::vector<size_t>& which);
+  // After the masks of all parameters are selected: sparse state, and the gradient hooks.
+  void arm();
+  // The tensor holding p's gradient for sums over replicas: its masked entries once armed.
+  torch::Tensor gradient_of(const torch::Tensor& p);
 
   bool selected() const { return selected_; }
   // This rank's flat indices (into its shard) of parameter i's mask, and the trained values.
   const torch::Tensor& indices(size_t i) const { return index_[i]; }
   const std::vector<std::optional<ShardSlice>>& slices() const { return slices_; }
+  // Called by the hook after autograd accumulated parameter i's gradient.
+  void absorb(size_t i);
 
  private:
-  void select();
+  void select_from_dense();
   void gather_grads();
 
   double rho_;
@@ -67,6 +89,8 @@ class SparseAdamW : public Optimizer {
   std::vector<std::optional<ShardSlice>> slices_;
   std::vector<int64_t> full_numel_;
   std::vector<torch::Tensor> index_, master_, exp_avg_, exp_avg_sq_, grad_;
+  std::vector<torch::Tensor> masked_grad_;  // the hooks' sums, one per parameter
+  std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks_;
 };
 
 // Collective over the world: writes this run's increments to `path` (safetensors): per

@@ -320,6 +320,10 @@ TrainSummary train(const TrainOptions& o) {
                                ? (cfg.family == Family::OPT ? "model.decoder.embed_tokens.weight" : "model.embed_tokens.weight")
                                : "";
 
+  // SIFT's reductions act on the masked entries it keeps once the mask exists.
+  if (sift)
+    model.set_gradient_source([sift](const torch::Tensor& p) { return sift->gradient_of(p); });
+
   int64_t start = 0, best_step = -1;
   double best_val = std::numeric_limits<double>::infinity();
   if (resume_from) {
@@ -408,10 +412,29 @@ TrainSummary train(const TrainOptions& o) {
       targets += static_cast<double>(std::max<int64_t>(0, n - x.loss_from));
       tokens += static_cast<double>(n);
     }
+    auto slice_batch = [&](int64_t k) {
+      const auto first = rows.begin() + k * (B / K) + grid->dp_rank() * per_rank;
+      return make_batch(data, std::vector<int64_t>(first, first + per_rank), length, pad);
+    };
+    if (sift && !sift->selected()) {
+      // The mask, from the first micro-batch's gradient, in passes that each compute the dense
+      // gradients of a part of the parameters only (the rest frozen for that pass).
+      auto first = slice_batch(0);
+      const auto groups = sift->selection_groups(o.sift_selection_passes, {tied, "lm_head.weight"});
+      const auto& ps = optimizer->params();
+      for (const auto& group : groups) {
+        for (const auto& p : ps) p.param.requires_grad_(false);
+        for (size_t i : group) ps[i].param.requires_grad_(true);
+        model.forward_backward(first.ids, first.mask, o.micro_batches, true, first.labels, std::max(1.0, targets));
+        sift->select(group);
+      }
+      for (const auto& p : ps) p.param.requires_grad_(true);
+      sift->arm();
+      spdlog::info("SIFT: mask selected in {} passes over the first micro-batch", groups.size());
+    }
     double loss = 0;
     for (int64_t k = 0; k < K; ++k) {
-      const auto first = rows.begin() + k * (B / K) + grid->dp_rank() * per_rank;
-      auto batch = make_batch(data, std::vector<int64_t>(first, first + per_rank), length, pad);
+      auto batch = slice_batch(k);
       std::optional<DistributedLM::Distillation> kd;
       if (teacher)
         kd = DistributedLM::Distillation{teacher->forward(batch.ids, batch.mask, o.micro_batches, false).logits,

@@ -40,6 +40,9 @@ struct TrainOptions {
   // SIFT (framework/sift.h): rho in (0, 1] trains each tensor's top floor(rho numel) + 1
   // entries by the first step's |gradient|; 0: dense AdamW.
   double sparse_increment = 0;
+  // SIFT: backward passes that select the mask, each with the dense gradients of about
+  // 1/passes of the parameters (more passes: less memory, a slower first step).
+  int sift_selection_passes = 4;
   std::string save_increments;  // SIFT: write the increments (index + trained - base) here at the end
 };
 

@@ -33,6 +33,7 @@ void train_options(po::options_description& o) {
       "kd-alpha", po::value<double>()->default_value(0.5), "weight of the distillation term")(
       "kd-temperature", po::value<double>()->default_value(2.0), "distillation temperature")(
       "stop-after", po::value<int64_t>()->default_value(0), "end after N steps of this run, as if killed (tests)")(
+      "sift-selection-passes", po::value<int>()->default_value(4), "SIFT: backward passes over the first micro-batch that select the mask, each holding the dense gradients of about 1/N of the parameters")(
       "sparse-increment", po::value<double>(), "SIFT: train only each tensor's top floor(RHO numel) + 1 entries by the first step's |gradient|, 0 < RHO <= 1")(
       "save-increments", po::value<std::string>()->default_value(""), "SIFT: write the increments (index + trained - base) to this .safetensors file at the end");
   add_grid_options(o);
@@ -71,6 +72,8 @@ int train_run(const po::variables_map& vm) {
     if (!(t.sparse_increment > 0 && t.sparse_increment <= 1))
       fail("--sparse-increment must be in (0, 1], got {}", vm["sparse-increment"].as<double>());
   }
+  t.sift_selection_passes = vm["sift-selection-passes"].as<int>();
+  if (t.sift_selection_passes < 1) fail("--sift-selection-passes must be at least 1, got {}", t.sift_selection_passes);
   t.save_increments = vm["save-increments"].as<std::string>();
   t.grid = grid_sizes(vm);
   t.pp_layers = pp_layer_counts(vm);

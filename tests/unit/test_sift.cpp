@@ -153,3 +153,101 @@ TEST(Sift, SparseStepsOnlyTheMask) {
     EXPECT_LE(d, 1e-6) << i;
   }
 }
+
+namespace {
+
+// A least-squares model y = x a + b trained 5 steps of 2 backward passes each by `opt`;
+// `after_backward` sees the parameters after every backward pass.
+template <typename AfterBackward>
+std::vector<torch::Tensor> train_least_squares(Optimizer& opt, std::vector<torch::Tensor> params,
+                                               AfterBackward after_backward) {
+  torch::manual_seed(21);
+  for (int step = 0; step < 5; ++step) {
+    opt.zero_grad();
+    for (int pass = 0; pass < 2; ++pass) {
+      auto x = torch::randn({8, 6}), y = torch::randn({8, 4});
+      ((torch::matmul(x, params[0]) + params[1] - y).pow(2).sum() / 16).backward();
+      after_backward(step, params);
+    }
+    opt.clip_gradients(0.5, {});
+    opt.step(2e-2);
+  }
+  return params;
+}
+
+std::vector<torch::Tensor> least_squares_params() {
+  torch::manual_seed(20);
+  return {torch::randn({6, 4}).requires_grad_(true), torch::randn({4}).requires_grad_(true)};
+}
+
+}  // namespace
+
+// Once the mask exists, backward keeps only the masked entries of each gradient (the dense
+// .grad is dropped by the hook after accumulation) and the training equals the dense AdamW on
+// masked gradients, accumulated over two backward passes per step.
+TEST(Sift, ArmedHooksKeepOnlyMaskedGradients) {
+  torch::set_num_threads(1);
+  const double rho = 0.25;
+  // No weight decay: here the loss depends on every entry, and the dense reference would decay
+  // those outside the mask.
+  AdamWOptions opts = options();
+  opts.weight_decay = 0;
+  auto sp = least_squares_params();
+  std::vector<SiftParam> sift_params;
+  for (size_t i = 0; i < sp.size(); ++i) sift_params.push_back({{"p" + std::to_string(i), sp[i], true}, std::nullopt, sp[i].numel()});
+  SparseAdamW sift(sift_params, rho, opts, nullptr, 0, nullptr);
+  int dense_after_arm = 0;
+  auto trained = train_least_squares(sift, sp, [&](int step, const std::vector<torch::Tensor>& ps) {
+    for (const auto& p : ps) dense_after_arm += step > 0 && p.grad().defined();
+  });
+  EXPECT_EQ(dense_after_arm, 0);
+  ASSERT_TRUE(sift.selected());
+  EXPECT_EQ(sift.indices(0).numel(), sift_k(rho, 24));
+  EXPECT_EQ(sift.indices(1).numel(), sift_k(rho, 4));
+
+  auto rp = least_squares_params();
+  std::vector<torch::Tensor> masks;
+  std::vector<OptimParam> dense_params;
+  for (size_t i = 0; i < rp.size(); ++i) {
+    auto m = torch::zeros({rp[i].numel()});
+    m.index_fill_(0, sift.indices(i), 1);
+    masks.push_back(m.reshape(rp[i].sizes()));
+    rp[i].register_hook([m = masks.back()](const torch::Tensor& g) { return g * m; });
+    dense_params.push_back({"p" + std::to_string(i), rp[i], true});
+  }
+  AdamW dense(dense_params, opts);
+  auto reference = train_least_squares(dense, rp, [](int, const std::vector<torch::Tensor>&) {});
+  for (size_t i = 0; i < sp.size(); ++i) {
+    auto on = masks[i].to(torch::kBool);
+    const double d = (trained[i].detach().masked_select(on) - reference[i].detach().masked_select(on)).abs().max().item<double>();
+    EXPECT_LE(d, 1e-6) << i;
+  }
+  // The gradient the sums over replicas see is the masked one.
+  EXPECT_EQ(sift.gradient_of(sp[0]).numel(), sift.indices(0).numel());
+}
+
+// Every rank gets exactly the number of groups asked for, split in order by bytes with pinned
+// names in the first; selecting group by group gives each tensor its top k and frees its grad.
+TEST(Sift, SelectionGroupsSplitByBytes) {
+  std::vector<torch::Tensor> ts = {torch::zeros({100}), torch::zeros({10}), torch::zeros({50}), torch::zeros({40})};
+  std::vector<SiftParam> sp;
+  for (size_t i = 0; i < ts.size(); ++i) sp.push_back({{"t" + std::to_string(i), ts[i], true}, std::nullopt, ts[i].numel()});
+  SparseAdamW sift(sp, 0.1, options(), nullptr, 0, nullptr);
+  auto groups = sift.selection_groups(4, {"t3"});
+  ASSERT_EQ(groups.size(), 4u);
+  EXPECT_EQ(groups[0], (std::vector<size_t>{0, 3}));
+  EXPECT_EQ(groups[1], (std::vector<size_t>{}));
+  EXPECT_EQ(groups[2], (std::vector<size_t>{1, 2}));
+  EXPECT_TRUE(groups[3].empty());
+  EXPECT_EQ(sift.selection_groups(9, {}).size(), 9u);
+  torch::manual_seed(5);
+  for (auto& t : ts) t.mutable_grad() = torch::randn(t.sizes());
+  std::vector<torch::Tensor> grads;
+  for (auto& t : ts) grads.push_back(t.grad().clone());
+  for (const auto& g : groups) {
+    sift.select(g);
+    for (size_t i : g) EXPECT_FALSE(ts[i].grad().defined()) << i;
+  }
+  for (size_t i = 0; i < ts.size(); ++i)
+    EXPECT_EQ(as_vector(sift.indices(i)), reference_top_k(grads[i], sift_k(0.1, ts[i].numel()))) << i;
+}
