@@ -75,6 +75,9 @@ H5Id make_set(hid_t file, const std::string& name, hid_t type, std::vector<hsize
   chunk[0] = std::max<hsize_t>(1, std::min<hsize_t>(dims[0], (2u << 20) / std::max<hsize_t>(1, row_bytes)));
   if (dims[0] > 0) H5Pset_chunk(dcpl, static_cast<int>(chunk.size()), chunk.data());
   H5Pset_fill_time(dcpl, H5D_FILL_TIME_NEVER);
+  // Every chunk exists from the start, so writing rows never changes the file's metadata and a
+  // kill in the middle leaves the header as it was made.
+  H5Pset_alloc_time(dcpl, H5D_ALLOC_TIME_EARLY);
   H5Id lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
   H5Pset_create_intermediate_group(lcpl, 1);
   H5Id set(H5Dcreate2(file, name.c_str(), type, space, lcpl, dcpl, H5P_DEFAULT), H5Dclose);
@@ -105,10 +108,23 @@ ActivationArchive::ActivationArchive(const std::string& path, const ArchiveSpec&
     if (file_.get() < 0) fail("{}: cannot reopen the interrupted archive (damaged?); start again without --resume", partial_);
     open_existing(spec);
   } else {
+    // The header is made in PATH.partial.new, closed, and only then renamed: a PATH.partial
+    // always opens, however early a run is killed.
+    const std::string fresh = partial_ + ".new";
     comm->barrier();
-    file_ = H5Id(H5Fcreate(partial_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
-    if (file_.get() < 0) fail("{}: cannot create HDF5 file", partial_);
+    file_ = H5Id(H5Fcreate(fresh.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
+    if (file_.get() < 0) fail("{}: cannot create HDF5 file", fresh);
     create(spec);
+    close_sets();
+    if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", fresh);
+    file_.reset();
+    comm->barrier();
+    if (comm->rank() == 0 && std::rename(fresh.c_str(), partial_.c_str()) != 0)
+      fail("{}: cannot rename to {}", fresh, partial_);
+    comm->barrier();
+    file_ = H5Id(H5Fopen(partial_.c_str(), H5F_ACC_RDWR, fapl), H5Fclose);
+    if (file_.get() < 0) fail("{}: cannot open the archive just made", partial_);
+    open_existing(spec);
   }
 }
 
@@ -231,12 +247,16 @@ void ActivationArchive::write_round(const std::vector<Piece>& pieces, const Ids&
   if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", partial_);
 }
 
-void ActivationArchive::complete() {
-  set_int(file_, "complete", 1);
+void ActivationArchive::close_sets() {
   layers_.clear();
   index_set_.reset();
   hash_set_.reset();
   done_set_.reset();
+}
+
+void ActivationArchive::complete() {
+  set_int(file_, "complete", 1);
+  close_sets();
   if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", partial_);
   file_.reset();
   comm_->barrier();

@@ -63,6 +63,7 @@ class ActivationArchive {
  private:
   void create(const ArchiveSpec& spec);
   void open_existing(const ArchiveSpec& spec);
+  void close_sets();
   void write_rows(hid_t set, hid_t mem_type, int64_t row, int64_t rows, int64_t width, const void* data);
 
   std::string path_, partial_;
