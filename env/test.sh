@@ -18,7 +18,7 @@ if [ ! -f "$root/build-fuzz/CMakeCache.txt" ]; then
   CC=clang CXX=clang++ cmake -S "$root/fuzz" -B "$root/build-fuzz" "${generator[@]}"
 fi
 cmake --build "$root/build-fuzz" -j "$jobs"
-ctest --test-dir "$root/build-fuzz" --output-on-failure
+ctest --test-dir "$root/build-fuzz" --output-on-failure -j "$jobs"
 
 # ---- faults: the unit tests under AddressSanitizer and UndefinedBehaviorSanitizer ----
 # build-asan (cmake/sanitize.cmake): every library at -O1 with both sanitizers; unit_tests and

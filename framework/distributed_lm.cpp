@@ -143,7 +143,8 @@ DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const tor
   };
   run_forward(grid_->pp_group(), micro_batches, step);
   Output out;
-  if (!logits.empty()) out.logits = torch::cat(logits, 0).cpu();
+  // One micro-batch: no copy of the [B, T, V] logits.
+  if (!logits.empty()) out.logits = (logits.size() == 1 ? logits.front() : torch::cat(logits, 0)).cpu();
   for (auto& [l, parts] : hidden) out.hidden[l] = torch::cat(parts, 0).cpu();
   return out;
 }
