@@ -2,7 +2,9 @@
 // collectively by all ranks into one HDF5 archive (analysis/archive.h). Resumable.
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <chrono>
+#include <map>
 #include <cstdlib>
 #include <filesystem>
 
@@ -11,7 +13,6 @@
 #include "framework/token_input.h"
 #include "framework/prepare.h"
 #include "framework/distributed_lm.h"
-#include "framework/token_input.h"
 #include "jobs/job.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
@@ -27,13 +28,38 @@ void collect_options(po::options_description& o) {
       "pooling", po::value<std::string>()->default_value("mean"), "mean, mean_weighted, last, max or none (all tokens)")(
       "store-dtype", po::value<std::string>()->default_value("float32"), "stored type: float32 or float16")(
       "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16")(
-      "block-size", po::value<int64_t>()->default_value(32), "examples per block (one forward pass; the unit of resume)")(
-      "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per block")(
+      "block-size", po::value<int64_t>()->default_value(32), "examples per block (the unit of writes and of resume)")(
+      "length-groups", po::value<int64_t>()->default_value(4),
+      "forward passes per block, each over examples of similar length (1: the block in one pass)")(
+      "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per forward pass")(
       "padding", po::value<std::string>()->default_value("right"), "pad blocks on the 'left' or the 'right'")(
       "resume", po::bool_switch(), "finish an interrupted collection (OUT.partial)")(
       "overwrite", po::bool_switch(), "replace an existing output");
   add_grid_options(o);
 }
+
+namespace {
+
+// The examples [first, first + n) sorted by length and cut into `groups` runs of near-equal
+// size: each run is padded only to its own longest example, not to the block's (with lengths
+// spread over [T/2, T], one pass over the block spends a quarter of its tokens on padding).
+std::vector<std::vector<int64_t>> length_sorted_groups(const std::vector<std::vector<int64_t>>& seqs, int64_t first,
+                                                       int64_t n, int64_t groups) {
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) order[static_cast<size_t>(i)] = first + i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t a, int64_t b) { return seqs[static_cast<size_t>(a)].size() < seqs[static_cast<size_t>(b)].size(); });
+  groups = std::min(groups, n);
+  std::vector<std::vector<int64_t>> out;
+  for (int64_t g = 0, begin = 0; g < groups; ++g) {
+    const int64_t end = (g + 1) * n / groups;
+    out.emplace_back(order.begin() + begin, order.begin() + end);
+    begin = end;
+  }
+  return out;
+}
+
+}  // namespace
 
 int collect_run(const po::variables_map& vm) {
   const auto model_dir = vm["model"].as<std::string>();
@@ -49,6 +75,8 @@ int collect_run(const po::variables_map& vm) {
   if (store != "float32" && store != "float16") fail("--store-dtype: expected float32 or float16, got '{}'", store);
   if (block <= 0) fail("--block-size must be positive, got {}", block);
   if (micro <= 0) fail("--micro-batches must be positive, got {}", micro);
+  const int64_t length_groups = vm["length-groups"].as<int64_t>();
+  if (length_groups <= 0) fail("--length-groups must be positive, got {}", length_groups);
   if (vm["num-examples"].as<int64_t>() <= 0) fail("--num-examples must be positive");
   World& world = World::get();
 
@@ -107,14 +135,32 @@ int collect_run(const po::variables_map& vm) {
     ActivationArchive::Ids ids;
     if (mine < blocks && !archive.blocks_done()[mine]) {
       const int64_t first = mine * block, n = std::min(block, N - first);
-      auto batch = pad_batch(seqs, static_cast<size_t>(first), static_cast<size_t>(first + n), cfg.pad_token_id, left);
-      auto result = model.forward(batch.ids, batch.mask, n % micro == 0 ? micro : 1, true, /*logits=*/false);
-      if (grid->tp_rank() == 0) {
+      // Per layer, each example's pooled row (or token rows) at its place in the block.
+      std::map<int64_t, std::vector<torch::Tensor>> rows;
+      for (const auto& group : length_sorted_groups(seqs, first, n, length_groups)) {
+        std::vector<std::vector<int64_t>> group_seqs;
+        std::vector<int64_t> lengths;
+        for (int64_t i : group) {
+          group_seqs.push_back(seqs[static_cast<size_t>(i)]);
+          lengths.push_back(static_cast<int64_t>(group_seqs.back().size()));
+        }
+        const int64_t g = static_cast<int64_t>(group.size());
+        auto batch = pad_batch(group_seqs, 0, group_seqs.size(), cfg.pad_token_id, left);
+        auto result = model.forward(batch.ids, batch.mask, g % micro == 0 ? micro : 1, true, /*logits=*/false);
+        if (grid->tp_rank() != 0) continue;
         for (auto& [l, h] : result.hidden) {
+          auto values = spec.pooled ? pool_hidden(h, batch.mask, pooling).split(1) : unpooled_rows(h, batch.mask).split_with_sizes(lengths);
+          auto& slots = rows[l];
+          slots.resize(static_cast<size_t>(n));
+          for (int64_t k = 0; k < g; ++k) slots[static_cast<size_t>(group[static_cast<size_t>(k)] - first)] = values[static_cast<size_t>(k)];
+        }
+      }
+      if (grid->tp_rank() == 0) {
+        for (auto& [l, slots] : rows) {
           ActivationArchive::Piece p;
           p.layer = l;
           p.row = spec.pooled ? first : spec.offsets[first];
-          p.values = spec.pooled ? pool_hidden(h, batch.mask, pooling) : unpooled_rows(h, batch.mask);
+          p.values = torch::cat(slots, 0);
           pieces.push_back(std::move(p));
         }
         if (grid->first_stage()) {
