@@ -4,9 +4,9 @@
 
 #include <algorithm>
 #include <chrono>
-#include <map>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 
 #include "analysis/archive.h"
 #include "analysis/pooling.h"
