@@ -31,6 +31,42 @@ torch::Tensor pool_hidden(const torch::Tensor& hidden, const torch::Tensor& mask
   fail("--pooling: unknown method '{}'", method);
 }
 
+torch::Tensor pool_packed(const torch::Tensor& hidden, const std::vector<int64_t>& offsets, const std::string& method) {
+  auto h = hidden.to(torch::kFloat32);
+  const int64_t B = static_cast<int64_t>(offsets.size()) - 1;
+  std::vector<int64_t> row_of, position;  // each token's row, and its place 1..n in it
+  row_of.reserve(static_cast<size_t>(h.size(0)));
+  position.reserve(static_cast<size_t>(h.size(0)));
+  for (int64_t b = 0; b < B; ++b) {
+    if (offsets[b + 1] <= offsets[b]) fail("pooling: row {} of a packed pass has no tokens", b);
+    for (int64_t t = offsets[b]; t < offsets[b + 1]; ++t) {
+      row_of.push_back(b);
+      position.push_back(t - offsets[b] + 1);
+    }
+  }
+  auto dev = h.device();
+  auto rows = torch::tensor(row_of, torch::kInt64).to(dev);
+  auto lengths = torch::tensor(std::vector<int64_t>(offsets.begin() + 1, offsets.end()), torch::kInt64) -
+                 torch::tensor(std::vector<int64_t>(offsets.begin(), offsets.end() - 1), torch::kInt64);
+  auto len = lengths.to(torch::kFloat32).to(dev).unsqueeze(1);
+  auto sums = [&](const torch::Tensor& x) { return torch::zeros({B, h.size(1)}, h.options()).index_add_(0, rows, x); };
+  if (method == "mean") return sums(h) / len;
+  if (method == "mean_weighted") {
+    // Position weights 1..n over n(n + 1) / 2, as pool_hidden normalises them.
+    auto w = torch::tensor(position, torch::kInt64).to(dev).to(torch::kFloat32) /
+             (len * (len + 1) / 2).squeeze(1).index_select(0, rows);
+    return sums(h * w.unsqueeze(1));
+  }
+  if (method == "last") {
+    auto last = torch::tensor(std::vector<int64_t>(offsets.begin() + 1, offsets.end()), torch::kInt64) - 1;
+    return h.index_select(0, last.to(dev));
+  }
+  if (method == "max")
+    return torch::full({B, h.size(1)}, -std::numeric_limits<float>::infinity(), h.options())
+        .index_reduce_(0, rows, h, "amax", /*include_self=*/true);
+  fail("--pooling: unknown method '{}'", method);
+}
+
 torch::Tensor unpooled_rows(const torch::Tensor& hidden, const torch::Tensor& mask) {
   auto keep = mask.to(hidden.device()).to(torch::kBool);
   return hidden.to(torch::kFloat32).index({keep});

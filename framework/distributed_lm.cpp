@@ -82,13 +82,24 @@ torch::Device DistributedLM::device() const {
 namespace {
 
 struct MicroBatches {
-  std::vector<torch::Tensor> ids, mask, positions;
-  MicroBatches(const CausalLM& model, const torch::Tensor& ids_all, const torch::Tensor& mask_all, int n) {
+  std::vector<torch::Tensor> ids, mask, positions;  // packed: ids and positions [1, N]
+  std::vector<TokenPacking> packing;                // packed passes only
+  MicroBatches(const CausalLM& model, const torch::Tensor& ids_all, const torch::Tensor& mask_all, int n,
+               bool packed = false) {
     if (n < 1 || ids_all.size(0) % n != 0)
       fail("{} rows do not split into {} micro-batches", ids_all.size(0), n);
     ids = ids_all.to(model.parameters().front().device()).chunk(n, 0);
     mask = mask_all.to(model.parameters().front().device()).chunk(n, 0);
     for (int m = 0; m < n; ++m) positions.push_back(model.default_positions(mask[m], ids[m].size(1)));
+    if (!packed) return;
+    for (int m = 0; m < n; ++m) {
+      packing.push_back(TokenPacking::of(mask[m]));
+      ids[m] = packing.back().pack(ids[m].unsqueeze(-1)).squeeze(-1);
+      positions[m] = packing.back().pack(positions[m].unsqueeze(-1)).squeeze(-1);
+    }
+  }
+  AttentionContext context(const CausalLM& m, int i) const {
+    return packing.empty() ? m.attention_context(mask[i], positions[i]) : m.attention_context(packing[i], positions[i]);
   }
 };
 
@@ -111,7 +122,7 @@ StageStep stage_step(CausalLM& m, const MicroBatches& mb, torch::Device device,
                         torch::TensorOptions().dtype(dtype).device(device));
   };
   step.run = [&m, &mb, on_hidden](const torch::Tensor& x, int i) {
-    auto ctx = m.attention_context(mb.mask[i], mb.positions[i]);
+    auto ctx = mb.context(m, i);
     auto h = x;
     for (int64_t l = m.first_layer(); l < m.end_layer(); ++l) {
       h = m.run_layer(l, h, ctx, nullptr);
@@ -126,10 +137,10 @@ StageStep stage_step(CausalLM& m, const MicroBatches& mb, torch::Device device,
 }  // namespace
 
 DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
-                                             bool want_hidden, bool want_logits) {
+                                             bool want_hidden, bool want_logits, bool packed) {
   torch::InferenceMode guard;
   CausalLM& m = *stage_;
-  MicroBatches mb(m, ids, mask, micro_batches);
+  MicroBatches mb(m, ids, mask, micro_batches, packed);
   std::vector<torch::Tensor> logits;
   std::map<int64_t, std::vector<torch::Tensor>> hidden;
   const int64_t L = m.config().num_layers;
@@ -144,8 +155,14 @@ DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const tor
   run_forward(grid_->pp_group(), micro_batches, step);
   Output out;
   // One micro-batch: no copy of the [B, T, V] logits.
-  if (!logits.empty()) out.logits = (logits.size() == 1 ? logits.front() : torch::cat(logits, 0)).cpu();
-  for (auto& [l, parts] : hidden) out.hidden[l] = torch::cat(parts, 0).cpu();
+  // Packed micro-batches [1, N_i, ..] join along the tokens into [N, ..].
+  const int64_t dim = packed ? 1 : 0;
+  auto join = [&](const std::vector<torch::Tensor>& parts) {
+    auto t = parts.size() == 1 ? parts.front() : torch::cat(parts, dim);
+    return (packed ? t.squeeze(0) : t).cpu();
+  };
+  if (!logits.empty()) out.logits = join(logits);
+  for (auto& [l, parts] : hidden) out.hidden[l] = join(parts);
   return out;
 }
 

@@ -39,12 +39,14 @@ class DistributedLM {
 
   struct Output {
     torch::Tensor logits;                   // last stage: [B, T, vocab] (full vocabulary)
-    std::map<int64_t, torch::Tensor> hidden;  // HF hidden_states index -> [B, T, d], for this stage's layers
+    std::map<int64_t, torch::Tensor> hidden;  // HF hidden_states index -> [B, T, d] ([N, d] packed), this stage's layers
   };
   // Inference on this DP rank's rows, in `micro_batches` pieces along the batch. Without
-  // `logits` the LM head is skipped (collection needs hidden states only).
+  // `logits` the LM head is skipped (collection needs hidden states only). `packed` runs only
+  // the real tokens (TokenPacking): logits and hidden states are then [N, ..], the mask's
+  // tokens row after row.
   Output forward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches, bool hidden_states,
-                 bool logits = true);
+                 bool logits = true, bool packed = false);
 
   // Log-probability of each target token under the model, without gathering the logits:
   // targets [B, T] (this DP rank's rows) name the token predicted at each position

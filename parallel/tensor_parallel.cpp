@@ -62,6 +62,23 @@ struct ScatterToTP : torch::autograd::Function<ScatterToTP> {
 
 }  // namespace
 
+namespace {
+InferenceLinear& inference_linear() {
+  static InferenceLinear kernel;
+  return kernel;
+}
+}  // namespace
+
+void set_inference_linear(InferenceLinear kernel) { inference_linear() = std::move(kernel); }
+
+torch::Tensor local_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
+  const auto& kernel = inference_linear();
+  if (kernel && !torch::GradMode::is_enabled()) {
+    if (auto y = kernel(x, w, b)) return *y;
+  }
+  return torch::linear(x, w, b);
+}
+
 torch::Tensor copy_to_tp(const torch::Tensor& x, const CommPtr& tp) {
   return tp->size() == 1 ? x : CopyToTP::apply(x, tp);
 }
@@ -115,8 +132,8 @@ torch::Tensor gather_output(const torch::Tensor& y, ShardSlice s, const CommPtr&
 
 torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) {
   auto xin = copy_to_tp(x, tp_);
-  auto y = factor_a ? torch::linear(torch::linear(xin, factor_a->weight), factor_b->weight, factor_b->bias)
-                    : torch::linear(xin, weight, bias);
+  auto y = factor_a ? local_linear(local_linear(xin, factor_a->weight), factor_b->weight, factor_b->bias)
+                    : local_linear(xin, weight, bias);
   if (observer) observer(gather_output(y.detach(), slice_, tp_));
   return gather_ ? gather_from_tp(y, tp_) : y;
 }
@@ -151,10 +168,12 @@ RowParallelLinearImpl::RowParallelLinearImpl(int64_t full_in, int64_t start, int
 torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) {
   torch::Tensor y;
   if (factor_a) {
-    y = torch::linear(reduce_from_tp(torch::linear(x, factor_a->weight), tp_), factor_b->weight, factor_b->bias);
+    y = local_linear(reduce_from_tp(local_linear(x, factor_a->weight), tp_), factor_b->weight, factor_b->bias);
+  } else if (tp_->size() == 1) {
+    y = local_linear(x, weight, bias);
   } else {
     // The bias is added once, after the partial products are summed.
-    y = reduce_from_tp(torch::linear(x, weight), tp_);
+    y = reduce_from_tp(local_linear(x, weight), tp_);
     if (bias.defined()) y = y + bias;
   }
   if (observer) observer(y.detach());

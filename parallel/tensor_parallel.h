@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <map>
+#include <optional>
 #include <string>
 
 #include "parallel/comm.h"
@@ -20,6 +21,14 @@ torch::Tensor reduce_from_tp(const torch::Tensor& x, const CommPtr& tp);
 torch::Tensor gather_from_tp(const torch::Tensor& x, const CommPtr& tp);
 // Forward keeps this rank's part of the last dimension, backward allgathers.
 torch::Tensor scatter_to_tp(const torch::Tensor& x, const CommPtr& tp);
+
+// The local product x W^T + b of every tensor-parallel linear layer. An upper layer may install
+// a faster kernel for inference (framework/models/onednn.cpp does, for CPU float32); it is
+// consulted only when no gradient is wanted and returns nullopt where it does not apply.
+using InferenceLinear =
+    std::function<std::optional<torch::Tensor>(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b)>;
+void set_inference_linear(InferenceLinear kernel);
+torch::Tensor local_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b = {});
 
 // Which part of a full (checkpoint) tensor a rank holds: `length` entries from `start` along
 // `dim` of a dimension of size `full`. Entries past `full` are padding (zero). `group`

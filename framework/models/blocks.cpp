@@ -2,6 +2,9 @@
 
 #include <cmath>
 
+#include "framework/models/packed_attention.h"
+#include "parallel/errors.h"
+
 namespace crash {
 
 torch::Tensor activation(const std::string& name, torch::Tensor x) {
@@ -69,6 +72,10 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
     auto cos = ctx.cos.unsqueeze(1), sin = ctx.sin.unsqueeze(1);
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;
+  }
+  if (ctx.packed()) {
+    if (cache) fail("attention: a packed pass keeps no key/value cache");
+    return out_proj->forward(packed_attention(q, k, v, ctx));
   }
   if (cache) {
     if (cache->k.defined()) {

@@ -2,10 +2,12 @@
 
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <limits>
 
 #include "framework/checkpoint.h"
 #include "framework/models/blocks.h"
+#include "framework/models/onednn.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -34,6 +36,40 @@ AttentionContext CausalLM::attention_context(const torch::Tensor& mask_all, cons
   AttentionContext ctx;
   ctx.bias = torch::zeros(allowed.sizes(), torch::TensorOptions().dtype(torch::kFloat32).device(dev))
                  .masked_fill_(allowed.logical_not(), std::numeric_limits<float>::lowest());
+  auto inv_freq = rotary_inv_freq();
+  if (inv_freq.defined()) {
+    auto dtype = parameters().empty() ? torch::kFloat32 : parameters().front().scalar_type();
+    std::tie(ctx.cos, ctx.sin) = rotary_tables(inv_freq, positions, dtype);
+  }
+  return ctx;
+}
+
+TokenPacking TokenPacking::of(const torch::Tensor& mask) {
+  TokenPacking p;
+  auto m = mask.to(torch::kCPU).to(torch::kBool).contiguous();
+  p.index = m.view({-1}).nonzero().squeeze(1).to(mask.device());
+  auto lengths = m.sum(1).to(torch::kInt64).contiguous();
+  const int64_t* len = lengths.data_ptr<int64_t>();
+  p.row_offsets.assign(1, 0);
+  for (int64_t b = 0; b < lengths.size(0); ++b) {
+    p.row_offsets.push_back(p.row_offsets.back() + len[b]);
+    p.longest = std::max(p.longest, len[b]);
+  }
+  return p;
+}
+
+torch::Tensor TokenPacking::pack(const torch::Tensor& padded) const {
+  auto flat = padded.flatten(0, 1);
+  return flat.index_select(0, index.to(flat.device())).unsqueeze(0);
+}
+
+AttentionContext CausalLM::attention_context(const TokenPacking& packing, const torch::Tensor& positions) const {
+  AttentionContext ctx;
+  const int64_t T = packing.longest;
+  auto dev = positions.device();
+  ctx.bias = torch::full({T, T}, std::numeric_limits<float>::lowest(), torch::TensorOptions().dtype(torch::kFloat32).device(dev))
+                 .triu_(1);
+  ctx.row_offsets = packing.row_offsets;
   auto inv_freq = rotary_inv_freq();
   if (inv_freq.defined()) {
     auto dtype = parameters().empty() ? torch::kFloat32 : parameters().front().scalar_type();
@@ -210,6 +246,7 @@ void apply_sfsd_ranks(CausalLM& model, const ModelConfig& config) {
 }  // namespace
 
 std::shared_ptr<CausalLM> build_model(const ModelConfig& config, const ModelShard& shard) {
+  install_onednn_kernels();
   auto model = config.family == Family::OPT ? build_opt(config, shard) : build_llama(config, shard);
   apply_sfsd_ranks(*model, config);
   return model;

@@ -28,10 +28,28 @@ struct ModelShard {
   torch::ScalarType dtype = torch::kFloat32;
 };
 
+// The real tokens of a padded batch [B, T], row after row (varlen packing): the linear layers
+// then spend nothing on padding, and attention runs within each row over its own tokens.
+struct TokenPacking {
+  torch::Tensor index;               // [N] positions of the real tokens in the flattened [B * T]
+  std::vector<int64_t> row_offsets;  // B + 1 entries: row b holds tokens [row_offsets[b], row_offsets[b + 1])
+  int64_t longest = 0;               // the longest row's length
+
+  static TokenPacking of(const torch::Tensor& mask);
+  int64_t tokens() const { return row_offsets.empty() ? 0 : row_offsets.back(); }
+  int64_t rows() const { return static_cast<int64_t>(row_offsets.size()) - 1; }
+  // [B, T, ...] -> [1, N, ...]: only the real tokens, in order.
+  torch::Tensor pack(const torch::Tensor& padded) const;
+};
+
 // What attention needs besides the hidden states; built once per forward step.
 struct AttentionContext {
-  torch::Tensor bias;      // additive [B, 1, Tq, Tk]: 0 where allowed, the dtype's lowest value elsewhere
-  torch::Tensor cos, sin;  // rotary tables [B, Tq, head_dim]; undefined for learned positions
+  // Padded: additive [B, 1, Tq, Tk], 0 where allowed, the dtype's lowest value elsewhere.
+  // Packed: the causal [longest, longest] of that form, which every row narrows.
+  torch::Tensor bias;
+  torch::Tensor cos, sin;  // rotary tables [B, Tq, head_dim] ([1, N, head_dim] packed); undefined for learned positions
+  std::vector<int64_t> row_offsets;  // packed passes (hidden states [1, N, d]): TokenPacking::row_offsets
+  bool packed() const { return !row_offsets.empty(); }
 };
 
 // Keys and values of one layer for incremental decoding: [B, kv_heads, T, head_dim].
@@ -79,6 +97,8 @@ class CausalLM : public torch::nn::Module {
   // Positions HF's generate() uses (derived from the attention mask for both families).
   torch::Tensor generation_positions(const torch::Tensor& mask_all, int64_t new_tokens) const;
   AttentionContext attention_context(const torch::Tensor& mask_all, const torch::Tensor& positions) const;
+  // For a packed pass: positions [1, N] are the packed tokens' (packing.pack of the padded ones).
+  AttentionContext attention_context(const TokenPacking& packing, const torch::Tensor& positions) const;
 
   // The whole model on one process: logits and, if asked, every hidden state.
   ForwardOutput forward(const torch::Tensor& ids, const torch::Tensor& mask, bool hidden_states = false,

@@ -106,7 +106,7 @@ class OptLM : public CausalLM {
   }
 
   torch::Tensor head_local(const torch::Tensor& h) override {
-    return lm_head ? lm_head->forward(h) : torch::linear(copy_to_tp(h, tp_), embed_tokens->weight);
+    return lm_head ? lm_head->forward(h) : local_linear(copy_to_tp(h, tp_), embed_tokens->weight);
   }
 
   torch::Tensor default_positions(const torch::Tensor& mask_all, int64_t new_tokens) const override {

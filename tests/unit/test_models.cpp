@@ -4,6 +4,8 @@
 #include "framework/models/decoder.h"
 #include "tests/unit/test_util.h"
 
+#include <optional>
+
 namespace crash {
 namespace {
 
@@ -89,6 +91,39 @@ TEST_P(GoldenModel, PipelineStagesComposeToTheFullModel) {
   for (int64_t l = 1; l < L; ++l) h = last->run_layer(l, h, ctx, nullptr);
   auto logits = last->head(last->finish(h));
   EXPECT_LE(masked_max_diff(logits, g("right_logits"), mask), 1e-4);
+}
+
+TEST_P(GoldenModel, PackedPassMatchesHF) {
+  // Only the real tokens, row after row, with attention within each row: the hidden states and
+  // logits HF gives at those tokens. Under InferenceMode attention takes the fast CPU path,
+  // with autograd on it takes torch's.
+  const int64_t L = ckpt_->config().num_layers;
+  for (bool inference : {true, false}) {
+    for (std::string side : {"right", "left"}) {
+      SCOPED_TRACE(side + (inference ? " padding, inference mode" : " padding, autograd"));
+      std::optional<torch::InferenceMode> guard;
+      if (inference) guard.emplace();
+      auto ids = g(side + "_ids"), mask = g(side + "_mask");
+      auto packing = TokenPacking::of(mask);
+      ASSERT_EQ(packing.tokens(), mask.sum().item<int64_t>());
+      auto pos = packing.pack(model_->default_positions(mask, ids.size(1)).unsqueeze(-1)).squeeze(-1);
+      auto ctx = model_->attention_context(packing, pos);
+      ASSERT_TRUE(ctx.packed());
+      auto h = model_->embed(packing.pack(ids.unsqueeze(-1)).squeeze(-1), pos);
+      EXPECT_LE((h - packing.pack(g(side + "_hidden_0"))).abs().max().item<double>(), 1e-5);
+      for (int64_t l = 0; l < L; ++l) {
+        h = model_->run_layer(l, h, ctx, nullptr);
+        if (l + 1 < L) {
+          EXPECT_LE((h - packing.pack(g(side + "_hidden_" + std::to_string(l + 1)))).abs().max().item<double>(), 1e-4)
+              << "hidden state " << l + 1;
+        }
+      }
+      h = model_->finish(h);
+      EXPECT_LE((h - packing.pack(g(side + "_hidden_" + std::to_string(L)))).abs().max().item<double>(), 1e-4);
+      auto logits = model_->head(h);
+      EXPECT_LE((logits - packing.pack(g(side + "_logits"))).abs().max().item<double>(), 1e-4);
+    }
+  }
 }
 
 TEST_P(GoldenModel, BFloat16StaysCloseToFloat32) {
