@@ -100,24 +100,40 @@ torch::Tensor gather_shards(const torch::Tensor& local, const ShardSlice& s, con
   return torch::cat(distinct, s.dim).narrow(s.dim, 0, s.full).contiguous();
 }
 
+namespace {
+thread_local bool skip_parameter_init = false;
+
+// torch::nn::Linear's initialisation, so that a one-rank layer is an ordinary Linear.
+void init_linear(torch::Tensor& weight, torch::Tensor& bias, int64_t fan_in) {
+  if (SkipParameterInit::active()) return;
+  torch::NoGradGuard no_grad;
+  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  if (bias.defined()) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+    bias.uniform_(-bound, bound);
+  }
+}
+}  // namespace
+
+SkipParameterInit::SkipParameterInit() : previous_(skip_parameter_init) { skip_parameter_init = true; }
+SkipParameterInit::~SkipParameterInit() { skip_parameter_init = previous_; }
+bool SkipParameterInit::active() { return skip_parameter_init; }
+
 int64_t padded_vocab(int64_t vocab, int tp) { return (vocab + tp - 1) / tp * tp; }
 
 ColumnParallelLinearImpl::ColumnParallelLinearImpl(int64_t in, int64_t full_out, int64_t start, int64_t local_out,
                                                    bool has_bias, CommPtr tp, int group, bool gather_output)
     : slice_{0, full_out, start, local_out, group}, tp_(std::move(tp)), gather_(gather_output) {
-  // Same initialisation as torch::nn::Linear, so a one-rank layer is an ordinary Linear.
   weight = register_parameter("weight", torch::empty({local_out, in}));
-  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
-  if (has_bias) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    bias = register_parameter("bias", torch::empty({local_out}).uniform_(-bound, bound));
-  }
+  if (has_bias) bias = register_parameter("bias", torch::empty({local_out}));
+  init_linear(weight, bias, in);
 }
 
 LowRankFactorImpl::LowRankFactorImpl(int64_t out, int64_t in, bool has_bias, std::optional<ShardSlice> slice)
     : slice_(slice) {
   weight = register_parameter("weight", torch::empty({out, in}));
-  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
+  torch::Tensor no_bias;
+  init_linear(weight, no_bias, in);
   if (has_bias) bias = register_parameter("bias", torch::zeros({out}));
 }
 
@@ -158,11 +174,8 @@ RowParallelLinearImpl::RowParallelLinearImpl(int64_t full_in, int64_t start, int
                                              bool has_bias, CommPtr tp)
     : slice_{1, full_in, start, local_in, 1}, tp_(std::move(tp)) {
   weight = register_parameter("weight", torch::empty({out, local_in}));
-  torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
-  if (has_bias) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(full_in));
-    bias = register_parameter("bias", torch::empty({out}).uniform_(-bound, bound));
-  }
+  if (has_bias) bias = register_parameter("bias", torch::empty({out}));
+  init_linear(weight, bias, full_in);
 }
 
 torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) {
@@ -202,7 +215,7 @@ std::optional<ShardSlice> RowParallelLinearImpl::slice_of(const std::string& par
 VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(int64_t vocab, int64_t dim, CommPtr tp) : tp_(std::move(tp)) {
   const int64_t local = padded_vocab(vocab, tp_->size()) / tp_->size();
   slice_ = {0, vocab, tp_->rank() * local, local, 1};
-  weight = register_parameter("weight", torch::randn({local, dim}));
+  weight = register_parameter("weight", SkipParameterInit::active() ? torch::empty({local, dim}) : torch::randn({local, dim}));
 }
 
 torch::Tensor VocabParallelEmbeddingImpl::forward(const torch::Tensor& ids) {

@@ -41,6 +41,21 @@ struct ShardSlice {
   int group = 1;
 };
 
+// While one lives on this thread, new parallel layers leave their parameters uninitialised:
+// for models a checkpoint load overwrites whole (as HF's from_pretrained skips its init).
+// Drawing the random init of a 6.7B model would cost tens of seconds per rank.
+class SkipParameterInit {
+ public:
+  SkipParameterInit();
+  ~SkipParameterInit();
+  SkipParameterInit(const SkipParameterInit&) = delete;
+  SkipParameterInit& operator=(const SkipParameterInit&) = delete;
+  static bool active();
+
+ private:
+  bool previous_;
+};
+
 // A module whose parameters are slices of full tensors; the loader asks it which slice.
 class TensorParallelModule {
  public:

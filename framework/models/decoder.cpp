@@ -256,7 +256,11 @@ std::shared_ptr<CausalLM> load_model(const CheckpointReader& checkpoint, const M
                                      torch::ScalarType dtype) {
   ModelShard shard = shard_in;
   shard.dtype = dtype;
-  auto model = build_model(checkpoint.config(), shard);
+  std::shared_ptr<CausalLM> model;
+  {
+    SkipParameterInit skip;  // load() overwrites every parameter or fails
+    model = build_model(checkpoint.config(), shard);
+  }
   model->to(dtype);  // small pieces built outside place()
   model->load(checkpoint);
   model->eval();

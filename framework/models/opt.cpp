@@ -64,7 +64,9 @@ class OptLM : public CausalLM {
     const bool proj = c.has_projection();
     if (has_embedding()) {
       embed_tokens = decoder->register_module("embed_tokens", place(VocabParallelEmbedding(c.vocab_size, c.word_embed_proj_dim, tp_)));
-      embed_positions = decoder->register_module("embed_positions", torch::nn::Embedding(c.max_positions + 2, c.hidden_size));
+      torch::nn::EmbeddingOptions positions(c.max_positions + 2, c.hidden_size);
+      if (SkipParameterInit::active()) positions._weight(torch::empty({c.max_positions + 2, c.hidden_size}));
+      embed_positions = decoder->register_module("embed_positions", torch::nn::Embedding(positions));
       if (proj)
         project_in = decoder->register_module(
             "project_in", torch::nn::Linear(torch::nn::LinearOptions(c.word_embed_proj_dim, c.hidden_size).bias(false)));

@@ -2,6 +2,8 @@
 // (tests/fixtures/generate.py), on right- and left-padded batches and greedy generation.
 #include "framework/checkpoint.h"
 #include "framework/models/decoder.h"
+#include "parallel/grid.h"
+#include "parallel/tensor_parallel.h"
 #include "tests/unit/test_util.h"
 
 #include <optional>
@@ -141,6 +143,25 @@ TEST_P(GoldenModel, ParameterCountMatchesConfig) {
   int64_t n = 0;
   for (const auto& p : model_->parameters()) n += p.numel();
   EXPECT_EQ(n, ckpt_->config().parameter_count());
+}
+
+TEST(ParameterInit, LoadingDrawsNoRandomInitAndBuildingStillDoes) {
+  // Loading skips the init (every parameter is overwritten): the generator is not advanced.
+  CheckpointReader ckpt(fixture("models/opt_preln"));
+  torch::manual_seed(7);
+  auto expected = torch::rand({4});
+  torch::manual_seed(7);
+  auto loaded = load_model(ckpt);
+  EXPECT_TRUE(torch::equal(torch::rand({4}), expected));
+  EXPECT_FALSE(SkipParameterInit::active());  // the guard ends with the load
+  // A layer built outside the guard is initialised as torch::nn::Linear is, draw for draw.
+  auto tp = ProcessGrid::create({1, 1})->tp_group();
+  torch::manual_seed(3);
+  torch::nn::Linear reference(torch::nn::LinearOptions(16, 8));
+  torch::manual_seed(3);
+  ColumnParallelLinear column(16, 8, 0, 8, true, tp);
+  EXPECT_TRUE(torch::equal(column->weight, reference->weight));
+  EXPECT_TRUE(torch::equal(column->bias, reference->bias));
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenModel,
