@@ -83,7 +83,9 @@ def main():
     ours, hf = max(ours_runs), max(hf_runs)
     with h5py.File(out, "r") as x, h5py.File(os.path.join(a.dir, "hf.h5"), "r") as y:
         diff = max(float(np.abs(x[f"layers/{l}"][()] - y[f"layers/{l}"][()]).max()) for l in range(13))
-    print(f"collect, OPT-125m shape, {a.examples} examples of <= {a.seq} tokens, {a.threads} threads")
+    # The ratio depends on the CPU: the reference's BLAS (MKL in the PyPI wheel) is faster on some.
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
+    print(f"collect, OPT-125m shape, {a.examples} examples of <= {a.seq} tokens, {a.threads} threads of {cpu}")
     runs = lambda r: ", ".join(f"{x:.1f}" for x in r)
     print(f"  crash-hpc collect: {ours:8.1f} examples/s (best of {runs(ours_runs)})")
     print(f"  HF transformers {torch.__version__} + h5py loop: {hf:8.1f} examples/s (best of {runs(hf_runs)})")
