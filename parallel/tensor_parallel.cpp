@@ -104,7 +104,7 @@ namespace {
 thread_local bool skip_parameter_init = false;
 
 // torch::nn::Linear's initialisation, so that a one-rank layer is an ordinary Linear.
-void init_linear(torch::Tensor& weight, torch::Tensor& bias, int64_t fan_in) {
+void init_linear(const torch::Tensor& weight, const torch::Tensor& bias, int64_t fan_in) {
   if (SkipParameterInit::active()) return;
   torch::NoGradGuard no_grad;
   torch::nn::init::kaiming_uniform_(weight, std::sqrt(5.0));
@@ -132,8 +132,7 @@ ColumnParallelLinearImpl::ColumnParallelLinearImpl(int64_t in, int64_t full_out,
 LowRankFactorImpl::LowRankFactorImpl(int64_t out, int64_t in, bool has_bias, std::optional<ShardSlice> slice)
     : slice_(slice) {
   weight = register_parameter("weight", torch::empty({out, in}));
-  torch::Tensor no_bias;
-  init_linear(weight, no_bias, in);
+  init_linear(weight, /*bias=*/{}, in);
   if (has_bias) bias = register_parameter("bias", torch::zeros({out}));
 }
 
