@@ -14,17 +14,16 @@
 
 namespace crash {
 
-void validate_model_grid(const ModelConfig& c, int world_size, const GridSizes& s, const std::vector<int64_t>& pp_layers) {
-  validate_grid(world_size, s);
-  if (c.num_heads % s.tp != 0)
-    fail("tensor parallelism: {} attention heads do not split over --tp {}", c.num_heads, s.tp);
-  if (c.num_kv_heads % s.tp != 0 && s.tp % c.num_kv_heads != 0)
+void validate_model_grid(const ModelConfig& c, const GridLayout& s, const std::vector<int64_t>& pp_layers) {
+  if (c.num_heads % s.tp() != 0)
+    fail("tensor parallelism: {} attention heads do not split over --tp {}", c.num_heads, s.tp());
+  if (c.num_kv_heads % s.tp() != 0 && s.tp() % c.num_kv_heads != 0)
     fail("tensor parallelism: {} key/value heads neither split over --tp {} nor replicate evenly (tp must divide or be "
          "a multiple of them)",
-         c.num_kv_heads, s.tp);
-  if (c.intermediate_size % s.tp != 0)
-    fail("tensor parallelism: the MLP width {} does not split over --tp {}", c.intermediate_size, s.tp);
-  split_layers(c.num_layers, s.pp, pp_layers);  // layers >= pp, explicit split adds up
+         c.num_kv_heads, s.tp());
+  if (c.intermediate_size % s.tp() != 0)
+    fail("tensor parallelism: the MLP width {} does not split over --tp {}", c.intermediate_size, s.tp());
+  split_layers(c.num_layers, s.pp(), pp_layers);  // layers >= pp, explicit split adds up
 }
 
 torch::Tensor causal_targets(const torch::Tensor& ids, const torch::Tensor& mask, int64_t ignore_index) {
@@ -40,8 +39,7 @@ DistributedLM::DistributedLM(const CheckpointReader& ckpt, std::shared_ptr<Proce
                              const DistributedOptions& options)
     : grid_(std::move(grid)), source_dir_(ckpt.dir()) {
   const ModelConfig& c = ckpt.config();
-  GridSizes sizes{grid_->tp(), grid_->pp()};
-  validate_model_grid(c, grid_->world_size(), sizes, options.pp_layers);
+  validate_model_grid(c, grid_->layout(), options.pp_layers);
   auto stages = split_layers(c.num_layers, grid_->pp(), options.pp_layers);
   auto [first, end] = stages[static_cast<size_t>(grid_->pp_rank())];
   const auto t0 = std::chrono::steady_clock::now();
@@ -53,20 +51,17 @@ DistributedLM::DistributedLM(const CheckpointReader& ckpt, std::shared_ptr<Proce
   stage_->train();
 
   // Key/value heads replicated over `group` TP ranks: their gradients are summed in that group.
-  // Every rank takes part in the split, as MPI requires.
+  // Every rank takes part in making the groups, as MPI requires.
   const int group = c.num_kv_heads % grid_->tp() == 0 ? 1 : grid_->tp() / static_cast<int>(c.num_kv_heads);
-  kv_group_size_ = group;
   if (group > 1) {
-    const int color = (grid_->dp_rank() * grid_->pp() + grid_->pp_rank()) * grid_->tp() + grid_->tp_rank() / group;
-    kv_group_ = grid_->split(color, grid_->tp_rank());
+    kv_group_ = grid_->tp_block_group(group);
     auto slices = stage_->parameter_slices();
     for (const auto& item : stage_->named_parameters())
       if (slices.count(item.key()) && slices.at(item.key()).group > 1) kv_replicated_.push_back(item.value());
   }
   // A tied embedding lives on the first stage and, as lm_head, on the last: their gradients add.
   if (c.tie_word_embeddings && grid_->pp() > 1) {
-    const bool member = grid_->first_stage() || grid_->last_stage();
-    embedding_group_ = grid_->split(member ? grid_->dp_rank() * grid_->tp() + grid_->tp_rank() : -1, grid_->pp_rank());
+    embedding_group_ = grid_->embedding_group();
     for (const auto& item : stage_->named_parameters())
       if (item.key() == "lm_head.weight" || item.key().find("embed_tokens.weight") != std::string::npos)
         tied_embedding_ = item.value();

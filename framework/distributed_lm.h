@@ -18,9 +18,10 @@
 
 namespace crash {
 
-// Checks that a model can be split as asked, before any weight is read (UserError otherwise).
-void validate_model_grid(const ModelConfig& config, int world_size, const GridSizes& sizes,
-                         const std::vector<int64_t>& pp_layers = {});
+// Checks that a model can be split over the grid as asked (heads and MLP over TP, layers over
+// the stages), before any weight is read (UserError otherwise). The grid's own sizes are checked
+// by GridLayout.
+void validate_model_grid(const ModelConfig& config, const GridLayout& grid, const std::vector<int64_t>& pp_layers = {});
 
 struct DistributedOptions {
   torch::ScalarType dtype = torch::kFloat32;
@@ -29,6 +30,8 @@ struct DistributedOptions {
 
 class DistributedLM {
  public:
+  // Collective over the world (the groups for replicated key/value heads and a tied embedding are
+  // made on first use). Checks the model against the grid (validate_model_grid), then loads.
   DistributedLM(const CheckpointReader& checkpoint, std::shared_ptr<ProcessGrid> grid,
                 const DistributedOptions& options = {});
 
@@ -115,7 +118,6 @@ class DistributedLM {
   std::vector<torch::Tensor> kv_replicated_;
   torch::Tensor tied_embedding_;  // first or last stage's copy when the embedding is tied across PP
   std::string source_dir_;
-  int kv_group_size_ = 1;
   GradientSource gradient_source_;
 };
 

@@ -209,7 +209,9 @@ TrainSummary train(const TrainOptions& o) {
   World& world = World::get();
   CheckpointReader ckpt(o.model);
   const ModelConfig& cfg = ckpt.config();
-  validate_model_grid(cfg, world.size(), o.grid, o.pp_layers);
+  auto grid = ProcessGrid::create(o.grid);
+  // The student and the teacher are checked against the grid before any data or weight is read.
+  validate_model_grid(cfg, grid->layout(), o.pp_layers);
   check_options(o, world.size());
   auto trains = trainable_rule(o, cfg);
   std::optional<CheckpointReader> teacher_ckpt;
@@ -219,13 +221,14 @@ TrainSummary train(const TrainOptions& o) {
     if (tc.vocab_size != cfg.vocab_size)
       fail("--distill-from {}: vocabulary of {} tokens, but the student's has {}", o.distill_from, tc.vocab_size,
            cfg.vocab_size);
-    validate_model_grid(tc, world.size(), o.grid);
+    validate_model_grid(tc, grid->layout());
   }
 
-  const auto tok = model_tokenizer(o.model);
-  const TrainData data = read_train_data(o.data, cfg, tok ? &*tok : nullptr);
+  const auto tokenizer = model_tokenizer(o.model);
+  const Tokenizer* tok = tokenizer ? &*tokenizer : nullptr;
+  const TrainData data = read_train_data(o.data, cfg, tok);
   std::optional<TrainData> val;
-  if (!o.val_data.empty()) val = read_train_data(o.val_data, cfg, tok ? &*tok : nullptr);
+  if (!o.val_data.empty()) val = read_train_data(o.val_data, cfg, tok);
 
   // The output folder: a new run needs it empty (or --overwrite); --resume needs a checkpoint.
   const fs::path out(o.out), ckpt_root = out / "checkpoints";
@@ -251,7 +254,6 @@ TrainSummary train(const TrainOptions& o) {
     if (t["model_config"] != cfg.raw) fail("{}: written for another model than {}", mpath, o.model);
   }
 
-  auto grid = ProcessGrid::create(o.grid);
   if (o.overwrite && grid->rank() == 0) {
     std::error_code ec;
     fs::remove_all(out, ec);

@@ -14,6 +14,7 @@
 #include "framework/prepare.h"
 #include "framework/distributed_lm.h"
 #include "jobs/job.h"
+#include "jobs/job_model.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
 #include "parallel/world.h"
@@ -27,7 +28,6 @@ void collect_options(po::options_description& o) {
       "num-examples", po::value<int64_t>()->default_value(512), "first N examples")(
       "pooling", po::value<std::string>()->default_value("mean"), "mean, mean_weighted, last, max or none (all tokens)")(
       "store-dtype", po::value<std::string>()->default_value("float32"), "stored type: float32 or float16")(
-      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16")(
       "block-size", po::value<int64_t>()->default_value(32), "examples per block (the unit of writes and of resume)")(
       "length-groups", po::value<int64_t>()->default_value(4),
       "forward passes per block, over examples sorted by length; each pass runs only its examples' own tokens "
@@ -81,15 +81,13 @@ int collect_run(const po::variables_map& vm) {
   if (vm["num-examples"].as<int64_t>() <= 0) fail("--num-examples must be positive");
   World& world = World::get();
 
-  CheckpointReader ckpt(model_dir);
-  const ModelConfig& cfg = ckpt.config();
-  const DistributedOptions options = grid_plan(vm, cfg);
-  const auto tok = model_tokenizer(model_dir);
-  auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
+  JobModel job_model(model_dir, grid_choice(vm));
+  const ModelConfig& cfg = job_model.config();
+  auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions, job_model.tokenizer());
   const int64_t N = std::min<int64_t>(vm["num-examples"].as<int64_t>(), static_cast<int64_t>(seqs.size()));
   seqs.resize(static_cast<size_t>(N));
 
-  auto grid = ProcessGrid::create(grid_sizes(vm));
+  const auto grid = job_model.grid();
   ArchiveSpec spec;
   spec.num_examples = N;
   spec.block_size = block;
@@ -115,7 +113,7 @@ int collect_run(const po::variables_map& vm) {
   ActivationArchive archive(out_path, spec, grid->world(), vm["resume"].as<bool>(), vm["overwrite"].as<bool>());
   archive.check_hashes(hashes);
 
-  DistributedLM model(ckpt, grid, options);
+  DistributedLM& model = job_model.model();
 
   const int64_t blocks = spec.num_blocks(), dp = grid->dp();
   const int64_t rounds = (blocks + dp - 1) / dp;

@@ -13,6 +13,7 @@
 #include "framework/prepared.h"
 #include "framework/token_input.h"
 #include "jobs/job.h"
+#include "jobs/job_model.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
 #include "parallel/world.h"
@@ -39,10 +40,8 @@ void decompose_options(po::options_description& o) {
       "eval-data", po::value<std::vector<std::string>>()->composing(),
       "prepared task evaluated before and after (repeatable, optional)")(
       "batch-size", po::value<int64_t>()->default_value(8), "rows per forward pass")(
-      "dtype", po::value<std::string>()->default_value("float32"),
-      "compute dtype: float32, float64 (factors then saved in float64), bfloat16 or float16")(
       "overwrite", po::bool_switch(), "replace an existing output folder");
-  add_grid_options(o);
+  add_grid_options(o, "compute dtype: float32, float64 (factors then saved in float64), bfloat16 or float16");
 }
 
 namespace {
@@ -52,17 +51,16 @@ std::vector<std::string> side_files(const std::string& dir) {
           (fs::path(dir) / "special_tokens_map.json").string(), (fs::path(dir) / "generation_config.json").string()};
 }
 
-nlohmann::json evaluate_all(const std::string& dir, const std::shared_ptr<ProcessGrid>& grid,
-                            const DistributedOptions& dist, const std::vector<PreparedTask>& tasks, int64_t batch) {
+nlohmann::json evaluate_all(const std::string& dir, const std::shared_ptr<ProcessGrid>& grid, const GridChoice& choice,
+                            const std::vector<PreparedTask>& tasks, int64_t batch) {
   nlohmann::json out = nlohmann::json::array();
   if (tasks.empty()) return out;
-  CheckpointReader ckpt(dir);
-  DistributedLM model(ckpt, grid, dist);
+  JobModel job_model(dir, choice, grid);
+  DistributedLM& model = job_model.model();
   model.stage().eval();
   EvalOptions options;
   options.batch_size = batch;
-  const auto tok = model_tokenizer(dir);
-  for (const auto& t : tasks) out.push_back(evaluate_task(model, t, options, tok ? &*tok : nullptr).to_json());
+  for (const auto& t : tasks) out.push_back(evaluate_task(model, t, options, job_model.tokenizer()).to_json());
   return out;
 }
 
@@ -124,20 +122,13 @@ int decompose_run(const po::variables_map& vm) {
   if (fs::exists(out_dir) && !vm["overwrite"].as<bool>())
     fail("{}: output exists (pass --overwrite to replace it)", out_dir);
 
-  CheckpointReader ckpt(model_dir);
-  const ModelConfig& cfg = ckpt.config();
-  const auto linears = decoder_linears(ckpt);
   // float64 is accepted here (exact references); the other types as every job parses them.
-  const std::string dtype_name = vm["dtype"].as<std::string>();
-  const bool fp64 = dtype_name == "float64" || dtype_name == "fp64";
-  DistributedOptions dist;
-  if (fp64) {
-    dist.pp_layers = pp_layer_counts(vm);
-    validate_model_grid(cfg, World::get().size(), grid_sizes(vm), dist.pp_layers);
-    dist.dtype = torch::kFloat64;
-  } else {
-    dist = grid_plan(vm, cfg);
-  }
+  JobModel job_model(model_dir, grid_choice(vm, /*allow_float64=*/true));
+  const CheckpointReader& ckpt = job_model.checkpoint();
+  const ModelConfig& cfg = job_model.config();
+  const GridChoice& choice = job_model.choice();
+  const bool fp64 = choice.model.dtype == torch::kFloat64;
+  const auto linears = decoder_linears(ckpt);
 
   // Calibration examples: round robin over the tasks until --num-examples.
   std::vector<std::vector<std::vector<int64_t>>> per_task;
@@ -171,14 +162,15 @@ int decompose_run(const po::variables_map& vm) {
     if (val_task.back().kind == "generation") fail("{}: the greedy search scores multiple choice or text tasks", val_dir);
   }
 
-  auto grid = ProcessGrid::create(grid_sizes(vm));
+  const auto grid = job_model.grid();
   spdlog::info("decompose: {} calibration examples x {} tokens, {} decoder Linears, grid {}", examples.size(), tokens,
                linears.size(), grid->describe());
-  const auto before = evaluate_all(model_dir, grid, dist, eval_tasks, batch);
+  const auto before = evaluate_all(model_dir, grid, choice, eval_tasks, batch);
 
   std::map<std::string, OutputStats> stats;
   {
-    DistributedLM model(ckpt, grid, dist);
+    // Loaded for the calibration alone, and freed before candidates are evaluated.
+    DistributedLM model(ckpt, grid, choice.model);
     model.stage().eval();
     const auto t0 = std::chrono::steady_clock::now();
     auto local = calibrate(model, linears, examples, tokens, batch);
@@ -206,13 +198,13 @@ int decompose_run(const po::variables_map& vm) {
   std::map<std::string, int64_t> ranks;
   nlohmann::json search_log = nlohmann::json::array();
   if (greedy) {
-    const auto [reference, larger_better] = headline(evaluate_all(model_dir, grid, dist, val_task, batch).at(0));
+    const auto [reference, larger_better] = headline(evaluate_all(model_dir, grid, choice, val_task, batch).at(0));
     spdlog::info("greedy search: reference {} {:.6g}, tolerance {}", larger_better ? "metric" : "perplexity",
                  reference, tolerance);
     const std::string candidate = out_dir + ".sfsd-candidate";
     ranks = greedy_ranks(linears, fractions, [&](const std::map<std::string, int64_t>& plan) {
       write_plan(candidate, plan);
-      const double value = headline(evaluate_all(candidate, grid, dist, val_task, batch).at(0)).first;
+      const double value = headline(evaluate_all(candidate, grid, choice, val_task, batch).at(0)).first;
       const bool ok = larger_better ? value >= reference - tolerance : value <= reference * (1.0 + tolerance);
       const auto summary = sfsd_summary(ckpt, linears, plan);
       spdlog::info("  {} modules factored, decoder parameters {}: metric {:.6g} -> {}", plan.size(),
@@ -226,7 +218,7 @@ int decompose_run(const po::variables_map& vm) {
   }
   const auto summary = sfsd_summary(ckpt, linears, ranks);
   write_plan(out_dir, ranks);
-  const auto after = evaluate_all(out_dir, grid, dist, eval_tasks, batch);
+  const auto after = evaluate_all(out_dir, grid, choice, eval_tasks, batch);
 
   if (grid->rank() != 0) return 0;
   const double dec_kept = double(summary.decoder_params_after) / double(summary.decoder_params_before);

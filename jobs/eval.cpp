@@ -8,6 +8,7 @@
 #include "framework/eval.h"
 #include "framework/token_input.h"
 #include "jobs/job.h"
+#include "jobs/job_model.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
 #include "parallel/world.h"
@@ -25,7 +26,6 @@ void eval_options(po::options_description& o) {
       "num-examples", po::value<int64_t>()->default_value(-1), "first N examples of each task (all when negative)")(
       "batch-size", po::value<int64_t>()->default_value(8), "rows per forward pass")(
       "max-new-tokens", po::value<int64_t>()->default_value(32), "generation: most tokens generated")(
-      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16")(
       "overwrite", po::bool_switch(), "replace existing outputs");
   add_grid_options(o);
 }
@@ -46,10 +46,8 @@ int eval_run(const po::variables_map& vm) {
   for (const auto& p : {out_path, details_path})
     if (!p.empty() && fs::exists(p) && !overwrite) fail("{}: output exists (pass --overwrite to replace it)", p);
 
-  CheckpointReader ckpt(model_dir);
-  const ModelConfig& cfg = ckpt.config();
-  const DistributedOptions dist = grid_plan(vm, cfg);
-  const auto tok = model_tokenizer(model_dir);
+  JobModel job_model(model_dir, grid_choice(vm));
+  const ModelConfig& cfg = job_model.config();
   std::vector<PreparedTask> tasks;
   for (const auto& dir : data) {
     tasks.push_back(read_prepared(dir, limit, cfg.vocab_size));
@@ -59,11 +57,11 @@ int eval_run(const po::variables_map& vm) {
            cfg.max_positions);
   }
 
-  auto grid = ProcessGrid::create(grid_sizes(vm));
-  DistributedLM model(ckpt, grid, dist);
+  const auto grid = job_model.grid();
+  DistributedLM& model = job_model.model();
   model.stage().eval();
   std::vector<TaskResult> results;
-  for (const auto& task : tasks) results.push_back(evaluate_task(model, task, options, tok ? &*tok : nullptr));
+  for (const auto& task : tasks) results.push_back(evaluate_task(model, task, options, job_model.tokenizer()));
 
   if (World::get().rank() != 0) return 0;
   std::cout << results_table(results) << std::flush;

@@ -10,6 +10,7 @@
 #include "framework/distributed_lm.h"
 #include "framework/token_input.h"
 #include "jobs/job.h"
+#include "jobs/job_model.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
 #include "parallel/log.h"
@@ -25,7 +26,6 @@ void forward_options(po::options_description& o) {
       "batch-size", po::value<int64_t>()->default_value(8), "sequences per forward pass (per data-parallel rank)")(
       "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per batch")(
       "padding", po::value<std::string>()->default_value("right"), "pad batches on the 'left' or the 'right'")(
-      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16")(
       "no-hidden-states", po::bool_switch(), "write logits only")(
       "overwrite", po::bool_switch(), "replace an existing output file");
   add_grid_options(o);
@@ -46,14 +46,13 @@ int forward_run(const po::variables_map& vm) {
   // Everything a user can get wrong is checked before any weight is read.
   std::unique_ptr<H5Writer> out;
   if (world.rank() == 0) out = std::make_unique<H5Writer>(out_path, vm["overwrite"].as<bool>());
-  CheckpointReader ckpt(model_dir);
-  const ModelConfig& cfg = ckpt.config();
-  const DistributedOptions options = grid_plan(vm, cfg);
-  const auto tok = model_tokenizer(model_dir);
-  auto seqs = read_token_lines(vm["input"].as<std::string>(), cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
+  JobModel job_model(model_dir, grid_choice(vm));
+  const ModelConfig& cfg = job_model.config();
+  const DistributedOptions& options = job_model.choice().model;
+  auto seqs = read_token_lines(vm["input"].as<std::string>(), cfg.vocab_size, cfg.max_positions, job_model.tokenizer());
 
-  auto grid = ProcessGrid::create(grid_sizes(vm));
-  DistributedLM model(ckpt, grid, options);
+  const auto grid = job_model.grid();
+  DistributedLM& model = job_model.model();
   spdlog::info("{}: {} {} layers, {} parameters; {} sequences on {}", model_dir, cfg.model_type, cfg.num_layers,
                cfg.parameter_count(), seqs.size(), grid->describe());
   if (const char* f = std::getenv("CRASH_TEST_FAIL_RANK"); f && std::atoi(f) == world.rank())

@@ -29,16 +29,22 @@ po::variables_map parse_job_options(const Job& job, const std::vector<std::strin
 // Sets the torch thread count from --threads (0: all cores of this process).
 void apply_threads(const po::variables_map& vm);
 
-// --tp, --pp and --pp-layers, shared by the jobs that run a model on a grid.
-void add_grid_options(po::options_description& o);
-GridSizes grid_sizes(const po::variables_map& vm);
-std::vector<int64_t> pp_layer_counts(const po::variables_map& vm);
-torch::ScalarType parse_dtype(const std::string& name);
+// --tp, --pp, --pp-layers, --backend and --dtype, shared by the jobs that run a model on a grid.
+constexpr const char* kComputeDtypeHelp = "compute dtype: float32, bfloat16 or float16";
+void add_grid_options(po::options_description& o, const char* dtype_help = kComputeDtypeHelp);
+// Their names: the pipeline hands their values on to its stages.
+std::vector<std::string> grid_option_names();
+// The values of those options: the grid's sizes and what the model is built with.
+struct GridChoice {
+  GridSizes sizes;
+  DistributedOptions model;  // --dtype, --pp-layers
+  std::string dtype;         // --dtype as given (recorded in outputs)
+};
+// `allow_float64`: --dtype float64 too (exact references; decompose).
+GridChoice grid_choice(const po::variables_map& vm, bool allow_float64 = false);
+torch::ScalarType parse_dtype(const std::string& name, bool allow_float64 = false);
 // --padding: true for "left", false for "right"; anything else is a user error.
 bool padding_left(const po::variables_map& vm);
-// Checks --tp/--pp/--pp-layers against the model before any weight is read, and returns the
-// options (--dtype, --pp-layers) a DistributedLM of this job is built with.
-DistributedOptions grid_plan(const po::variables_map& vm, const ModelConfig& config);
 
 // --adapters A,B: trainable layers at the bottom and the top of an emulator.
 std::pair<int64_t, int64_t> parse_adapters(const std::string& text);

@@ -11,6 +11,7 @@
 #include "framework/distributed_lm.h"
 #include "framework/token_input.h"
 #include "jobs/job.h"
+#include "jobs/job_model.h"
 #include "jobs/plot.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
@@ -52,7 +53,6 @@ void landscape_options(po::options_description& o) {
       "points", po::value<int64_t>()->default_value(25), "line: number of alpha values")(
       "grid", po::value<int64_t>()->default_value(50), "plane: N x N points")(
       "range", po::value<std::string>()->default_value(""), "LO:HI of alpha (line, default 0:1) or of a and b (plane, default -4:4)")(
-      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16")(
       "plot", po::bool_switch(), "also draw the landscape (OUT with the extension .png)")(
       "overwrite", po::bool_switch(), "replace an existing output file");
   add_grid_options(o);
@@ -77,24 +77,24 @@ int landscape_run(const po::variables_map& vm) {
 
   std::unique_ptr<H5Writer> out;
   if (world.rank() == 0) out = std::make_unique<H5Writer>(out_path, vm["overwrite"].as<bool>());
-  std::vector<std::unique_ptr<CheckpointReader>> ckpts;
-  for (const auto& d : dirs) ckpts.push_back(std::make_unique<CheckpointReader>(d));
-  for (size_t k = 1; k < ckpts.size(); ++k) check_same_architecture(*ckpts[0], *ckpts[k]);
-  const ModelConfig& cfg = ckpts[0]->config();
-  const DistributedOptions options = grid_plan(vm, cfg);
-  const auto tok = model_tokenizer(dirs[0]);
-  auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
+  JobModel job_model(dirs[0], grid_choice(vm));
+  std::vector<std::unique_ptr<CheckpointReader>> others;
+  for (size_t k = 1; k < dirs.size(); ++k) {
+    others.push_back(std::make_unique<CheckpointReader>(dirs[k]));
+    check_same_architecture(job_model.checkpoint(), *others.back());
+  }
+  const ModelConfig& cfg = job_model.config();
+  auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions, job_model.tokenizer());
   const int64_t N = std::min<int64_t>(vm["num-examples"].as<int64_t>(), static_cast<int64_t>(seqs.size()));
   seqs.resize(static_cast<size_t>(N));
   int64_t targets = 0;
   for (const auto& s : seqs) targets += std::max<int64_t>(0, static_cast<int64_t>(s.size()) - 1);
   if (targets == 0) fail("{}: no example has two tokens or more, so there is no next token to score", data);
 
-  auto grid = ProcessGrid::create(grid_sizes(vm));
-  DistributedLM model(*ckpts[0], grid, options);
-  std::vector<const CheckpointReader*> others;
-  for (size_t k = 1; k < ckpts.size(); ++k) others.push_back(ckpts[k].get());
-  LossLandscape landscape(model, others, options);
+  const auto grid = job_model.grid();
+  std::vector<const CheckpointReader*> ends;
+  for (const auto& c : others) ends.push_back(c.get());
+  LossLandscape landscape(job_model.model(), ends, job_model.choice().model);
 
   const auto axis = linspace(lo, hi, n);
   std::vector<std::vector<double>> points;

@@ -10,6 +10,7 @@
 #include "framework/distributed_lm.h"
 #include "framework/token_input.h"
 #include "jobs/job.h"
+#include "jobs/job_model.h"
 #include "jobs/plot.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
@@ -26,7 +27,6 @@ void lens_options(po::options_description& o) {
       "batch-size", po::value<int64_t>()->default_value(8), "examples per forward pass (per data-parallel rank)")(
       "chunk-tokens", po::value<int64_t>()->default_value(0),
       "tokens whose distributions are held at once on the last stage (0: about 256 MiB worth)")(
-      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16")(
       "plot", po::bool_switch(), "also draw the two matrices (OUT with the extension .png)")(
       "overwrite", po::bool_switch(), "replace an existing output file");
   add_grid_options(o);
@@ -45,18 +45,15 @@ int lens_run(const po::variables_map& vm) {
 
   std::unique_ptr<H5Writer> out;
   if (world.rank() == 0) out = std::make_unique<H5Writer>(out_path, vm["overwrite"].as<bool>());
-  CheckpointReader ckpt(model_dir);
-  const ModelConfig& cfg = ckpt.config();
-  const DistributedOptions options = grid_plan(vm, cfg);
-  const auto tok = model_tokenizer(model_dir);
-  auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions, tok ? &*tok : nullptr);
+  JobModel job_model(model_dir, grid_choice(vm));
+  const ModelConfig& cfg = job_model.config();
+  auto seqs = read_token_lines(data, cfg.vocab_size, cfg.max_positions, job_model.tokenizer());
   if (seqs.empty()) fail("{}: no examples", data);
   const int64_t N = std::min<int64_t>(vm["num-examples"].as<int64_t>(), static_cast<int64_t>(seqs.size()));
   seqs.resize(static_cast<size_t>(N));
 
-  auto grid = ProcessGrid::create(grid_sizes(vm));
-  DistributedLM model(ckpt, grid, options);
-  LogitLens lens(model, options.pp_layers, chunk);
+  const auto grid = job_model.grid();
+  LogitLens lens(job_model.model(), job_model.choice().model.pp_layers, chunk);
   spdlog::info("lens: {} ({} layers) on {} examples of {}, {}", model_dir, cfg.num_layers, N, data, grid->describe());
 
   // Each DP replica takes a contiguous share of the examples.

@@ -104,20 +104,27 @@ po::variables_map parse_job_options(const Job& job, const std::vector<std::strin
   return vm;
 }
 
-void add_grid_options(po::options_description& o) {
+void add_grid_options(po::options_description& o, const char* dtype_help) {
   o.add_options()("tp", po::value<int>()->default_value(1), "tensor-parallel ranks per model replica")(
       "pp", po::value<int>()->default_value(1), "pipeline stages per model replica (data parallelism: the rest)")(
       "pp-layers", po::value<std::string>()->default_value(""), "layers per stage, e.g. 5,7 (default: balanced)")(
-      "backend", po::value<std::string>()->default_value("mpi"), "communication: mpi (CPU) or nccl (CUDA, one GPU per rank)");
+      "backend", po::value<std::string>()->default_value("mpi"), "communication: mpi (CPU) or nccl (CUDA, one GPU per rank)")(
+      "dtype", po::value<std::string>()->default_value("float32"), dtype_help);
 }
 
-GridSizes grid_sizes(const po::variables_map& vm) {
-  return {vm["tp"].as<int>(), vm["pp"].as<int>(), vm["backend"].as<std::string>()};
+std::vector<std::string> grid_option_names() {
+  po::options_description o;
+  add_grid_options(o);
+  std::vector<std::string> names;
+  for (const auto& option : o.options()) names.push_back(option->long_name());
+  return names;
 }
 
-std::vector<int64_t> pp_layer_counts(const po::variables_map& vm) {
+namespace {
+
+std::vector<int64_t> pp_layer_counts(const std::string& text) {
   std::vector<int64_t> out;
-  std::stringstream in(vm["pp-layers"].as<std::string>());
+  std::stringstream in(text);
   std::string item;
   while (std::getline(in, item, ',')) {
     try {
@@ -131,25 +138,29 @@ std::vector<int64_t> pp_layer_counts(const po::variables_map& vm) {
   return out;
 }
 
-torch::ScalarType parse_dtype(const std::string& name) {
+}  // namespace
+
+torch::ScalarType parse_dtype(const std::string& name, bool allow_float64) {
   if (name == "float32" || name == "fp32") return torch::kFloat32;
   if (name == "bfloat16" || name == "bf16") return torch::kBFloat16;
   if (name == "float16" || name == "fp16") return torch::kFloat16;
-  fail("--dtype: unknown type '{}' (expected float32, bfloat16 or float16)", name);
+  if (allow_float64 && (name == "float64" || name == "fp64")) return torch::kFloat64;
+  fail("--dtype: unknown type '{}' (expected float32, {}bfloat16 or float16)", name, allow_float64 ? "float64, " : "");
+}
+
+GridChoice grid_choice(const po::variables_map& vm, bool allow_float64) {
+  GridChoice c;
+  c.sizes = {vm["tp"].as<int>(), vm["pp"].as<int>(), vm["backend"].as<std::string>()};
+  c.dtype = vm["dtype"].as<std::string>();
+  c.model.dtype = parse_dtype(c.dtype, allow_float64);
+  c.model.pp_layers = pp_layer_counts(vm["pp-layers"].as<std::string>());
+  return c;
 }
 
 bool padding_left(const po::variables_map& vm) {
   const auto padding = vm["padding"].as<std::string>();
   if (padding != "left" && padding != "right") fail("--padding: expected 'left' or 'right', got '{}'", padding);
   return padding == "left";
-}
-
-DistributedOptions grid_plan(const po::variables_map& vm, const ModelConfig& config) {
-  DistributedOptions options;
-  options.dtype = parse_dtype(vm["dtype"].as<std::string>());
-  options.pp_layers = pp_layer_counts(vm);
-  validate_model_grid(config, World::get().size(), grid_sizes(vm), options.pp_layers);
-  return options;
 }
 
 void apply_threads(const po::variables_map& vm) {

@@ -44,9 +44,8 @@ void pipeline_options(po::options_description& o) {
       "save-every", po::value<int64_t>()->default_value(50), "fine-tuning checkpoint every N steps (a crash resumes there)")(
       "eval-batch-size", po::value<int64_t>()->default_value(16), "evaluation batch size")(
       "eval-examples", po::value<int64_t>()->default_value(-1), "first N examples of each evaluation task (all: -1)")(
-      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype of collection, training and evaluation")(
       "plot", po::bool_switch(), "PNG plots of the similarity and the clusters");
-  add_grid_options(o);
+  add_grid_options(o, "compute dtype of collection, training and evaluation");
 }
 
 namespace {
@@ -63,19 +62,22 @@ class StageRunner {
       return;
     }
     spdlog::info("pipeline: {} -> {}", name, output);
-    if (grid)
-      for (const char* key : {"tp", "pp"}) args.insert(args.end(), {std::string("--") + key, std::to_string(vm_[key].as<int>())});
-    if (grid) args.insert(args.end(), {"--backend", vm_["backend"].as<std::string>()});
-    if (grid && !vm_["pp-layers"].as<std::string>().empty())
-      args.insert(args.end(), {"--pp-layers", vm_["pp-layers"].as<std::string>()});
-    args.insert(args.end(), {"--log-level", vm_["log-level"].as<std::string>(), "--threads",
-                             std::to_string(vm_["threads"].as<int>())});
     const Job* job = nullptr;
     for (const auto& j : all_jobs())
       if (name == j.name) job = &j;
     if (!job) fail("pipeline: this build has no '{}' job", name);
     bool help = false;
     auto stage_vm = parse_job_options(*job, args, help);
+    // The stage runs with the pipeline's own values of the grid and common options.
+    std::vector<std::string> inherited = {"log-level", "threads"};
+    if (grid) {
+      const auto names = grid_option_names();
+      inherited.insert(inherited.end(), names.begin(), names.end());
+    }
+    for (const auto& key : inherited) {
+      stage_vm.erase(key);
+      stage_vm.emplace(key, vm_[key]);
+    }
     job->run(stage_vm);
   }
 
@@ -165,7 +167,6 @@ int pipeline_run(const po::variables_map& vm) {
   if (ec) fail("{}: cannot create the work folder ({})", work.string(), ec.message());
   StageRunner stage(vm);
   auto str = [](auto v) { return std::to_string(v); };
-  const std::string dtype = vm["dtype"].as<std::string>();
 
   // Tokenize every task once.
   auto prepared = [&](const std::string& task) { return (work / "prepared" / task_name(task)).string(); };
@@ -182,7 +183,7 @@ int pipeline_run(const po::variables_map& vm) {
                     clusters = (work / "clusters.json").string();
   std::vector<std::string> collect_args = {"--model", model, "--data", prepared(collect_task), "--out", archive,
                                            "--num-examples", str(vm["num-examples"].as<int64_t>()), "--pooling",
-                                           vm["pooling"].as<std::string>(), "--dtype", dtype};
+                                           vm["pooling"].as<std::string>()};
   if (fs::exists(archive + ".partial")) collect_args.push_back("--resume");
   stage.run("collect", archive, collect_args, true);
   std::vector<std::string> plot;
@@ -202,7 +203,7 @@ int pipeline_run(const po::variables_map& vm) {
   auto evaluate = [&](const std::string& dir, const std::string& setting) {
     std::vector<std::string> args = {"--model", dir, "--out", (work / "eval" / (setting + ".json")).string(),
                                      "--batch-size", str(vm["eval-batch-size"].as<int64_t>()), "--num-examples",
-                                     str(vm["eval-examples"].as<int64_t>()), "--dtype", dtype};
+                                     str(vm["eval-examples"].as<int64_t>())};
     for (const auto& t : eval_tasks) args.insert(args.end(), {"--data", prepared(t)});
     stage.run("eval", args[3], args, true);
   };
@@ -221,7 +222,7 @@ int pipeline_run(const po::variables_map& vm) {
     std::vector<std::string> train_args = {
         "--model", emulator, "--data", prepared(train_task), "--out", trained, "--steps", str(vm["steps"].as<int64_t>()),
         "--lr", fmt::format("{}", vm["lr"].as<double>()), "--warmup", str(vm["warmup"].as<int64_t>()), "--batch-size",
-        str(vm["batch-size"].as<int64_t>()), "--seed", str(vm["seed"].as<int64_t>()), "--dtype", dtype,
+        str(vm["batch-size"].as<int64_t>()), "--seed", str(vm["seed"].as<int64_t>()),
         "--save-every", str(vm["save-every"].as<int64_t>())};
     if (vm.count("valid-task")) {
       train_args.insert(train_args.end(), {"--val-data", prepared(vm["valid-task"].as<std::string>())});

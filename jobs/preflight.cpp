@@ -17,14 +17,14 @@ namespace crash {
 
 void preflight_options(po::options_description& o) {
   o.add_options()("out", po::value<std::string>()->default_value("."), "output folder the stage will write (checked through parallel HDF5)")(
-      "model", po::value<std::string>()->default_value(""), "model folder the stage will load (memory check; none: skipped)")(
-      "dtype", po::value<std::string>()->default_value("float32"), "dtype the stage holds the weights in");
-  add_grid_options(o);
+      "model", po::value<std::string>()->default_value(""), "model folder the stage will load (memory check; none: skipped)");
+  add_grid_options(o, "dtype the stage holds the weights in");
 }
 
 int preflight_run(const po::variables_map& vm) {
-  const auto sizes = grid_sizes(vm);
-  const auto dtype = parse_dtype(vm["dtype"].as<std::string>());
+  const GridChoice choice = grid_choice(vm);
+  const GridSizes& sizes = choice.sizes;
+  const auto dtype = choice.model.dtype;
   const std::string model = vm["model"].as<std::string>();
   auto grid = ProcessGrid::create(GridSizes{1, 1, "mpi"});
   auto& world = *grid->world();
@@ -37,7 +37,7 @@ int preflight_run(const po::variables_map& vm) {
   check("world size", check_world_size(world.size()));
   std::string grid_problem;
   try {
-    validate_grid(world.size(), sizes);
+    GridLayout(world.size(), sizes);
   } catch (const UserError& e) {
     grid_problem = e.what();
   }

@@ -26,7 +26,6 @@ void train_options(po::options_description& o) {
       "save-every", po::value<int64_t>()->default_value(0), "checkpoint every N steps (and at the end)")(
       "keep-checkpoints", po::value<int>()->default_value(2), "newest checkpoints kept")(
       "train-all", po::bool_switch(), "train every parameter, not only the emulator's adapter layers")(
-      "dtype", po::value<std::string>()->default_value("float32"), "compute dtype: float32, bfloat16 or float16 (master weights fp32)")(
       "resume", po::bool_switch(), "continue from the newest complete checkpoint in OUT/checkpoints")(
       "overwrite", po::bool_switch(), "replace an existing OUT")(
       "distill-from", po::value<std::string>()->default_value(""), "full model folder: knowledge distillation teacher")(
@@ -36,7 +35,7 @@ void train_options(po::options_description& o) {
       "sift-selection-passes", po::value<int>()->default_value(4), "SIFT: backward passes over the first micro-batch that select the mask, each holding the dense gradients of about 1/N of the parameters")(
       "sparse-increment", po::value<double>(), "SIFT: train only each tensor's top floor(RHO numel) + 1 entries by the first step's |gradient|, 0 < RHO <= 1")(
       "save-increments", po::value<std::string>()->default_value(""), "SIFT: write the increments (index + trained - base) to this .safetensors file at the end");
-  add_grid_options(o);
+  add_grid_options(o, "compute dtype: float32, bfloat16 or float16 (master weights fp32)");
 }
 
 int train_run(const po::variables_map& vm) {
@@ -60,7 +59,10 @@ int train_run(const po::variables_map& vm) {
   t.keep_checkpoints = vm["keep-checkpoints"].as<int>();
   if (t.keep_checkpoints < 1) fail("--keep-checkpoints must be at least 1");
   t.train_all = vm["train-all"].as<bool>();
-  t.dtype = parse_dtype(vm["dtype"].as<std::string>());
+  const GridChoice grid = grid_choice(vm);
+  t.dtype = grid.model.dtype;
+  t.grid = grid.sizes;
+  t.pp_layers = grid.model.pp_layers;
   t.resume = vm["resume"].as<bool>();
   t.overwrite = vm["overwrite"].as<bool>();
   t.distill_from = vm["distill-from"].as<std::string>();
@@ -75,8 +77,6 @@ int train_run(const po::variables_map& vm) {
   t.sift_selection_passes = vm["sift-selection-passes"].as<int>();
   if (t.sift_selection_passes < 1) fail("--sift-selection-passes must be at least 1, got {}", t.sift_selection_passes);
   t.save_increments = vm["save-increments"].as<std::string>();
-  t.grid = grid_sizes(vm);
-  t.pp_layers = pp_layer_counts(vm);
   train(t);
   return 0;
 }
