@@ -5,15 +5,9 @@
 
 #include "parallel/errors.h"
 #include "parallel/pipeline.h"
+#include "parallel/tags.h"
 
 namespace crash {
-
-namespace {
-
-// Tags of the hidden states sent to the last stage: above the pipeline's own (2 * mb + kind).
-constexpr int kLensTag = 1 << 14;
-
-}  // namespace
 
 torch::Tensor vocab_parallel_log_softmax(const torch::Tensor& z, const CommPtr& tp) {
   auto rows = z.sizes().vec();
@@ -78,7 +72,7 @@ void LogitLens::add(const torch::Tensor& ids, const torch::Tensor& mask) {
   const int last = g.pp() - 1;
   if (!g.last_stage()) {
     // Earlier stages hand their hidden states to the last one, which holds the head.
-    for (auto& [l, h] : out.hidden) g.pp_group()->send(h.to(device).contiguous(), last, kLensTag + static_cast<int>(l));
+    for (auto& [l, h] : out.hidden) g.pp_group()->send(h.to(device).contiguous(), last, tag(MpiTag::kLensHidden, l));
     g.pp_group()->wait_sends();
     return;
   }
@@ -91,7 +85,7 @@ void LogitLens::add(const torch::Tensor& ids, const torch::Tensor& mask) {
     } else {
       hidden[l] = torch::empty({ids.size(0), ids.size(1), m.config().hidden_size},
                                torch::TensorOptions().dtype(dtype).device(device));
-      g.pp_group()->recv(hidden[l], source_stage_[static_cast<size_t>(l)], kLensTag + static_cast<int>(l));
+      g.pp_group()->recv(hidden[l], source_stage_[static_cast<size_t>(l)], tag(MpiTag::kLensHidden, l));
     }
     hidden[l] = hidden[l].reshape({-1, hidden[l].size(-1)});
   }

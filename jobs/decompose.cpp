@@ -6,9 +6,9 @@
 
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 #include "analysis/sfsd.h"
+#include "analysis/sfsd_search.h"
 #include "framework/eval.h"
 #include "framework/prepared.h"
 #include "framework/token_input.h"
@@ -64,35 +64,6 @@ nlohmann::json evaluate_all(const std::string& dir, const std::shared_ptr<Proces
   return out;
 }
 
-// The metric the greedy search keeps within tolerance: acc (multiple choice), exact_match
-// (generation), perplexity (text); true when larger is better.
-std::pair<double, bool> headline(const nlohmann::json& result) {
-  const auto& m = result.at("metrics");
-  for (const char* name : {"acc", "exact_match"})
-    if (m.contains(name)) return {m.at(name).at("value").get<double>(), true};
-  return {m.at("perplexity").at("value").get<double>(), false};
-}
-
-std::vector<double> parse_fractions(const std::string& text) {
-  std::vector<double> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    double f = 0;
-    try {
-      size_t used = 0;
-      f = std::stod(item, &used);
-      if (used != item.size()) throw std::invalid_argument(item);
-    } catch (const std::exception&) {
-      fail("--candidates: '{}' is not a number", item);
-    }
-    if (!(f > 0.0 && f <= 1.0)) fail("--candidates: {} is outside (0, 1]", f);
-    out.push_back(f);
-  }
-  if (out.empty()) fail("--candidates: no fraction given");
-  return out;
-}
-
 }  // namespace
 
 int decompose_run(const po::variables_map& vm) {
@@ -139,16 +110,7 @@ int decompose_run(const po::variables_map& vm) {
     per_task.emplace_back();
     for (auto& e : task.examples) per_task.back().push_back(std::move(e.tokens));
   }
-  std::vector<std::vector<int64_t>> examples;
-  for (size_t i = 0; static_cast<int64_t>(examples.size()) < num_examples; ++i) {
-    bool any = false;
-    for (const auto& t : per_task)
-      if (i < t.size() && static_cast<int64_t>(examples.size()) < num_examples) {
-        examples.push_back(t[i]);
-        any = true;
-      }
-    if (!any) break;
-  }
+  const auto examples = mix_round_robin(per_task, num_examples);
   std::vector<PreparedTask> eval_tasks;
   for (const auto& dir : eval_dirs) {
     eval_tasks.push_back(read_prepared(dir, -1, cfg.vocab_size));
@@ -198,14 +160,14 @@ int decompose_run(const po::variables_map& vm) {
   std::map<std::string, int64_t> ranks;
   nlohmann::json search_log = nlohmann::json::array();
   if (greedy) {
-    const auto [reference, larger_better] = headline(evaluate_all(model_dir, grid, choice, val_task, batch).at(0));
+    const auto [reference, larger_better] = headline_metric(evaluate_all(model_dir, grid, choice, val_task, batch).at(0));
     spdlog::info("greedy search: reference {} {:.6g}, tolerance {}", larger_better ? "metric" : "perplexity",
                  reference, tolerance);
     const std::string candidate = out_dir + ".sfsd-candidate";
     ranks = greedy_ranks(linears, fractions, [&](const std::map<std::string, int64_t>& plan) {
       write_plan(candidate, plan);
-      const double value = headline(evaluate_all(candidate, grid, choice, val_task, batch).at(0)).first;
-      const bool ok = larger_better ? value >= reference - tolerance : value <= reference * (1.0 + tolerance);
+      const double value = headline_metric(evaluate_all(candidate, grid, choice, val_task, batch).at(0)).value;
+      const bool ok = within_tolerance(value, reference, larger_better, tolerance);
       const auto summary = sfsd_summary(ckpt, linears, plan);
       spdlog::info("  {} modules factored, decoder parameters {}: metric {:.6g} -> {}", plan.size(),
                    summary.decoder_params_after, value, ok ? "accepted" : "rejected");

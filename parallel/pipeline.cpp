@@ -4,6 +4,7 @@
 #include <numeric>
 
 #include "parallel/errors.h"
+#include "parallel/tags.h"
 
 namespace crash {
 
@@ -33,9 +34,6 @@ std::vector<std::pair<int64_t, int64_t>> split_layers(int64_t layers, int stages
 
 namespace {
 
-constexpr int kForwardTag = 0, kBackwardTag = 1;
-int tag(int mb, int kind) { return 2 * mb + kind; }
-
 struct InFlight {
   torch::Tensor input;   // received activation (requires grad) on stages after the first
   torch::Tensor output;  // stage output, or the loss on the last stage
@@ -56,7 +54,7 @@ double run_1f1b(const CommPtr& pp, int M, const StageStep& step) {
       x = step.input(mb);
     } else {
       x = step.empty_activation(mb);
-      pp->recv(x, stage - 1, tag(mb, kForwardTag));
+      pp->recv(x, stage - 1, tag(MpiTag::kActivation, mb));
       x.requires_grad_(true);
       f.input = x;
     }
@@ -65,7 +63,7 @@ double run_1f1b(const CommPtr& pp, int M, const StageStep& step) {
       f.output = step.loss(y, mb);
       loss_sum += f.output.item<double>();
     } else {
-      pp->send(y.detach(), stage + 1, tag(mb, kForwardTag));
+      pp->send(y.detach(), stage + 1, tag(MpiTag::kActivation, mb));
       f.output = y;
     }
   };
@@ -75,10 +73,10 @@ double run_1f1b(const CommPtr& pp, int M, const StageStep& step) {
       f.output.backward();
     } else {
       auto grad = torch::empty_like(f.output);
-      pp->recv(grad, stage + 1, tag(mb, kBackwardTag));
+      pp->recv(grad, stage + 1, tag(MpiTag::kGradient, mb));
       torch::autograd::backward({f.output}, {grad});
     }
-    if (!first) pp->send(f.input.grad(), stage - 1, tag(mb, kBackwardTag));
+    if (!first) pp->send(f.input.grad(), stage - 1, tag(MpiTag::kGradient, mb));
     f = InFlight{};  // frees the micro-batch's activations
   };
 
@@ -101,13 +99,13 @@ void run_forward(const CommPtr& pp, int M, const StageStep& step) {
       x = step.input(mb);
     } else {
       x = step.empty_activation(mb);
-      pp->recv(x, stage - 1, tag(mb, kForwardTag));
+      pp->recv(x, stage - 1, tag(MpiTag::kActivation, mb));
     }
     auto y = step.run(x, mb);
     if (stage == stages - 1) {
       if (step.output) step.output(y, mb);
     } else {
-      pp->send(y, stage + 1, tag(mb, kForwardTag));
+      pp->send(y, stage + 1, tag(MpiTag::kActivation, mb));
     }
   }
   pp->wait_sends();
