@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "framework/atomic_file.h"
 #include "parallel/comm_mpi.h"
 #include "parallel/errors.h"
 #include "parallel/world.h"
@@ -119,8 +120,7 @@ ActivationArchive::ActivationArchive(const std::string& path, const ArchiveSpec&
     if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", fresh);
     file_.reset();
     comm->barrier();
-    if (comm->rank() == 0 && std::rename(fresh.c_str(), partial_.c_str()) != 0)
-      fail("{}: cannot rename to {}", fresh, partial_);
+    if (comm->rank() == 0) rename_into_place(fresh, partial_);
     comm->barrier();
     file_ = H5Id(H5Fopen(partial_.c_str(), H5F_ACC_RDWR, fapl), H5Fclose);
     if (file_.get() < 0) fail("{}: cannot open the archive just made", partial_);
@@ -260,8 +260,7 @@ void ActivationArchive::complete() {
   if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", partial_);
   file_.reset();
   comm_->barrier();
-  if (comm_->rank() == 0 && std::rename(partial_.c_str(), path_.c_str()) != 0)
-    fail("{}: cannot rename to {}", partial_, path_);
+  if (comm_->rank() == 0) rename_into_place(partial_, path_);
   comm_->barrier();
   completed_ = true;
 }

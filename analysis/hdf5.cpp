@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "framework/atomic_file.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -37,7 +38,7 @@ hid_t h5_type(torch::ScalarType t) {
 
 }  // namespace
 
-H5Writer::H5Writer(const std::string& path, bool overwrite) : path_(path), tmp_(path + ".tmp") {
+H5Writer::H5Writer(const std::string& path, bool overwrite) : path_(path), tmp_(staging_path(path)) {
   if (!overwrite && std::filesystem::exists(path)) fail("{}: output exists (pass --overwrite to replace it)", path);
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   file_ = H5Id(H5Fcreate(tmp_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
@@ -97,7 +98,7 @@ void H5Writer::attribute(const std::string& object, const std::string& key, int6
 void H5Writer::commit() {
   if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", tmp_);
   file_.reset();
-  if (std::rename(tmp_.c_str(), path_.c_str()) != 0) fail("{}: cannot rename to {}", tmp_, path_);
+  rename_into_place(tmp_, path_);
   committed_ = true;
 }
 

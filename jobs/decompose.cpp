@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "analysis/sfsd.h"
+#include "framework/atomic_file.h"
 #include "framework/eval.h"
 #include "framework/prepared.h"
 #include "framework/token_input.h"
