@@ -17,37 +17,6 @@ namespace {
 
 const auto kF64 = torch::TensorOptions().dtype(torch::kFloat64);
 
-int64_t int_attribute(hid_t obj, const std::string& key, int64_t missing) {
-  if (H5Aexists(obj, key.c_str()) <= 0) return missing;
-  H5Id attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
-  int64_t v = missing;
-  if (H5Aread(attr, H5T_NATIVE_INT64, &v) < 0) return missing;
-  return v;
-}
-
-// Variable-length (as h5py and the archive write them) or fixed-length text.
-std::string text_attribute(hid_t obj, const std::string& key) {
-  if (H5Aexists(obj, key.c_str()) <= 0) return "";
-  H5Id attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
-  H5Id type(H5Aget_type(attr), H5Tclose);
-  if (H5Tget_class(type) != H5T_STRING) return "";
-  H5Id mem(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_cset(mem, H5Tget_cset(type));  // HDF5 does not convert between character sets
-  if (H5Tis_variable_str(type) > 0) {
-    H5Tset_size(mem, H5T_VARIABLE);
-    char* text = nullptr;
-    if (H5Aread(attr, mem, &text) < 0) return "";
-    std::string out = text ? text : "";
-    H5free_memory(text);
-    return out;
-  }
-  const size_t n = H5Tget_size(type);
-  H5Tset_size(mem, n + 1);
-  std::string out(n + 1, '\0');
-  if (H5Aread(attr, mem, out.data()) < 0) return "";
-  return out.c_str();
-}
-
 // Rows [first, end) of `rows` that rank `rank` of `size` owns: contiguous, balanced.
 std::pair<int64_t, int64_t> my_rows(int64_t rows, int rank, int size) {
   return {rows * rank / size, rows * (rank + 1) / size};
@@ -189,76 +158,6 @@ double linear_cka(const torch::Tensor& x, const torch::Tensor& y, CkaMethod meth
          yc.t().mm(yc).square().sum().item<double>()};
   }
   return cka_from_sums(s, "CKA");
-}
-
-// ---------------------------------------------------------------------------------------------
-// Archives
-
-ArchiveReader::ArchiveReader(const std::string& path) : path_(path) {
-  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  if (!std::filesystem::exists(path)) {
-    if (std::filesystem::exists(path + ".partial"))
-      fail("{}: no such archive ({}.partial is an unfinished collection: finish it with crash-hpc collect --resume)",
-           path, path);
-    fail("{}: no such archive", path);
-  }
-  file_ = H5Id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
-  if (file_.get() < 0) fail("{}: not an HDF5 file", path);
-  const int64_t complete = int_attribute(file_, "complete", -1);
-  if (complete == -1) fail("{}: not an activation archive (no attribute 'complete'; made by crash-hpc collect?)", path);
-  if (complete != 1)
-    fail("{}: incomplete archive (attribute complete = {}); finish it with crash-hpc collect --resume", path, complete);
-  if (H5Lexists(file_, "layers", H5P_DEFAULT) <= 0) fail("{}: not an activation archive (no /layers group)", path);
-  for (int64_t l = 0;; ++l) {
-    const std::string name = "layers/" + std::to_string(l);
-    if (H5Lexists(file_, name.c_str(), H5P_DEFAULT) <= 0) break;
-    H5Id set(H5Dopen2(file_, name.c_str(), H5P_DEFAULT), H5Dclose);
-    if (set.get() < 0) fail("{}: cannot open dataset /{}", path, name);
-    H5Id space(H5Dget_space(set), H5Sclose);
-    hsize_t dims[2] = {0, 0};
-    if (H5Sget_simple_extent_ndims(space) != 2) fail("{}: /{} is not a matrix [rows, features]", path, name);
-    H5Sget_simple_extent_dims(space, dims, nullptr);
-    if (l == 0) rows_ = static_cast<int64_t>(dims[0]);
-    if (static_cast<int64_t>(dims[0]) != rows_)
-      fail("{}: /{} has {} rows, /layers/0 has {}", path, name, dims[0], rows_);
-    widths_.push_back(static_cast<int64_t>(dims[1]));
-    layers_.push_back(std::move(set));
-  }
-  if (widths_.empty()) fail("{}: not an activation archive (no /layers/0)", path);
-  const int64_t stated = int_attribute(file_, "num_layers", -1);
-  if (stated >= 0 && stated != num_layers())
-    fail("{}: attribute num_layers = {} but /layers holds {} layers", path, stated, num_layers());
-  if (H5Lexists(file_, "example_hash", H5P_DEFAULT) <= 0) fail("{}: not an activation archive (no /example_hash)", path);
-  H5Id hashes(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
-  H5Id space(H5Dget_space(hashes), H5Sclose);
-  examples_ = H5Sget_simple_extent_npoints(space);
-  pooled_ = H5Lexists(file_, "index", H5P_DEFAULT) <= 0;
-  if (pooled_ && rows_ != examples_)
-    fail("{}: /layers/0 has {} rows for {} examples, and no /index of token offsets", path, rows_, examples_);
-}
-
-std::string ArchiveReader::attribute(const std::string& key) const { return text_attribute(file_, key); }
-
-std::vector<uint64_t> ArchiveReader::example_hashes() const {
-  std::vector<uint64_t> out(static_cast<size_t>(examples_));
-  H5Id set(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
-  if (examples_ > 0 && H5Dread(set, H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
-    fail("{}: reading /example_hash failed", path_);
-  return out;
-}
-
-torch::Tensor ArchiveReader::read(int64_t layer, int64_t row, int64_t count) const {
-  const int64_t width = widths_[static_cast<size_t>(layer)];
-  auto out = torch::empty({count, width}, torch::kFloat32);
-  if (count == 0) return out.to(torch::kFloat64);
-  hid_t set = layers_[static_cast<size_t>(layer)];
-  H5Id space(H5Dget_space(set), H5Sclose);
-  hsize_t start[2] = {static_cast<hsize_t>(row), 0}, size[2] = {static_cast<hsize_t>(count), static_cast<hsize_t>(width)};
-  H5Sselect_hyperslab(space, H5S_SELECT_SET, start, nullptr, size, nullptr);
-  H5Id mem(H5Screate_simple(2, size, nullptr), H5Sclose);
-  if (H5Dread(set, H5T_NATIVE_FLOAT, mem, space, H5P_DEFAULT, out.data_ptr()) < 0)
-    fail("{}: reading rows {}..{} of /layers/{} failed", path_, row, row + count, layer);
-  return out.to(torch::kFloat64);
 }
 
 namespace {
@@ -469,8 +368,8 @@ CkaFile read_cka_file(const std::string& path) {
   if (out.cka.dim() != 2 || out.cka.scalar_type() != torch::kFloat64)
     fail("{}: /cka must be a float64 matrix, got {} {}", path, c10::toString(out.cka.scalar_type()), shape(out.cka));
   H5Id file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
-  out.method = text_attribute(file, "method");
-  const std::string archives = text_attribute(file, "archives");
+  out.method = h5_text_attribute(file, "method");
+  const std::string archives = h5_text_attribute(file, "archives");
   if (!archives.empty()) {
     auto j = nlohmann::json::parse(archives, nullptr, false);
     if (j.is_array())

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "analysis/archive.h"
 #include "analysis/cka.h"
 #include "analysis/hdf5.h"
 #include "framework/atomic_file.h"
