@@ -1,8 +1,5 @@
 #include "analysis/cka.h"
 
-#include <spdlog/spdlog.h>
-
-#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -10,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "parallel/errors.h"
+#include "parallel/progress.h"
 
 namespace crash {
 
@@ -21,25 +19,6 @@ const auto kF64 = torch::TensorOptions().dtype(torch::kFloat64);
 std::pair<int64_t, int64_t> my_rows(int64_t rows, int rank, int size) {
   return {rows * rank / size, rows * (rank + 1) / size};
 }
-
-// Periodic progress lines on rank 0 (every 10 s, so short runs stay quiet).
-class Progress {
- public:
-  Progress(std::string what, int64_t total, bool show) : what_(std::move(what)), total_(total), show_(show) {}
-  void step(int64_t done) {
-    const auto now = std::chrono::steady_clock::now();
-    if (!show_ || now - last_ < std::chrono::seconds(10)) return;
-    last_ = now;
-    const double secs = std::chrono::duration<double>(now - start_).count();
-    spdlog::info("similarity: {} {}/{}, {:.0f} s", what_, done, total_, secs);
-  }
-
- private:
-  std::string what_;
-  int64_t total_;
-  bool show_;
-  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now(), last_ = start_;
-};
 
 // HSIC_1 between every pair of representations of one minibatch ([n, d_i] each): [m, m].
 // K~ flattened, its row sums and total give the three terms of every pair as matrix products.
@@ -216,7 +195,7 @@ torch::Tensor gram_terms(const Layers& layers, int64_t rows, const std::vector<t
   const int64_t T = std::max<int64_t>(1, std::min(opt.max_tile_rows, (rows + P - 1) / P));
   const int64_t blocks = (rows + T - 1) / T, tiles = blocks * (blocks + 1) / 2;
   auto terms = torch::zeros({m, m}, kF64);
-  Progress progress("Gram tiles", tiles, comm.rank() == 0);
+  Progress progress("similarity (Gram form)", tiles, "tiles");  // counts every rank's tiles
   int64_t t = 0;
   for (int64_t a = 0; a < blocks; ++a) {
     for (int64_t b = a; b < blocks; ++b, ++t) {
@@ -229,11 +208,11 @@ torch::Tensor gram_terms(const Layers& layers, int64_t rows, const std::vector<t
         flat[u].copy_(xa.mm(xb.t()).reshape(-1));
       }
       terms.add_(flat.mm(flat.t()), a == b ? 1.0 : 2.0);
-      progress.step(t + 1);
+      progress.update(t + 1);
     }
   }
   comm.allreduce(terms);
-  progress.step(tiles);
+  progress.finish();
   return terms;
 }
 
@@ -260,7 +239,7 @@ torch::Tensor feature_terms(const Layers& layers, int64_t rows, int64_t la, bool
   }
   auto terms = torch::zeros({m, m}, kF64);
   const auto [first, end] = my_rows(rows, comm.rank(), comm.size());
-  Progress progress("feature-form pair groups", static_cast<int64_t>(groups.size()), comm.rank() == 0);
+  Progress progress("similarity (feature form)", static_cast<int64_t>(groups.size()), "pair groups");
   for (size_t g = 0; g < groups.size(); ++g) {
     const auto& group = groups[g];
     std::vector<torch::Tensor> acc;
@@ -291,8 +270,9 @@ torch::Tensor feature_terms(const Layers& layers, int64_t rows, int64_t la, bool
       terms[group[k].first][group[k].second] = h;
       terms[group[k].second][group[k].first] = h;
     }
-    progress.step(static_cast<int64_t>(g) + 1);
+    progress.update(static_cast<int64_t>(g) + 1);
   }
+  progress.finish();
   return terms;
 }
 
@@ -301,17 +281,17 @@ torch::Tensor minibatch_terms(const Layers& layers, int64_t rows, const CkaOptio
   const auto batches = minibatches(rows, opt.batch_size);
   const int64_t m = layers.size(), P = comm.size();
   auto terms = torch::zeros({m, m}, kF64);
-  Progress progress("minibatches", static_cast<int64_t>(batches.size()), comm.rank() == 0);
+  Progress progress("similarity (minibatch form)", static_cast<int64_t>(batches.size()), "minibatches");
   for (size_t k = 0; k < batches.size(); ++k) {
     if (static_cast<int64_t>(k) % P != comm.rank()) continue;
     const auto [first, end] = batches[k];
     std::vector<torch::Tensor> xs;
     for (int64_t u = 0; u < m; ++u) xs.push_back(centred(layers.read(u, first, end - first)));
     terms += hsic1_matrix(xs);
-    progress.step(static_cast<int64_t>(k) + 1);
+    progress.update(static_cast<int64_t>(k) + 1);
   }
   comm.allreduce(terms);
-  progress.step(static_cast<int64_t>(batches.size()));
+  progress.finish();
   return terms;
 }
 
