@@ -1,6 +1,5 @@
 #include "analysis/archive.h"
 
-#include <cstdio>
 #include <filesystem>
 
 #include "framework/atomic_file.h"

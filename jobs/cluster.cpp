@@ -3,7 +3,6 @@
 // HDF5 next to it and, with --plot, the segments over depth and the heat map with their bounds.
 #include <spdlog/spdlog.h>
 
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
