@@ -1,8 +1,8 @@
 #include "analysis/archive.h"
 
-#include <cstdio>
 #include <filesystem>
 
+#include "framework/atomic_file.h"
 #include "parallel/comm_mpi.h"
 #include "parallel/errors.h"
 #include "parallel/world.h"
@@ -40,29 +40,6 @@ void set_int(hid_t obj, const std::string& key, int64_t value) {
   }
   H5Id attr(H5Acreate2(obj, key.c_str(), H5T_NATIVE_INT64, space, H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
   H5Awrite(attr, H5T_NATIVE_INT64, &value);
-}
-
-std::string get_text(hid_t obj, const std::string& key) {
-  if (H5Aexists(obj, key.c_str()) <= 0) return "";
-  H5Id attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
-  H5Id type(H5Aget_type(attr), H5Tclose);
-  if (H5Tis_variable_str(type) <= 0) return "";
-  char* text = nullptr;
-  H5Id mem(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_size(mem, H5T_VARIABLE);
-  H5Tset_cset(mem, H5T_CSET_UTF8);  // HDF5 does not convert between character sets
-  if (H5Aread(attr, mem, &text) < 0) return "";
-  std::string out = text ? text : "";
-  H5free_memory(text);
-  return out;
-}
-
-int64_t get_int(hid_t obj, const std::string& key) {
-  if (H5Aexists(obj, key.c_str()) <= 0) return -1;
-  H5Id attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
-  int64_t v = -1;
-  H5Aread(attr, H5T_NATIVE_INT64, &v);
-  return v;
 }
 
 H5Id make_set(hid_t file, const std::string& name, hid_t type, std::vector<hsize_t> dims, size_t element_bytes) {
@@ -119,8 +96,7 @@ ActivationArchive::ActivationArchive(const std::string& path, const ArchiveSpec&
     if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", fresh);
     file_.reset();
     comm->barrier();
-    if (comm->rank() == 0 && std::rename(fresh.c_str(), partial_.c_str()) != 0)
-      fail("{}: cannot rename to {}", fresh, partial_);
+    if (comm->rank() == 0) rename_into_place(fresh, partial_);
     comm->barrier();
     file_ = H5Id(H5Fopen(partial_.c_str(), H5F_ACC_RDWR, fapl), H5Fclose);
     if (file_.get() < 0) fail("{}: cannot open the archive just made", partial_);
@@ -174,11 +150,12 @@ void ActivationArchive::open_existing(const ArchiveSpec& spec) {
     if (was != now) fail("{}: cannot resume: {} was '{}' in the interrupted run, now '{}'", partial_, what, was, now);
   };
   for (const auto& [k, v] : spec.text_attributes)
-    if (k != "grid" && k != "tool_version") differs(k, get_text(file_, k), v);
-  differs("dtype", get_text(file_, "dtype"), spec.dtype);
-  differs("number of examples", std::to_string(get_int(file_, "num_examples")), std::to_string(spec.num_examples));
-  differs("block size", std::to_string(get_int(file_, "block_size")), std::to_string(spec.block_size));
-  differs("pooling of rows", std::to_string(get_int(file_, "pooled")), std::to_string(spec.pooled ? 1 : 0));
+    if (k != "grid" && k != "tool_version") differs(k, h5_text_attribute(file_, k), v);
+  differs("dtype", h5_text_attribute(file_, "dtype"), spec.dtype);
+  auto stored = [&](const char* key) { return std::to_string(h5_int_attribute(file_, key)); };
+  differs("number of examples", stored("num_examples"), std::to_string(spec.num_examples));
+  differs("block size", stored("block_size"), std::to_string(spec.block_size));
+  differs("pooling of rows", stored("pooled"), std::to_string(spec.pooled ? 1 : 0));
   for (size_t l = 0; l < spec.widths.size(); ++l) {
     layers_.emplace_back(H5Dopen2(file_, ("layers/" + std::to_string(l)).c_str(), H5P_DEFAULT), H5Dclose);
     if (layers_.back().get() < 0) fail("{}: cannot resume: no dataset layers/{}", partial_, l);
@@ -260,10 +237,76 @@ void ActivationArchive::complete() {
   if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", partial_);
   file_.reset();
   comm_->barrier();
-  if (comm_->rank() == 0 && std::rename(partial_.c_str(), path_.c_str()) != 0)
-    fail("{}: cannot rename to {}", partial_, path_);
+  if (comm_->rank() == 0) rename_into_place(partial_, path_);
   comm_->barrier();
   completed_ = true;
+}
+
+ArchiveReader::ArchiveReader(const std::string& path) : path_(path) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  if (!std::filesystem::exists(path)) {
+    if (std::filesystem::exists(path + ".partial"))
+      fail("{}: no such archive ({}.partial is an unfinished collection: finish it with crash-hpc collect --resume)",
+           path, path);
+    fail("{}: no such archive", path);
+  }
+  file_ = H5Id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
+  if (file_.get() < 0) fail("{}: not an HDF5 file", path);
+  const int64_t complete = h5_int_attribute(file_, "complete", -1);
+  if (complete == -1) fail("{}: not an activation archive (no attribute 'complete'; made by crash-hpc collect?)", path);
+  if (complete != 1)
+    fail("{}: incomplete archive (attribute complete = {}); finish it with crash-hpc collect --resume", path, complete);
+  if (H5Lexists(file_, "layers", H5P_DEFAULT) <= 0) fail("{}: not an activation archive (no /layers group)", path);
+  for (int64_t l = 0;; ++l) {
+    const std::string name = "layers/" + std::to_string(l);
+    if (H5Lexists(file_, name.c_str(), H5P_DEFAULT) <= 0) break;
+    H5Id set(H5Dopen2(file_, name.c_str(), H5P_DEFAULT), H5Dclose);
+    if (set.get() < 0) fail("{}: cannot open dataset /{}", path, name);
+    H5Id space(H5Dget_space(set), H5Sclose);
+    hsize_t dims[2] = {0, 0};
+    if (H5Sget_simple_extent_ndims(space) != 2) fail("{}: /{} is not a matrix [rows, features]", path, name);
+    H5Sget_simple_extent_dims(space, dims, nullptr);
+    if (l == 0) rows_ = static_cast<int64_t>(dims[0]);
+    if (static_cast<int64_t>(dims[0]) != rows_)
+      fail("{}: /{} has {} rows, /layers/0 has {}", path, name, dims[0], rows_);
+    widths_.push_back(static_cast<int64_t>(dims[1]));
+    layers_.push_back(std::move(set));
+  }
+  if (widths_.empty()) fail("{}: not an activation archive (no /layers/0)", path);
+  const int64_t stated = h5_int_attribute(file_, "num_layers", -1);
+  if (stated >= 0 && stated != num_layers())
+    fail("{}: attribute num_layers = {} but /layers holds {} layers", path, stated, num_layers());
+  if (H5Lexists(file_, "example_hash", H5P_DEFAULT) <= 0) fail("{}: not an activation archive (no /example_hash)", path);
+  H5Id hashes(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
+  H5Id space(H5Dget_space(hashes), H5Sclose);
+  examples_ = H5Sget_simple_extent_npoints(space);
+  pooled_ = H5Lexists(file_, "index", H5P_DEFAULT) <= 0;
+  if (pooled_ && rows_ != examples_)
+    fail("{}: /layers/0 has {} rows for {} examples, and no /index of token offsets", path, rows_, examples_);
+}
+
+std::string ArchiveReader::attribute(const std::string& key) const { return h5_text_attribute(file_, key); }
+
+std::vector<uint64_t> ArchiveReader::example_hashes() const {
+  std::vector<uint64_t> out(static_cast<size_t>(examples_));
+  H5Id set(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
+  if (examples_ > 0 && H5Dread(set, H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
+    fail("{}: reading /example_hash failed", path_);
+  return out;
+}
+
+torch::Tensor ArchiveReader::read(int64_t layer, int64_t row, int64_t count) const {
+  const int64_t width = widths_[static_cast<size_t>(layer)];
+  auto out = torch::empty({count, width}, torch::kFloat32);
+  if (count == 0) return out.to(torch::kFloat64);
+  hid_t set = layers_[static_cast<size_t>(layer)];
+  H5Id space(H5Dget_space(set), H5Sclose);
+  hsize_t start[2] = {static_cast<hsize_t>(row), 0}, size[2] = {static_cast<hsize_t>(count), static_cast<hsize_t>(width)};
+  H5Sselect_hyperslab(space, H5S_SELECT_SET, start, nullptr, size, nullptr);
+  H5Id mem(H5Screate_simple(2, size, nullptr), H5Sclose);
+  if (H5Dread(set, H5T_NATIVE_FLOAT, mem, space, H5P_DEFAULT, out.data_ptr()) < 0)
+    fail("{}: reading rows {}..{} of /layers/{} failed", path_, row, row + count, layer);
+  return out.to(torch::kFloat64);
 }
 
 }  // namespace crash

@@ -77,4 +77,29 @@ class ActivationArchive {
   bool completed_ = false;
 };
 
+// An archive opened read-only by one process (plain HDF5 reads; every rank may open it).
+// Fails clearly when missing, not an archive, or incomplete.
+class ArchiveReader {
+ public:
+  explicit ArchiveReader(const std::string& path);
+  const std::string& path() const { return path_; }
+  int64_t num_layers() const { return static_cast<int64_t>(widths_.size()); }  // hidden states 0..L
+  int64_t num_rows() const { return rows_; }  // examples (pooled) or tokens
+  int64_t num_examples() const { return examples_; }
+  int64_t width(int64_t layer) const { return widths_[static_cast<size_t>(layer)]; }
+  bool pooled() const { return pooled_; }
+  std::string attribute(const std::string& key) const;  // a text attribute, "" if absent
+  std::vector<uint64_t> example_hashes() const;
+  // Rows [row, row + count) of one layer, float64 [count, width].
+  torch::Tensor read(int64_t layer, int64_t row, int64_t count) const;
+
+ private:
+  std::string path_;
+  H5Id file_;
+  std::vector<H5Id> layers_;
+  std::vector<int64_t> widths_;
+  int64_t rows_ = 0, examples_ = 0;
+  bool pooled_ = true;
+};
+
 }  // namespace crash

@@ -1,8 +1,5 @@
 #include "analysis/cka.h"
 
-#include <spdlog/spdlog.h>
-
-#include <chrono>
 #include <cmath>
 #include <filesystem>
 #include <limits>
@@ -10,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "parallel/errors.h"
+#include "parallel/progress.h"
 
 namespace crash {
 
@@ -17,60 +15,10 @@ namespace {
 
 const auto kF64 = torch::TensorOptions().dtype(torch::kFloat64);
 
-int64_t int_attribute(hid_t obj, const std::string& key, int64_t missing) {
-  if (H5Aexists(obj, key.c_str()) <= 0) return missing;
-  H5Id attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
-  int64_t v = missing;
-  if (H5Aread(attr, H5T_NATIVE_INT64, &v) < 0) return missing;
-  return v;
-}
-
-// Variable-length (as h5py and the archive write them) or fixed-length text.
-std::string text_attribute(hid_t obj, const std::string& key) {
-  if (H5Aexists(obj, key.c_str()) <= 0) return "";
-  H5Id attr(H5Aopen(obj, key.c_str(), H5P_DEFAULT), H5Aclose);
-  H5Id type(H5Aget_type(attr), H5Tclose);
-  if (H5Tget_class(type) != H5T_STRING) return "";
-  H5Id mem(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_cset(mem, H5Tget_cset(type));  // HDF5 does not convert between character sets
-  if (H5Tis_variable_str(type) > 0) {
-    H5Tset_size(mem, H5T_VARIABLE);
-    char* text = nullptr;
-    if (H5Aread(attr, mem, &text) < 0) return "";
-    std::string out = text ? text : "";
-    H5free_memory(text);
-    return out;
-  }
-  const size_t n = H5Tget_size(type);
-  H5Tset_size(mem, n + 1);
-  std::string out(n + 1, '\0');
-  if (H5Aread(attr, mem, out.data()) < 0) return "";
-  return out.c_str();
-}
-
 // Rows [first, end) of `rows` that rank `rank` of `size` owns: contiguous, balanced.
 std::pair<int64_t, int64_t> my_rows(int64_t rows, int rank, int size) {
   return {rows * rank / size, rows * (rank + 1) / size};
 }
-
-// Periodic progress lines on rank 0 (every 10 s, so short runs stay quiet).
-class Progress {
- public:
-  Progress(std::string what, int64_t total, bool show) : what_(std::move(what)), total_(total), show_(show) {}
-  void step(int64_t done) {
-    const auto now = std::chrono::steady_clock::now();
-    if (!show_ || now - last_ < std::chrono::seconds(10)) return;
-    last_ = now;
-    const double secs = std::chrono::duration<double>(now - start_).count();
-    spdlog::info("similarity: {} {}/{}, {:.0f} s", what_, done, total_, secs);
-  }
-
- private:
-  std::string what_;
-  int64_t total_;
-  bool show_;
-  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now(), last_ = start_;
-};
 
 // HSIC_1 between every pair of representations of one minibatch ([n, d_i] each): [m, m].
 // K~ flattened, its row sums and total give the three terms of every pair as matrix products.
@@ -191,76 +139,6 @@ double linear_cka(const torch::Tensor& x, const torch::Tensor& y, CkaMethod meth
   return cka_from_sums(s, "CKA");
 }
 
-// ---------------------------------------------------------------------------------------------
-// Archives
-
-ArchiveReader::ArchiveReader(const std::string& path) : path_(path) {
-  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  if (!std::filesystem::exists(path)) {
-    if (std::filesystem::exists(path + ".partial"))
-      fail("{}: no such archive ({}.partial is an unfinished collection: finish it with crash-hpc collect --resume)",
-           path, path);
-    fail("{}: no such archive", path);
-  }
-  file_ = H5Id(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
-  if (file_.get() < 0) fail("{}: not an HDF5 file", path);
-  const int64_t complete = int_attribute(file_, "complete", -1);
-  if (complete == -1) fail("{}: not an activation archive (no attribute 'complete'; made by crash-hpc collect?)", path);
-  if (complete != 1)
-    fail("{}: incomplete archive (attribute complete = {}); finish it with crash-hpc collect --resume", path, complete);
-  if (H5Lexists(file_, "layers", H5P_DEFAULT) <= 0) fail("{}: not an activation archive (no /layers group)", path);
-  for (int64_t l = 0;; ++l) {
-    const std::string name = "layers/" + std::to_string(l);
-    if (H5Lexists(file_, name.c_str(), H5P_DEFAULT) <= 0) break;
-    H5Id set(H5Dopen2(file_, name.c_str(), H5P_DEFAULT), H5Dclose);
-    if (set.get() < 0) fail("{}: cannot open dataset /{}", path, name);
-    H5Id space(H5Dget_space(set), H5Sclose);
-    hsize_t dims[2] = {0, 0};
-    if (H5Sget_simple_extent_ndims(space) != 2) fail("{}: /{} is not a matrix [rows, features]", path, name);
-    H5Sget_simple_extent_dims(space, dims, nullptr);
-    if (l == 0) rows_ = static_cast<int64_t>(dims[0]);
-    if (static_cast<int64_t>(dims[0]) != rows_)
-      fail("{}: /{} has {} rows, /layers/0 has {}", path, name, dims[0], rows_);
-    widths_.push_back(static_cast<int64_t>(dims[1]));
-    layers_.push_back(std::move(set));
-  }
-  if (widths_.empty()) fail("{}: not an activation archive (no /layers/0)", path);
-  const int64_t stated = int_attribute(file_, "num_layers", -1);
-  if (stated >= 0 && stated != num_layers())
-    fail("{}: attribute num_layers = {} but /layers holds {} layers", path, stated, num_layers());
-  if (H5Lexists(file_, "example_hash", H5P_DEFAULT) <= 0) fail("{}: not an activation archive (no /example_hash)", path);
-  H5Id hashes(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
-  H5Id space(H5Dget_space(hashes), H5Sclose);
-  examples_ = H5Sget_simple_extent_npoints(space);
-  pooled_ = H5Lexists(file_, "index", H5P_DEFAULT) <= 0;
-  if (pooled_ && rows_ != examples_)
-    fail("{}: /layers/0 has {} rows for {} examples, and no /index of token offsets", path, rows_, examples_);
-}
-
-std::string ArchiveReader::attribute(const std::string& key) const { return text_attribute(file_, key); }
-
-std::vector<uint64_t> ArchiveReader::example_hashes() const {
-  std::vector<uint64_t> out(static_cast<size_t>(examples_));
-  H5Id set(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
-  if (examples_ > 0 && H5Dread(set, H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, out.data()) < 0)
-    fail("{}: reading /example_hash failed", path_);
-  return out;
-}
-
-torch::Tensor ArchiveReader::read(int64_t layer, int64_t row, int64_t count) const {
-  const int64_t width = widths_[static_cast<size_t>(layer)];
-  auto out = torch::empty({count, width}, torch::kFloat32);
-  if (count == 0) return out.to(torch::kFloat64);
-  hid_t set = layers_[static_cast<size_t>(layer)];
-  H5Id space(H5Dget_space(set), H5Sclose);
-  hsize_t start[2] = {static_cast<hsize_t>(row), 0}, size[2] = {static_cast<hsize_t>(count), static_cast<hsize_t>(width)};
-  H5Sselect_hyperslab(space, H5S_SELECT_SET, start, nullptr, size, nullptr);
-  H5Id mem(H5Screate_simple(2, size, nullptr), H5Sclose);
-  if (H5Dread(set, H5T_NATIVE_FLOAT, mem, space, H5P_DEFAULT, out.data_ptr()) < 0)
-    fail("{}: reading rows {}..{} of /layers/{} failed", path_, row, row + count, layer);
-  return out.to(torch::kFloat64);
-}
-
 namespace {
 
 // The layers of one or two archives in one list: A's, then B's.
@@ -317,7 +195,7 @@ torch::Tensor gram_terms(const Layers& layers, int64_t rows, const std::vector<t
   const int64_t T = std::max<int64_t>(1, std::min(opt.max_tile_rows, (rows + P - 1) / P));
   const int64_t blocks = (rows + T - 1) / T, tiles = blocks * (blocks + 1) / 2;
   auto terms = torch::zeros({m, m}, kF64);
-  Progress progress("Gram tiles", tiles, comm.rank() == 0);
+  Progress progress("similarity (Gram form)", tiles, "tiles");  // counts every rank's tiles
   int64_t t = 0;
   for (int64_t a = 0; a < blocks; ++a) {
     for (int64_t b = a; b < blocks; ++b, ++t) {
@@ -330,11 +208,11 @@ torch::Tensor gram_terms(const Layers& layers, int64_t rows, const std::vector<t
         flat[u].copy_(xa.mm(xb.t()).reshape(-1));
       }
       terms.add_(flat.mm(flat.t()), a == b ? 1.0 : 2.0);
-      progress.step(t + 1);
+      progress.update(t + 1);
     }
   }
   comm.allreduce(terms);
-  progress.step(tiles);
+  progress.finish();
   return terms;
 }
 
@@ -361,7 +239,7 @@ torch::Tensor feature_terms(const Layers& layers, int64_t rows, int64_t la, bool
   }
   auto terms = torch::zeros({m, m}, kF64);
   const auto [first, end] = my_rows(rows, comm.rank(), comm.size());
-  Progress progress("feature-form pair groups", static_cast<int64_t>(groups.size()), comm.rank() == 0);
+  Progress progress("similarity (feature form)", static_cast<int64_t>(groups.size()), "pair groups");
   for (size_t g = 0; g < groups.size(); ++g) {
     const auto& group = groups[g];
     std::vector<torch::Tensor> acc;
@@ -392,8 +270,9 @@ torch::Tensor feature_terms(const Layers& layers, int64_t rows, int64_t la, bool
       terms[group[k].first][group[k].second] = h;
       terms[group[k].second][group[k].first] = h;
     }
-    progress.step(static_cast<int64_t>(g) + 1);
+    progress.update(static_cast<int64_t>(g) + 1);
   }
+  progress.finish();
   return terms;
 }
 
@@ -402,17 +281,17 @@ torch::Tensor minibatch_terms(const Layers& layers, int64_t rows, const CkaOptio
   const auto batches = minibatches(rows, opt.batch_size);
   const int64_t m = layers.size(), P = comm.size();
   auto terms = torch::zeros({m, m}, kF64);
-  Progress progress("minibatches", static_cast<int64_t>(batches.size()), comm.rank() == 0);
+  Progress progress("similarity (minibatch form)", static_cast<int64_t>(batches.size()), "minibatches");
   for (size_t k = 0; k < batches.size(); ++k) {
     if (static_cast<int64_t>(k) % P != comm.rank()) continue;
     const auto [first, end] = batches[k];
     std::vector<torch::Tensor> xs;
     for (int64_t u = 0; u < m; ++u) xs.push_back(centred(layers.read(u, first, end - first)));
     terms += hsic1_matrix(xs);
-    progress.step(static_cast<int64_t>(k) + 1);
+    progress.update(static_cast<int64_t>(k) + 1);
   }
   comm.allreduce(terms);
-  progress.step(static_cast<int64_t>(batches.size()));
+  progress.finish();
   return terms;
 }
 
@@ -469,8 +348,8 @@ CkaFile read_cka_file(const std::string& path) {
   if (out.cka.dim() != 2 || out.cka.scalar_type() != torch::kFloat64)
     fail("{}: /cka must be a float64 matrix, got {} {}", path, c10::toString(out.cka.scalar_type()), shape(out.cka));
   H5Id file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
-  out.method = text_attribute(file, "method");
-  const std::string archives = text_attribute(file, "archives");
+  out.method = h5_text_attribute(file, "method");
+  const std::string archives = h5_text_attribute(file, "archives");
   if (!archives.empty()) {
     auto j = nlohmann::json::parse(archives, nullptr, false);
     if (j.is_array())

@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "analysis/archive.h"
 #include "analysis/hdf5.h"
 #include "parallel/comm.h"
 
@@ -46,31 +47,6 @@ double linear_cka(const torch::Tensor& x, const torch::Tensor& y, CkaMethod meth
 HsicSums minibatch_hsic(const torch::Tensor& x, const torch::Tensor& y, int64_t batch_size);
 // [first, end) row ranges of those minibatches.
 std::vector<std::pair<int64_t, int64_t>> minibatches(int64_t rows, int64_t batch_size);
-
-// An activation archive (analysis/archive.h) opened read-only by one process (plain HDF5
-// reads; every rank may open it). Fails clearly when missing, not an archive, or incomplete.
-class ArchiveReader {
- public:
-  explicit ArchiveReader(const std::string& path);
-  const std::string& path() const { return path_; }
-  int64_t num_layers() const { return static_cast<int64_t>(widths_.size()); }  // hidden states 0..L
-  int64_t num_rows() const { return rows_; }  // examples (pooled) or tokens
-  int64_t num_examples() const { return examples_; }
-  int64_t width(int64_t layer) const { return widths_[static_cast<size_t>(layer)]; }
-  bool pooled() const { return pooled_; }
-  std::string attribute(const std::string& key) const;  // a text attribute, "" if absent
-  std::vector<uint64_t> example_hashes() const;
-  // Rows [row, row + count) of one layer, float64 [count, width].
-  torch::Tensor read(int64_t layer, int64_t row, int64_t count) const;
-
- private:
-  std::string path_;
-  H5Id file_;
-  std::vector<H5Id> layers_;
-  std::vector<int64_t> widths_;
-  int64_t rows_ = 0, examples_ = 0;
-  bool pooled_ = true;
-};
 
 struct CkaOptions {
   CkaMethod method = CkaMethod::Auto;

@@ -3,6 +3,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "framework/atomic_file.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -37,7 +38,7 @@ hid_t h5_type(torch::ScalarType t) {
 
 }  // namespace
 
-H5Writer::H5Writer(const std::string& path, bool overwrite) : path_(path), tmp_(path + ".tmp") {
+H5Writer::H5Writer(const std::string& path, bool overwrite) : path_(path), tmp_(staging_path(path)) {
   if (!overwrite && std::filesystem::exists(path)) fail("{}: output exists (pass --overwrite to replace it)", path);
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   file_ = H5Id(H5Fcreate(tmp_.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT), H5Fclose);
@@ -97,8 +98,56 @@ void H5Writer::attribute(const std::string& object, const std::string& key, int6
 void H5Writer::commit() {
   if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", tmp_);
   file_.reset();
-  if (std::rename(tmp_.c_str(), path_.c_str()) != 0) fail("{}: cannot rename to {}", tmp_, path_);
+  rename_into_place(tmp_, path_);
   committed_ = true;
+}
+
+namespace {
+
+// The attribute `key` of `object` when it holds exactly one value; an invalid H5Id otherwise.
+H5Id open_single(hid_t object, const std::string& key) {
+  if (H5Aexists(object, key.c_str()) <= 0) return {};
+  H5Id attr(H5Aopen(object, key.c_str(), H5P_DEFAULT), H5Aclose);
+  if (attr.get() < 0) return {};
+  H5Id space(H5Aget_space(attr), H5Sclose);
+  if (space.get() < 0 || H5Sget_simple_extent_npoints(space) != 1) return {};
+  return attr;
+}
+
+}  // namespace
+
+int64_t h5_int_attribute(hid_t object, const std::string& key, int64_t missing) {
+  H5Id attr = open_single(object, key);
+  if (attr.get() < 0) return missing;
+  H5Id type(H5Aget_type(attr), H5Tclose);
+  const H5T_class_t kind = H5Tget_class(type);
+  if (kind != H5T_INTEGER && kind != H5T_FLOAT) return missing;
+  int64_t v = missing;
+  if (H5Aread(attr, H5T_NATIVE_INT64, &v) < 0) return missing;
+  return v;
+}
+
+std::string h5_text_attribute(hid_t object, const std::string& key, const std::string& missing) {
+  H5Id attr = open_single(object, key);
+  if (attr.get() < 0) return missing;
+  H5Id type(H5Aget_type(attr), H5Tclose);
+  if (H5Tget_class(type) != H5T_STRING) return missing;
+  H5Id mem(H5Tcopy(H5T_C_S1), H5Tclose);
+  H5Tset_cset(mem, H5Tget_cset(type));  // HDF5 does not convert between character sets
+  if (H5Tis_variable_str(type) > 0) {
+    H5Tset_size(mem, H5T_VARIABLE);
+    char* text = nullptr;
+    if (H5Aread(attr, mem, &text) < 0) return missing;
+    std::string out = text ? text : "";
+    H5free_memory(text);
+    return out;
+  }
+  // Fixed length n: read as n + 1 bytes, NUL-terminated, so a string that fills all n survives.
+  const size_t n = H5Tget_size(type);
+  H5Tset_size(mem, n + 1);
+  std::string out(n + 1, '\0');
+  if (H5Aread(attr, mem, out.data()) < 0) return missing;
+  return out.c_str();
 }
 
 torch::Tensor h5_read(const std::string& path, const std::string& name) {

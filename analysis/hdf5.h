@@ -51,4 +51,12 @@ class H5Writer {
 // Reads a whole dataset (float32, float64, int64 or int32) as a tensor.
 torch::Tensor h5_read(const std::string& path, const std::string& name);
 
+// Attributes of an open file, group or dataset, one value each (a scalar or a one-element array).
+// An attribute that is absent, of another kind or unreadable gives `missing`.
+// Any integer (or float, converted) as int64.
+int64_t h5_int_attribute(hid_t object, const std::string& key, int64_t missing = -1);
+// Text stored either way HDF5 allows: variable-length (as h5py, H5Writer and the archive write
+// it) or fixed-length (NUL-padded, as numpy bytes or other tools write it), ASCII or UTF-8.
+std::string h5_text_attribute(hid_t object, const std::string& key, const std::string& missing = "");
+
 }  // namespace crash

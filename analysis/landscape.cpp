@@ -1,13 +1,11 @@
 #include "analysis/landscape.h"
 
-#include <spdlog/spdlog.h>
-
 #include <algorithm>
-#include <chrono>
 #include <map>
 
 #include "framework/token_input.h"
 #include "parallel/errors.h"
+#include "parallel/progress.h"
 
 namespace crash {
 
@@ -112,19 +110,16 @@ std::vector<double> LossLandscape::evaluate(const std::vector<std::vector<double
   const int64_t n = static_cast<int64_t>(points.size()), dp = g.dp();
   const int64_t mine = (n - g.dp_rank() + dp - 1) / dp;
   auto losses = torch::zeros({n}, torch::TensorOptions().dtype(torch::kFloat64));
-  const auto start = std::chrono::steady_clock::now();
-  int64_t done = 0;
+  Progress progress("landscape (this replica)", mine, "points");
   for (int64_t p = g.dp_rank(); p < n; p += dp) {
     set_point(points[p]);
     auto [sum, count] = loss_sum(seqs, batch_size, pad_id);
     if (count == 0) fail("landscape: the data holds no target token (every example is shorter than 2 tokens)");
     // One rank of the replica reports the point.
     if (g.tp_rank() == 0 && g.pp_rank() == 0) losses[p] = sum / static_cast<double>(count);
-    ++done;
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    spdlog::info("landscape: {}/{} points of this replica, loss {:.5f}, {:.0f} s left", done, mine,
-                 sum / static_cast<double>(count), secs / done * (mine - done));
+    progress.advance(1, fmt::format("loss {:.5f}", sum / static_cast<double>(count)));
   }
+  progress.finish();
   auto all = losses.to(device);
   g.world()->allreduce(all);
   all = all.cpu();

@@ -3,6 +3,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "framework/atomic_file.h"
 #include "framework/json_fields.h"
 
 namespace fs = std::filesystem;
@@ -75,12 +76,9 @@ torch::Tensor CheckpointReader::view(const std::string& name) const {
 void save_hf_folder(const std::string& dir, const ModelConfig& config,
                     const std::vector<std::pair<std::string, torch::Tensor>>& tensors, const SaveOptions& options,
                     const nlohmann::json& config_updates) {
-  const fs::path target(dir);
-  const fs::path tmp = target.string() + ".tmp";
+  StagedDir staged(dir);
+  const fs::path& tmp = staged.path();
   std::error_code ec;
-  fs::remove_all(tmp, ec);
-  fs::create_directories(tmp, ec);
-  if (ec) fail("{}: cannot create folder ({})", tmp.string(), ec.message());
 
   // Group tensors into shards in order, each under max_shard_bytes (a larger tensor gets its own).
   std::vector<std::vector<std::pair<std::string, torch::Tensor>>> shards(1);
@@ -129,9 +127,7 @@ void save_hf_folder(const std::string& dir, const ModelConfig& config,
     extra.close();
     if (!extra) fail("{}: cannot write {}", tmp.string(), name);
   }
-  fs::remove_all(target, ec);
-  fs::rename(tmp, target, ec);
-  if (ec) fail("{}: cannot move the finished folder into place ({})", dir, ec.message());
+  staged.commit();
 }
 
 }  // namespace crash

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <set>
 
+#include "framework/atomic_file.h"
 #include "parallel/errors.h"
 #include "parallel/log.h"
 
@@ -363,14 +364,9 @@ std::vector<DistributedLM::TrainParam> DistributedLM::trainable() const {
 void DistributedLM::save_model(const std::string& dir) {
   namespace fs = std::filesystem;
   const ModelConfig& c = stage_->config();
-  const fs::path target(dir), tmp(dir + ".tmp");
   const CommPtr& world = grid_->world();
-  std::error_code ec;
-  if (grid_->rank() == 0) {
-    fs::remove_all(tmp, ec);
-    fs::create_directories(tmp, ec);
-    if (ec) fail("{}: cannot create folder ({})", tmp.string(), ec.message());
-  }
+  StagedDir staged(dir, grid_->rank() == 0);
+  const fs::path& tmp = staged.path();
   world->barrier();
   // What Hugging Face stores (tied and shared weights once), assembled across the TP group.
   std::set<std::string> stored;
@@ -404,15 +400,14 @@ void DistributedLM::save_model(const std::string& dir) {
     out << c.raw.dump(2) << "\n";
     out.close();
     if (!out) fail("{}: cannot write config.json", tmp.string());
+    std::error_code ec;
     for (const char* extra : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                               "generation_config.json", "crash_plan.json"}) {
       const fs::path from = fs::path(source_dir_) / extra;
       if (fs::exists(from)) fs::copy_file(from, tmp / extra, fs::copy_options::overwrite_existing, ec);
       if (ec) fail("{}: cannot copy into {} ({})", from.string(), tmp.string(), ec.message());
     }
-    fs::remove_all(target, ec);
-    fs::rename(tmp, target, ec);
-    if (ec) fail("{}: cannot move the finished folder into place ({})", dir, ec.message());
+    staged.commit();
   }
   world->barrier();
 }

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "framework/atomic_file.h"
 #include "framework/emulator.h"
 #include "framework/json_fields.h"
 #include "parallel/errors.h"
@@ -194,16 +195,7 @@ std::optional<EmulatorPlan> read_plan(const std::string& model_dir) {
 }
 
 void write_plan(const std::string& model_dir, const EmulatorPlan& plan) {
-  const auto path = fs::path(model_dir) / "crash_plan.json";
-  const auto tmp = path.string() + ".tmp";
-  {
-    std::ofstream out(tmp);
-    out << plan.to_json().dump(2) << "\n";
-    if (!out) fail("{}: cannot write", tmp);
-  }
-  std::error_code ec;
-  fs::rename(tmp, path, ec);
-  if (ec) fail("{}: cannot move into place ({})", path.string(), ec.message());
+  write_atomic((fs::path(model_dir) / "crash_plan.json").string(), plan.to_json().dump(2) + "\n");
 }
 
 }  // namespace crash

@@ -17,6 +17,7 @@
 #include "framework/prepare.h"
 #include "framework/token_input.h"
 #include "parallel/errors.h"
+#include "parallel/progress.h"
 
 namespace crash {
 
@@ -61,23 +62,6 @@ struct Timer {
   double seconds() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
 };
 
-// Periodic progress on rank 0: one line every ~10 s (the jobs log only rank 0 by default).
-struct Progress {
-  Progress(std::string what, int64_t total) : what(std::move(what)), total(total) {}
-  std::string what;
-  int64_t total;
-  Timer timer;
-  double last = 0;
-  void update(int64_t done) {
-    const double s = timer.seconds();
-    if (s - last < 10 && done < total) return;
-    last = s;
-    const double rate = done / std::max(s, 1e-9);
-    spdlog::info("{}: {}/{} batches, {:.1f} batches/s, {:.0f} s left", what, done, total, rate,
-                 rate > 0 ? (total - done) / rate : 0.0);
-  }
-};
-
 TaskResult multiple_choice(DistributedLM& model, const PreparedTask& task, const EvalOptions& o) {
   const ModelConfig& c = model.stage().config();
   const int64_t max_length = c.max_positions;
@@ -113,7 +97,7 @@ TaskResult multiple_choice(DistributedLM& model, const PreparedTask& task, const
   const auto& grid = model.grid();
   auto ll = torch::zeros({R}, torch::kFloat64);
   auto ll_a = ll.accessor<double, 1>();
-  Progress progress{task_name(task) + " (multiple choice)", batches};
+  Progress progress(task_name(task) + " (multiple choice)", batches, "batches");
   for (int64_t b = 0; b < batches; ++b) {
     if (b % grid.dp() != grid.dp_rank()) continue;
     const int64_t first = b * B, n = std::min(B, R - first);
@@ -133,9 +117,10 @@ TaskResult multiple_choice(DistributedLM& model, const PreparedTask& task, const
     auto lp = model.token_logprobs(batch.ids, batch.mask, targets, micro_batches(model, n), kIgnore).sum(1);
     auto lp_a = lp.accessor<double, 1>();
     for (int64_t i = 0; i < n; ++i) ll_a[static_cast<int64_t>(order[first + i])] = lp_a[i];
-    progress.update(b + 1);
+    progress.update(b + 1);  // b counts the batches of every replica
   }
   gather_dp(model, ll);
+  progress.finish();
   ll_a = ll.accessor<double, 1>();
 
   TaskResult result;
@@ -185,7 +170,7 @@ TaskResult generation(DistributedLM& model, const PreparedTask& task, const Eval
   // Generated ids + 1 (0: none), so that summing over DP gathers them.
   auto generated = torch::zeros({N, max_new}, torch::kInt64);
   auto g_a = generated.accessor<int64_t, 2>();
-  Progress progress{task_name(task) + " (generation)", batches};
+  Progress progress(task_name(task) + " (generation)", batches, "batches");
   for (int64_t b = 0; b < batches; ++b) {
     if (b % grid.dp() != grid.dp_rank()) continue;
     const int64_t first = b * B, n = std::min(B, N - first);
@@ -222,6 +207,7 @@ TaskResult generation(DistributedLM& model, const PreparedTask& task, const Eval
     progress.update(b + 1);
   }
   gather_dp(model, generated);
+  progress.finish();
   g_a = generated.accessor<int64_t, 2>();
 
   TaskResult result;
@@ -258,7 +244,7 @@ TaskResult perplexity(DistributedLM& model, const PreparedTask& task, const Eval
   const auto& grid = model.grid();
   auto sums = torch::zeros({N, 2}, torch::kFloat64);  // log-likelihood, scored tokens
   auto s_a = sums.accessor<double, 2>();
-  Progress progress{task_name(task) + " (perplexity)", batches};
+  Progress progress(task_name(task) + " (perplexity)", batches, "batches");
   for (int64_t b = 0; b < batches; ++b) {
     if (b % grid.dp() != grid.dp_rank()) continue;
     const int64_t first = b * B, n = std::min(B, N - first);
@@ -275,6 +261,7 @@ TaskResult perplexity(DistributedLM& model, const PreparedTask& task, const Eval
     progress.update(b + 1);
   }
   gather_dp(model, sums);
+  progress.finish();
   s_a = sums.accessor<double, 2>();
   TaskResult result;
   double ll = 0, tokens = 0;

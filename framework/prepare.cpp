@@ -4,6 +4,7 @@
 #include <fstream>
 #include <sstream>
 
+#include "framework/atomic_file.h"
 #include "framework/json_fields.h"
 #include "framework/tasks.h"
 #include "framework/token_input.h"
@@ -122,11 +123,8 @@ nlohmann::json prepare_task(const std::string& task_path, const std::string& tok
   }
   if (lines.empty()) fail("{}: nothing to prepare", task_path);
 
-  const fs::path tmp = out + ".tmp";
-  std::error_code ec;
-  fs::remove_all(tmp, ec);
-  fs::create_directories(tmp, ec);
-  if (ec) fail("{}: cannot create folder ({})", tmp.string(), ec.message());
+  StagedDir staged(out);
+  const fs::path& tmp = staged.path();
   std::vector<std::string> shards;
   for (size_t s = 0; s < lines.size(); s += static_cast<size_t>(options.examples_per_shard)) {
     std::string name = fmt::format("shard-{:05d}.jsonl", shards.size());
@@ -146,9 +144,7 @@ nlohmann::json prepare_task(const std::string& task_path, const std::string& tok
                              {"window", options.window},
                              {"shards", shards}};
   std::ofstream(tmp / "manifest.json") << manifest.dump(2) << "\n";
-  fs::remove_all(out, ec);
-  fs::rename(tmp, out, ec);
-  if (ec) fail("{}: cannot move the finished folder into place ({})", out, ec.message());
+  staged.commit();
   return manifest;
 }
 

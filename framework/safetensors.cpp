@@ -11,6 +11,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "framework/atomic_file.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -133,7 +134,7 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
   }
   std::string text = header.dump();
   text.append((8 - text.size() % 8) % 8, ' ');  // keeps the data section 8-byte aligned
-  const std::string tmp = path + ".tmp";
+  const std::string tmp = staging_path(path);
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     if (!out) fail("{}: cannot create file", tmp);
@@ -148,7 +149,7 @@ void write_safetensors(const std::string& path, const std::vector<std::pair<std:
       fail("{}: write failed (disk full?)", tmp);
     }
   }
-  if (std::rename(tmp.c_str(), path.c_str()) != 0) fail("{}: cannot rename to {}", tmp, path);
+  rename_into_place(tmp, path);
 }
 
 }  // namespace crash

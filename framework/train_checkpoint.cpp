@@ -9,6 +9,7 @@
 #include <memory>
 #include <regex>
 
+#include "framework/atomic_file.h"
 #include "framework/json_fields.h"
 #include "framework/safetensors.h"
 #include "parallel/errors.h"
@@ -51,13 +52,8 @@ void set_rng_state(const torch::Tensor& state) {
 void save_train_checkpoint(const std::string& root, int64_t step, const ProcessGrid& grid, Optimizer& optimizer,
                            const SliceMap& slices, const nlohmann::json& trainer_state, int keep) {
   const fs::path dir = fs::path(root) / fmt::format("step-{:06d}", step);
-  const fs::path tmp = dir.string() + ".tmp";
-  std::error_code ec;
-  if (grid.rank() == 0) {
-    fs::remove_all(tmp, ec);
-    fs::create_directories(tmp, ec);
-    if (ec) fail("{}: cannot create checkpoint folder ({})", tmp.string(), ec.message());
-  }
+  StagedDir staged(dir.string(), grid.rank() == 0, "checkpoint folder");
+  const fs::path& tmp = staged.path();
   grid.world()->barrier();
   if (grid.dp_rank() == 0) {
     // The file's own slice table goes into its header, so rank 0 can build the manifest.
@@ -103,10 +99,9 @@ void save_train_checkpoint(const std::string& root, int64_t step, const ProcessG
       out << manifest.dump(2) << "\n";
       if (!out) fail("{}: cannot write manifest.json", tmp.string());
     }
-    fs::remove_all(dir, ec);
-    fs::rename(tmp, dir, ec);
-    if (ec) fail("{}: cannot move the checkpoint into place ({})", dir.string(), ec.message());
+    staged.commit();
     // Old checkpoints beyond the newest `keep` go (the complete ones, oldest first).
+    std::error_code ec;
     std::vector<fs::path> done;
     static const std::regex pattern(R"(step-\d{6})");
     for (const auto& e : fs::directory_iterator(root))

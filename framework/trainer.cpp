@@ -21,6 +21,7 @@
 #include "framework/token_input.h"
 #include "framework/train_checkpoint.h"
 #include "parallel/errors.h"
+#include "parallel/progress.h"
 #include "parallel/stop_signal.h"
 #include "parallel/world.h"
 
@@ -113,13 +114,6 @@ nlohmann::json schedule_options(const TrainOptions& o) {
   // Only SIFT runs carry the key, so dense checkpoints written before it still resume.
   if (o.sparse_increment > 0) j["sparse_increment"] = o.sparse_increment;
   return j;
-}
-
-std::string time_text(double seconds) {
-  const auto s = static_cast<int64_t>(seconds + 0.5);
-  if (s >= 3600) return fmt::format("{}h{:02d}m", s / 3600, (s % 3600) / 60);
-  if (s >= 60) return fmt::format("{}m{:02d}s", s / 60, s % 60);
-  return fmt::format("{}s", s);
 }
 
 void check_options(const TrainOptions& o, int world_size) {
@@ -455,7 +449,7 @@ TrainSummary train(const TrainOptions& o) {
     log.write({{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"tokens", tokens},
                {"tokens_per_s", tokens / seconds}, {"seconds", seconds}});
     spdlog::info("step {}/{}: loss {:.4f}, lr {:.3g}, grad norm {:.3f}, {:.0f} tokens/s, {} left", step + 1, o.steps,
-                 loss, lr, norm, tokens / seconds, time_text(elapsed / ran * (o.steps - step - 1)));
+                 loss, lr, norm, tokens / seconds, duration_text(elapsed / ran * (o.steps - step - 1)));
 
     const bool last = step + 1 == o.steps;
     if (val && ((o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last)) {
@@ -496,7 +490,7 @@ TrainSummary train(const TrainOptions& o) {
   summary.last_loss = last_loss;
   summary.best_val = best_val;
   summary.tokens_per_second = total > 0 ? tokens_done / total : 0;
-  spdlog::info("trained {} steps in {}: {:.0f} tokens/s; model in {}", ran, time_text(total),
+  spdlog::info("trained {} steps in {}: {:.0f} tokens/s; model in {}", ran, duration_text(total),
                summary.tokens_per_second, (out / "model").string());
   return summary;
 }

@@ -3,7 +3,6 @@
 // HDF5 next to it and, with --plot, the segments over depth and the heat map with their bounds.
 #include <spdlog/spdlog.h>
 
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -11,6 +10,7 @@
 #include "analysis/cka.h"
 #include "analysis/cluster.h"
 #include "analysis/hdf5.h"
+#include "framework/atomic_file.h"
 #include "jobs/job.h"
 #include "jobs/plot.h"
 #include "jobs/version.h"
@@ -112,17 +112,10 @@ int cluster_run(const po::variables_map& vm) {
   h5.attribute("/", "cka", cka_path);
   h5.attribute("/", "tool_version", std::string(kVersion));
 
-  const std::string tmp = out_path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    f << j.dump(2) << "\n";
-    if (!f) {
-      std::remove(tmp.c_str());
-      fail("{}: cannot write", tmp);
-    }
-  }
+  const std::string tmp = staging_path(out_path);
+  write_text(tmp, j.dump(2) + "\n");
   h5.commit();
-  if (std::rename(tmp.c_str(), out_path.c_str()) != 0) fail("{}: cannot rename to {}", tmp, out_path);
+  rename_into_place(tmp, out_path);
   spdlog::info("cluster: {} layers into {} clusters ({}), score {:.4f}; representatives {}; wrote {}", end - first, k,
                cluster_method_name(method), c.score, nlohmann::json(reps).dump(), out_path);
   if (vm["plot"].as<bool>()) {

@@ -9,6 +9,7 @@
 
 #include "analysis/sfsd.h"
 #include "analysis/sfsd_search.h"
+#include "framework/atomic_file.h"
 #include "framework/eval.h"
 #include "framework/prepared.h"
 #include "framework/token_input.h"

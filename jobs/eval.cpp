@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "framework/atomic_file.h"
 #include "framework/eval.h"
 #include "framework/token_input.h"
 #include "jobs/job.h"

@@ -48,8 +48,6 @@ bool padding_left(const po::variables_map& vm);
 
 // --adapters A,B: trainable layers at the bottom and the top of an emulator.
 std::pair<int64_t, int64_t> parse_adapters(const std::string& text);
-// Writes `text` to PATH.tmp and renames it to PATH, so a crash never leaves half a file.
-void write_atomic(const std::string& path, const std::string& text);
 // Runs `work` on rank 0 alone (file work that needs no grid); the other ranks wait for it.
 int run_on_rank0(const std::function<void()>& work);
 

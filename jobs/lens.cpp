@@ -2,8 +2,6 @@
 // DP x PP x TP grid; rank 0 writes the divergence matrices and per-layer figures to HDF5.
 #include <spdlog/spdlog.h>
 
-#include <chrono>
-
 #include "analysis/hdf5.h"
 #include "analysis/lens.h"
 #include "framework/checkpoint.h"
@@ -14,6 +12,7 @@
 #include "jobs/plot.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
+#include "parallel/progress.h"
 #include "parallel/world.h"
 
 namespace crash {
@@ -58,15 +57,14 @@ int lens_run(const po::variables_map& vm) {
 
   // Each DP replica takes a contiguous share of the examples.
   const int64_t dp = grid->dp(), begin = N * grid->dp_rank() / dp, end = N * (grid->dp_rank() + 1) / dp;
-  const auto t0 = std::chrono::steady_clock::now();
+  Progress progress("lens (this data-parallel share)", end - begin, "examples");
   for (int64_t b = begin; b < end; b += batch_size) {
     const int64_t e = std::min(end, b + batch_size);
     auto batch = pad_batch(seqs, static_cast<size_t>(b), static_cast<size_t>(e), cfg.pad_token_id, /*left=*/false);
     lens.add(batch.ids, batch.mask);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    spdlog::info("lens: {}/{} examples of this data-parallel share, {:.0f} s left", e - begin, end - begin,
-                 secs / (e - begin) * (end - e));
+    progress.update(e - begin);
   }
+  progress.finish();
   LensResult r = lens.result();
 
   if (world.rank() == 0) {

@@ -51,19 +51,6 @@ int run_on_rank0(const std::function<void()>& work) {
   return 0;
 }
 
-void write_atomic(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    if (!f) fail("{}: cannot write", tmp);
-    f << text;
-    if (!f) fail("{}: write failed (disk full?)", tmp);
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) fail("{}: cannot rename to {} ({})", tmp, path, ec.message());
-}
-
 po::options_description common_options() {
   po::options_description o("Common options");
   o.add_options()("help,h", "show this help")("config", po::value<std::string>(),

@@ -11,6 +11,7 @@
 #include <optional>
 #include <sstream>
 
+#include "framework/atomic_file.h"
 #include "framework/checkpoint.h"
 #include "framework/json_fields.h"
 #include "jobs/job.h"

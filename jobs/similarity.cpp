@@ -4,13 +4,14 @@
 #include <spdlog/spdlog.h>
 
 #include <chrono>
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "analysis/archive.h"
 #include "analysis/cka.h"
 #include "analysis/hdf5.h"
+#include "framework/atomic_file.h"
 #include "jobs/job.h"
 #include "jobs/plot.h"
 #include "jobs/version.h"
@@ -91,17 +92,11 @@ int similarity_run(const po::variables_map& vm) {
     for (int64_t l = 0; l < cka.size(0); ++l) diagonal.push_back(cka[l][l].item<double>());
     summary["diagonal"] = diagonal;
   }
-  const std::string tmp = summary_path + ".tmp";
-  {
-    std::ofstream f(tmp);
-    f << summary.dump(2) << "\n";
-    if (!f) {
-      std::remove(tmp.c_str());
-      fail("{}: cannot write the summary", tmp);
-    }
-  }
+  // The summary is staged first and renamed last, after the HDF5 file it names.
+  const std::string tmp = staging_path(summary_path);
+  write_text(tmp, summary.dump(2) + "\n");
   out.commit();
-  if (std::rename(tmp.c_str(), summary_path.c_str()) != 0) fail("{}: cannot rename to {}", tmp, summary_path);
+  rename_into_place(tmp, summary_path);
   spdlog::info("wrote {} and {}", out_path, summary_path);
   if (vm["plot"].as<bool>()) {
     const auto png = plot_path(out_path);
