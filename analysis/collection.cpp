@@ -3,12 +3,12 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <chrono>
 #include <map>
 #include <stdexcept>
 
 #include "analysis/pooling.h"
 #include "framework/token_input.h"
+#include "parallel/progress.h"
 
 namespace crash {
 
@@ -101,7 +101,8 @@ void collect_activations(DistributedLM& model, ActivationArchive& archive, const
   const int64_t rounds = collection_rounds(blocks, dp);
   const int64_t skipped = examples_done(archive.blocks_done(), block, N);
   if (skipped) spdlog::info("resuming: {} of {} examples already collected", skipped, N);
-  const auto start = std::chrono::steady_clock::now();
+  Progress progress("collect", N, "examples");
+  progress.resume(skipped);
   for (int64_t r = 0; r < rounds; ++r) {
     if (round_done(archive.blocks_done(), r, dp)) continue;
     const int64_t mine = round_block(r, dp, grid.dp_rank());
@@ -131,12 +132,9 @@ void collect_activations(DistributedLM& model, ActivationArchive& archive, const
     archive.write_round(pieces, ids);
     if (settings.fail_after_rounds >= 0 && r + 1 >= settings.fail_after_rounds && world->rank() == world->size() - 1)
       throw std::runtime_error("failure injected by CRASH_TEST_FAIL_AFTER_ROUNDS");
-    const int64_t done_examples = examples_done(archive.blocks_done(), block, N);
-    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    const double rate = (done_examples - skipped) / std::max(secs, 1e-9);
-    spdlog::info("collect: {}/{} examples, {:.1f} examples/s, {:.0f} s left", done_examples, N, rate,
-                 rate > 0 ? (N - done_examples) / rate : 0.0);
+    progress.update(examples_done(archive.blocks_done(), block, N));
   }
+  progress.finish();
 }
 
 }  // namespace crash
