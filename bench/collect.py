@@ -9,7 +9,6 @@
    same folder. Goal: >= 80% of dd.
 Needs torch and transformers from PyPI:  python bench/collect.py [--threads 2] [--dir /tmp/crash-bench]
 """
-import argparse
 import json
 import os
 import re
@@ -19,18 +18,13 @@ import time
 import h5py
 import numpy as np
 import torch
-from forward import make_model  # the same random OPT-125m-shaped model as bench/forward.py
+from common import ROOT, arguments, make_model, write_tokens
 from transformers import OPTForCausalLM
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
+    ap = arguments(batch=32, seq=128)
     ap.add_argument("--examples", type=int, default=512)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--dir", default="/tmp/crash-bench")
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
     a = ap.parse_args()
@@ -40,9 +34,7 @@ def main():
     rng = np.random.default_rng(0)
     data = os.path.join(a.dir, "collect.jsonl")
     seqs = [rng.integers(4, 50000, rng.integers(a.seq // 2, a.seq + 1)).tolist() for _ in range(a.examples)]
-    with open(data, "w") as f:
-        for s in seqs:
-            f.write(json.dumps({"tokens": s}) + "\n")
+    write_tokens(data, seqs)
 
     out = os.path.join(a.dir, "collect.h5")
 

@@ -6,26 +6,14 @@ same thread count; reports tokens/s of both and the ratio crash-hpc / HF (goal >
 Needs torch and transformers from PyPI (not part of the build or CI):
   python bench/forward.py [--threads 2] [--batch 8] [--seq 128] [--iters 5]
 """
-import argparse
 import json
-import os
 import statistics
 import subprocess
 import time
 
 import torch
-from transformers import OPTConfig, OPTForCausalLM
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_model(path):
-    if os.path.exists(os.path.join(path, "config.json")):
-        return
-    cfg = OPTConfig(vocab_size=50272, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072,
-                    max_position_embeddings=2048, word_embed_proj_dim=768)
-    torch.manual_seed(0)
-    OPTForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+from common import arguments, make_model
+from transformers import OPTForCausalLM
 
 
 def hf_tokens_per_s(path, batch, seq, threads, iters):
@@ -44,13 +32,8 @@ def hf_tokens_per_s(path, batch, seq, threads, iters):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
+    ap = arguments(batch=8, seq=128, model="/tmp/crash-bench/opt-125m-random", binary="bench/bench_forward")
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--model", default="/tmp/crash-bench/opt-125m-random")
-    ap.add_argument("--binary", default=os.path.join(ROOT, "build", "bench", "bench_forward"))
     a = ap.parse_args()
     make_model(a.model)
     ours = json.loads(subprocess.run([a.binary, "--model", a.model, "--batch", str(a.batch), "--seq", str(a.seq),

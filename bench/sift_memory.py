@@ -9,7 +9,6 @@ optimizer-state bytes each run reports. Goal: SIFT / dense <= 0.55 (the SIFT pap
 111 GB for LLaMA-7B). Not part of CI:
   python3 bench/sift_memory.py [--rho 0.05] [--batch 4] [--seq 64] [--steps 3] [--threads 2]
 """
-import argparse
 import json
 import os
 import random
@@ -18,10 +17,10 @@ import resource
 import subprocess
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OPT_125M = {"_remove_final_layer_norm": False, "architectures": ["OPTForCausalLM"], "model_type": "opt", "vocab_size": 50272, "hidden_size": 768,
-            "num_hidden_layers": 12, "num_attention_heads": 12, "ffn_dim": 3072, "max_position_embeddings": 2048,
-            "word_embed_proj_dim": 768, "do_layer_norm_before": True, "activation_function": "relu",
+from common import OPT_125M_SHAPE, ROOT, arguments, write_tokens
+
+OPT_125M = {"_remove_final_layer_norm": False, "architectures": ["OPTForCausalLM"], "model_type": "opt",
+            **OPT_125M_SHAPE, "do_layer_norm_before": True, "activation_function": "relu",
             "enable_bias": True, "layer_norm_elementwise_affine": True, "pad_token_id": 1, "bos_token_id": 2,
             "eos_token_id": 2, "tie_word_embeddings": True, "torch_dtype": "float32"}
 
@@ -49,23 +48,16 @@ def train(binary, model, data, out, steps, batch, threads, extra):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = arguments(batch=4, seq=64, model="/tmp/crash-bench/opt-125m-random-fp32", binary="crash-hpc")
     ap.add_argument("--rho", type=float, default=0.05)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", default="/tmp/crash-bench/opt-125m-random-fp32")
-    ap.add_argument("--binary", default=os.path.join(ROOT, "build", "crash-hpc"))
     ap.add_argument("--maker", default=os.path.join(ROOT, "build", "bench", "make_random_checkpoint"))
     a = ap.parse_args()
     make_model(a.maker, a.model)
     rnd = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data.jsonl")
-        with open(data, "w") as f:
-            for _ in range(a.batch * a.steps):
-                f.write(json.dumps({"tokens": [rnd.randrange(4, 50000) for _ in range(a.seq)]}) + "\n")
+        write_tokens(data, ([rnd.randrange(4, 50000) for _ in range(a.seq)] for _ in range(a.batch * a.steps)))
         # ru_maxrss of children is a running maximum: the smaller (SIFT) run first.
         sift_rss, sift_state = train(a.binary, a.model, data, os.path.join(tmp, "sift"), a.steps, a.batch, a.threads,
                                      ["--sparse-increment", str(a.rho)])

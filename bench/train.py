@@ -7,21 +7,16 @@ random ids, the same thread count. Prints tokens/s of both (median over the time
 the ratio crash-hpc / HF (goal >= 1.0 on CPU). Needs torch and transformers from PyPI:
   python bench/train.py [--threads 2] [--batch 8] [--seq 128] [--steps 8]
 """
-import argparse
 import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
 import torch
+from common import arguments, make_model, write_tokens
 from transformers import OPTForCausalLM
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "bench"))
-from forward import make_model  # noqa: E402  (the same random OPT-125m as bench/forward.py)
 
 
 def hf_tokens_per_s(emulator, ids, steps, threads):
@@ -50,13 +45,8 @@ def hf_tokens_per_s(emulator, ids, steps, threads):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=128)
+    ap = arguments(batch=8, seq=128, model="/tmp/crash-bench/opt-125m-random", binary="crash-hpc")
     ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--model", default="/tmp/crash-bench/opt-125m-random")
-    ap.add_argument("--binary", default=os.path.join(ROOT, "build", "crash-hpc"))
     a = ap.parse_args()
     make_model(a.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,9 +56,7 @@ def main():
         torch.manual_seed(0)
         ids = torch.randint(4, 50000, (a.batch, a.seq))
         data = os.path.join(tmp, "data.jsonl")
-        with open(data, "w") as f:
-            for row in ids.tolist():
-                f.write(json.dumps({"tokens": row}) + "\n")
+        write_tokens(data, ids.tolist())
         out = os.path.join(tmp, "train")
         subprocess.run([a.binary, "train", "--model", emulator, "--data", data, "--out", out, "--steps", str(a.steps),
                         "--batch-size", str(a.batch), "--lr", "1e-4", "--threads", str(a.threads), "--log-level",

@@ -16,7 +16,7 @@ packages=(
   python3 python3-numpy python3-h5py python3-matplotlib
   hyperfine
   slurm-wlm munge
-  clang libclang-rt-14-dev
+  clang libclang-rt-14-dev clang-format
 )
 
 missing=()

@@ -3,6 +3,7 @@
 # the fuzz targets (build-fuzz) and the unit tests under ASan and UBSan (build-asan).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+bash "$root/env/format.sh" --check
 bash "$root/env/build.sh"
 cd "$root/build"
 ctest --output-on-failure -j "$(nproc)" "$@"

@@ -13,13 +13,18 @@ void require_positive(int64_t v, const char* key, const std::string& source, int
   if (v > most) fail("{}: field '{}' is {}, larger than any model's (at most {})", source, key, v, most);
 }
 
-void read_opt(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
-  c.family = Family::OPT;
+// The sizes both families name alike, but for the MLP's width.
+void read_sizes(ModelConfig& c, const nlohmann::json& j, const std::string& src, const char* intermediate_key) {
   c.vocab_size = json_field<int64_t>(j, "vocab_size", src);
   c.hidden_size = json_field<int64_t>(j, "hidden_size", src);
-  c.intermediate_size = json_field<int64_t>(j, "ffn_dim", src);
+  c.intermediate_size = json_field<int64_t>(j, intermediate_key, src);
   c.num_layers = json_field<int64_t>(j, "num_hidden_layers", src);
   c.num_heads = json_field<int64_t>(j, "num_attention_heads", src);
+}
+
+void read_opt(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
+  c.family = Family::OPT;
+  read_sizes(c, j, src, "ffn_dim");
   c.num_kv_heads = c.num_heads;
   c.max_positions = json_field<int64_t>(j, "max_position_embeddings", src);
   c.word_embed_proj_dim = json_field_or<int64_t>(j, "word_embed_proj_dim", c.hidden_size, src);
@@ -38,11 +43,7 @@ void read_opt(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
 
 void read_llama(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
   c.family = Family::LLaMA;
-  c.vocab_size = json_field<int64_t>(j, "vocab_size", src);
-  c.hidden_size = json_field<int64_t>(j, "hidden_size", src);
-  c.intermediate_size = json_field<int64_t>(j, "intermediate_size", src);
-  c.num_layers = json_field<int64_t>(j, "num_hidden_layers", src);
-  c.num_heads = json_field<int64_t>(j, "num_attention_heads", src);
+  read_sizes(c, j, src, "intermediate_size");
   c.num_kv_heads = json_field_or<int64_t>(j, "num_key_value_heads", c.num_heads, src);
   c.max_positions = json_field_or<int64_t>(j, "max_position_embeddings", 2048, src);
   c.word_embed_proj_dim = c.hidden_size;

@@ -86,15 +86,28 @@ void check_json_depth(std::string_view text, const std::string& source) {
   }
 }
 
-nlohmann::json parse_json(std::string_view text, const std::string& source) {
+namespace {
+// Errors name `source` as a file ("invalid JSON at byte N") or, with `line`, as one line of a
+// JSON Lines file ("not valid JSON (column N)").
+nlohmann::json parse_checked(std::string_view text, const std::string& source, bool line) {
   check_json_depth(text, source);
   try {
     return nlohmann::json::parse(text);
   } catch (const nlohmann::json::parse_error& e) {
+    if (line) fail("{}: not valid JSON (column {})", source, e.byte);
     fail("{}: invalid JSON at byte {}", source, e.byte);
   } catch (const nlohmann::json::exception& e) {  // a number too large for a double, ...
-    fail("{}: invalid JSON ({})", source, e.what());
+    fail("{}: {} JSON ({})", source, line ? "not valid" : "invalid", e.what());
   }
+}
+}  // namespace
+
+nlohmann::json parse_json(std::string_view text, const std::string& source) {
+  return parse_checked(text, source, /*line=*/false);
+}
+
+nlohmann::json parse_json_line(std::string_view line, const std::string& where) {
+  return parse_checked(line, where, /*line=*/true);
 }
 
 std::string read_text_file(const std::string& path) {

@@ -27,6 +27,8 @@ void check_json_depth(std::string_view text, const std::string& source);
 
 // Parses JSON text (depth checked), failing with `source` and the parser's position.
 nlohmann::json parse_json(std::string_view text, const std::string& source);
+// The same for one line of a JSON Lines file; `where` ("file:line") names it in errors.
+nlohmann::json parse_json_line(std::string_view line, const std::string& where);
 std::string read_text_file(const std::string& path);
 // Parses a JSON file (depth checked), failing with the file name and the parser's position on bad syntax.
 nlohmann::json read_json_file(const std::string& path);

@@ -88,16 +88,7 @@ PreparedTask read_prepared(const std::string& dir, int64_t limit, int64_t vocab_
       if (limit >= 0 && static_cast<int64_t>(task.examples.size()) >= limit) return task;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
       const std::string where = fmt::format("{}:{}", path, lineno);
-      check_json_depth(line, where);
-      nlohmann::json j;
-      try {
-        j = nlohmann::json::parse(line);
-      } catch (const nlohmann::json::parse_error& e) {
-        fail("{}: not valid JSON (column {})", where, e.byte);
-      } catch (const nlohmann::json::exception& e) {  // a number too large for a double, ...
-        fail("{}: not valid JSON ({})", where, e.what());
-      }
-      task.examples.push_back(parse_line(j, task.kind, vocab_size, where));
+      task.examples.push_back(parse_line(parse_json_line(line, where), task.kind, vocab_size, where));
     }
   }
   if (task.examples.empty()) fail("{}: no examples", dir);

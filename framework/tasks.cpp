@@ -51,15 +51,7 @@ Task parse_task(std::istream& in, const std::string& path, int64_t limit) {
        ++lineno) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string where = fmt::format("{}:{}", path, lineno);
-    check_json_depth(line, where);
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
-      fail("{}: not valid JSON (column {})", where, e.byte);
-    } catch (const nlohmann::json::exception& e) {  // a number too large for a double, ...
-      fail("{}: not valid JSON ({})", where, e.what());
-    }
+    nlohmann::json j = parse_json_line(line, where);
     if (!j.is_object()) fail("{}: expected a JSON object", where);
     for (auto& [key, value] : j.items())
       if (key != "context" && key != "choices" && key != "gold" && key != "answers" && key != "text" && key != "meta")

@@ -370,17 +370,11 @@ std::vector<Span> apply_behavior(const std::vector<Marked>& m, Behavior behavior
       for (const auto& x : m) out.emplace_back(x.begin, x.end);
       break;
     case Behavior::Contiguous:
-      for (const auto& x : m) {
-        if (x.is_match == prev && !out.empty())
-          out.back().second = x.end;
-        else
-          out.emplace_back(x.begin, x.end);
-        prev = x.is_match;
-      }
-      break;
     case Behavior::MergedWithPrevious:
+      // Contiguous joins runs of matches (and of gaps); MergedWithPrevious a match to the gap before it.
       for (const auto& x : m) {
-        if (x.is_match && !prev && !out.empty())
+        const bool join = behavior == Behavior::Contiguous ? x.is_match == prev : x.is_match && !prev;
+        if (join && !out.empty())
           out.back().second = x.end;
         else
           out.emplace_back(x.begin, x.end);
@@ -992,13 +986,22 @@ struct Reader {
   }
 };
 
-void read_normalizer(const Reader& r, const json& j, const std::string& where, std::vector<Normalizer>& out) {
-  std::string t = r.type(j, where);
-  if (t == "Sequence") {
-    const json& list = r.array(j, "normalizers", where);
-    for (size_t i = 0; i < list.size(); ++i)
-      read_normalizer(r, list[i], fmt::format("{}.normalizers[{}]", where, i), out);
-  } else if (t == "Prepend") {
+// A step of a pipeline (normalizer, pre-tokenizer, post-processor, decoder) into `out`: one of
+// type "Sequence" reads each entry of its list `key` so in turn; `read` reads any other type `t`.
+template <class T>
+void read_step(const Reader& r, const json& j, const std::string& where, const char* key, std::vector<T>& out,
+               void (*read)(const Reader& r, const json& j, const std::string& where, const std::string& t,
+                            std::vector<T>& out)) {
+  const std::string t = r.type(j, where);
+  if (t != "Sequence") return read(r, j, where, t, out);
+  const json& list = r.array(j, key, where);
+  for (size_t i = 0; i < list.size(); ++i)
+    read_step(r, list[i], fmt::format("{}.{}[{}]", where, key, i), key, out, read);
+}
+
+void read_normalizer(const Reader& r, const json& j, const std::string& where, const std::string& t,
+                     std::vector<Normalizer>& out) {
+  if (t == "Prepend") {
     out.push_back({Normalizer::Prepend, r.str(j, "prepend", where), {}});
   } else if (t == "Replace") {
     out.push_back({Normalizer::Replace, r.str(j, "content", where), r.pattern(j, where)});
@@ -1025,15 +1028,10 @@ Behavior read_behavior(const Reader& r, const json& j, const std::string& where)
        r.file, where, b);
 }
 
-void read_pre_tokenizer(const Reader& r, const json& j, const std::string& where, std::vector<PreTokenizer>& out) {
-  std::string t = r.type(j, where);
+void read_pre_tokenizer(const Reader& r, const json& j, const std::string& where, const std::string& t,
+                        std::vector<PreTokenizer>& out) {
   PreTokenizer p;
-  if (t == "Sequence") {
-    const json& list = r.array(j, "pretokenizers", where);
-    for (size_t i = 0; i < list.size(); ++i)
-      read_pre_tokenizer(r, list[i], fmt::format("{}.pretokenizers[{}]", where, i), out);
-    return;
-  } else if (t == "ByteLevel") {
+  if (t == "ByteLevel") {
     p.add_prefix_space = r.flag(j, "add_prefix_space", true, where);
     p.use_regex = r.flag(j, "use_regex", true, where);
   } else if (t == "Split") {
@@ -1061,15 +1059,10 @@ std::vector<int32_t> read_token_pair(const Reader& r, const json& j, const std::
   return {r.id(v[1], field + "[1]")};
 }
 
-void read_post_processor(const Reader& r, const json& j, const std::string& where, std::vector<PostProcessor>& out) {
-  std::string t = r.type(j, where);
+void read_post_processor(const Reader& r, const json& j, const std::string& where, const std::string& t,
+                         std::vector<PostProcessor>& out) {
   PostProcessor p;
-  if (t == "Sequence") {
-    const json& list = r.array(j, "processors", where);
-    for (size_t i = 0; i < list.size(); ++i)
-      read_post_processor(r, list[i], fmt::format("{}.processors[{}]", where, i), out);
-    return;
-  } else if (t == "ByteLevel") {
+  if (t == "ByteLevel") {
     p.items = {{true, {}}};  // offsets only
   } else if (t == "RobertaProcessing" || t == "BertProcessing") {
     p.items = {{false, read_token_pair(r, j, "cls", where)}, {true, {}}, {false, read_token_pair(r, j, "sep", where)}};
@@ -1102,14 +1095,10 @@ void read_post_processor(const Reader& r, const json& j, const std::string& wher
   out.push_back(std::move(p));
 }
 
-void read_decoder(const Reader& r, const json& j, const std::string& where, std::vector<Decoder>& out) {
-  std::string t = r.type(j, where);
+void read_decoder(const Reader& r, const json& j, const std::string& where, const std::string& t,
+                  std::vector<Decoder>& out) {
   Decoder d;
-  if (t == "Sequence") {
-    const json& list = r.array(j, "decoders", where);
-    for (size_t i = 0; i < list.size(); ++i) read_decoder(r, list[i], fmt::format("{}.decoders[{}]", where, i), out);
-    return;
-  } else if (t == "ByteLevel") {
+  if (t == "ByteLevel") {
   } else if (t == "Replace") {
     d.kind = Decoder::Replace;
     d.pattern = r.pattern(j, where);
@@ -1213,11 +1202,14 @@ Tokenizer Tokenizer::parse(const std::string& text, const std::string& path) {
     b.byte_ids[c] = it == b.vocab.end() ? -1 : it->second;
   }
 
-  if (const json* n = r.find(j, "normalizer")) read_normalizer(r, *n, "normalizer", m->normalizers);
-  if (const json* p = r.find(j, "pre_tokenizer")) read_pre_tokenizer(r, *p, "pre_tokenizer", m->pre_tokenizers);
-  if (const json* p = r.find(j, "post_processor")) read_post_processor(r, *p, "post_processor", m->post_processors);
+  if (const json* n = r.find(j, "normalizer"))
+    read_step(r, *n, "normalizer", "normalizers", m->normalizers, read_normalizer);
+  if (const json* p = r.find(j, "pre_tokenizer"))
+    read_step(r, *p, "pre_tokenizer", "pretokenizers", m->pre_tokenizers, read_pre_tokenizer);
+  if (const json* p = r.find(j, "post_processor"))
+    read_step(r, *p, "post_processor", "processors", m->post_processors, read_post_processor);
   if (const json* d = r.find(j, "decoder")) {
-    read_decoder(r, *d, "decoder", m->decoders);
+    read_step(r, *d, "decoder", "decoders", m->decoders, read_decoder);
     m->has_decoder = true;
   }
 

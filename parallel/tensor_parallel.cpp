@@ -123,7 +123,7 @@ int64_t padded_vocab(int64_t vocab, int tp) { return (vocab + tp - 1) / tp * tp;
 
 ColumnParallelLinearImpl::ColumnParallelLinearImpl(int64_t in, int64_t full_out, int64_t start, int64_t local_out,
                                                    bool has_bias, CommPtr tp, int group, bool gather_output)
-    : slice_{0, full_out, start, local_out, group}, tp_(std::move(tp)), gather_(gather_output) {
+    : ParallelLinearBase({0, full_out, start, local_out, group}, std::move(tp)), gather_(gather_output) {
   weight = register_parameter("weight", torch::empty({local_out, in}));
   if (has_bias) bias = register_parameter("bias", torch::empty({local_out}));
   init_linear(weight, bias, in);
@@ -153,25 +153,28 @@ torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) {
   return gather_ ? gather_from_tp(y, tp_) : y;
 }
 
-void ColumnParallelLinearImpl::make_low_rank(int64_t rank) {
-  const bool has_bias = bias.defined();
-  const int64_t in = weight.size(1);
+void ParallelLinearBase::replace_with_factors(int64_t rank, int64_t a_in, std::optional<ShardSlice> a_slice,
+                                              int64_t b_out, std::optional<ShardSlice> b_slice) {
   const auto dtype = weight.scalar_type();
   const auto device = weight.device();
   parameters_.erase("weight");
-  if (has_bias) parameters_.erase("bias");
+  if (bias.defined()) parameters_.erase("bias");
   weight = bias = torch::Tensor();
-  factor_a = register_module("factor_a", LowRankFactor(rank, in, false, std::nullopt));
-  factor_b = register_module("factor_b", LowRankFactor(slice_.length, rank, true, slice_));
+  factor_a = register_module("factor_a", LowRankFactor(rank, a_in, false, a_slice));
+  factor_b = register_module("factor_b", LowRankFactor(b_out, rank, true, b_slice));
   factor_a->to(device, dtype);
   factor_b->to(device, dtype);
+}
+
+void ColumnParallelLinearImpl::make_low_rank(int64_t rank) {
+  replace_with_factors(rank, weight.size(1), std::nullopt, slice_.length, slice_);
 }
 
 std::optional<ShardSlice> ColumnParallelLinearImpl::slice_of(const std::string&) const { return slice_; }
 
 RowParallelLinearImpl::RowParallelLinearImpl(int64_t full_in, int64_t start, int64_t local_in, int64_t out,
                                              bool has_bias, CommPtr tp)
-    : slice_{1, full_in, start, local_in, 1}, tp_(std::move(tp)) {
+    : ParallelLinearBase({1, full_in, start, local_in, 1}, std::move(tp)) {
   weight = register_parameter("weight", torch::empty({out, local_in}));
   if (has_bias) bias = register_parameter("bias", torch::empty({out}));
   init_linear(weight, bias, full_in);
@@ -193,17 +196,7 @@ torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) {
 }
 
 void RowParallelLinearImpl::make_low_rank(int64_t rank) {
-  const bool has_bias = bias.defined();
-  const int64_t out = weight.size(0);
-  const auto dtype = weight.scalar_type();
-  const auto device = weight.device();
-  parameters_.erase("weight");
-  if (has_bias) parameters_.erase("bias");
-  weight = bias = torch::Tensor();
-  factor_a = register_module("factor_a", LowRankFactor(rank, slice_.length, false, slice_));
-  factor_b = register_module("factor_b", LowRankFactor(out, rank, true, std::nullopt));
-  factor_a->to(device, dtype);
-  factor_b->to(device, dtype);
+  replace_with_factors(rank, slice_.length, slice_, weight.size(0), std::nullopt);
 }
 
 std::optional<ShardSlice> RowParallelLinearImpl::slice_of(const std::string& param) const {

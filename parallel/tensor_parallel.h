@@ -84,9 +84,31 @@ TORCH_MODULE(LowRankFactor);
 // detached. Empty (the default): no cost.
 using LinearObserver = std::function<void(const torch::Tensor& y)>;
 
+// What the column- and row-parallel linear layers share: weight and bias, or after SFSD's
+// make_low_rank the two factors in their place, the calibration observer, the part of the full
+// weight this rank holds and the TP group.
+class ParallelLinearBase : public torch::nn::Module, public TensorParallelModule {
+ public:
+  ParallelLinearBase(ShardSlice slice, CommPtr tp) : slice_(slice), tp_(std::move(tp)) {}
+  // SFSD: weight and bias become two factors of rank `rank` (fresh values), as the layer says.
+  virtual void make_low_rank(int64_t rank) = 0;
+  int64_t low_rank() const { return factor_a ? factor_a->weight.size(0) : 0; }
+  torch::Tensor weight, bias;
+  LowRankFactor factor_a{nullptr}, factor_b{nullptr};
+  LinearObserver observer;
+
+ protected:
+  // Replaces weight and bias by factor_a [rank, a_in] and factor_b [b_out, rank] with the bias,
+  // each a part of the full factor where its slice says, on the weight's device and dtype.
+  void replace_with_factors(int64_t rank, int64_t a_in, std::optional<ShardSlice> a_slice, int64_t b_out,
+                            std::optional<ShardSlice> b_slice);
+  ShardSlice slice_;
+  CommPtr tp_;
+};
+
 // y = x W^T + b with W split by rows (output features). `start` is this rank's first output
 // row of the full `full_out`; with gather_output the full output is returned.
-class ColumnParallelLinearImpl : public torch::nn::Module, public TensorParallelModule {
+class ColumnParallelLinearImpl : public ParallelLinearBase {
  public:
   ColumnParallelLinearImpl(int64_t in, int64_t full_out, int64_t start, int64_t local_out, bool bias, CommPtr tp,
                            int group = 1, bool gather_output = false);
@@ -94,36 +116,22 @@ class ColumnParallelLinearImpl : public torch::nn::Module, public TensorParallel
   std::optional<ShardSlice> slice_of(const std::string& param) const override;
   // SFSD: weight and bias become factor_a [rank, in] (replicated) and factor_b [local_out, rank]
   // with the bias (split like the outputs), so forward computes B (A x) + b. Fresh values.
-  void make_low_rank(int64_t rank);
-  int64_t low_rank() const { return factor_a ? factor_a->weight.size(0) : 0; }
-  torch::Tensor weight, bias;
-  LowRankFactor factor_a{nullptr}, factor_b{nullptr};
-  LinearObserver observer;
+  void make_low_rank(int64_t rank) override;
 
  private:
-  ShardSlice slice_;
-  CommPtr tp_;
   bool gather_;
 };
 TORCH_MODULE(ColumnParallelLinear);
 
 // y = x W^T + b with W split by columns (input features); x arrives already split.
-class RowParallelLinearImpl : public torch::nn::Module, public TensorParallelModule {
+class RowParallelLinearImpl : public ParallelLinearBase {
  public:
   RowParallelLinearImpl(int64_t full_in, int64_t start, int64_t local_in, int64_t out, bool bias, CommPtr tp);
   torch::Tensor forward(const torch::Tensor& x);
   std::optional<ShardSlice> slice_of(const std::string& param) const override;
   // SFSD: weight and bias become factor_a [rank, local_in] (split by input columns; the
   // rank-dimension partial sums are allreduced) and factor_b [out, rank] with the bias (replicated).
-  void make_low_rank(int64_t rank);
-  int64_t low_rank() const { return factor_a ? factor_a->weight.size(0) : 0; }
-  torch::Tensor weight, bias;
-  LowRankFactor factor_a{nullptr}, factor_b{nullptr};
-  LinearObserver observer;
-
- private:
-  ShardSlice slice_;
-  CommPtr tp_;
+  void make_low_rank(int64_t rank) override;
 };
 TORCH_MODULE(RowParallelLinear);
 

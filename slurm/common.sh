@@ -83,6 +83,19 @@ preflight() {
   crash_srun preflight "${a[@]}" || exit $?
 }
 
+# for_each_mode NAME COMMAND...: COMMAND MODE OUT for every mode (uniform, remove, share, or
+# 'modes'), OUT being $WORK/<mode>/NAME; a mode whose OUT exists is skipped. Ends the script
+# on the first failure.
+for_each_mode() {
+  local name=$1 mode out
+  shift
+  for mode in $(cfg modes uniform,remove,share | tr ',' ' '); do
+    out=$WORK/$mode/$name
+    if [ -e "$out" ]; then echo "crash-hpc slurm: $out exists, skipped"; continue; fi
+    "$@" "$mode" "$out" || exit $?
+  done
+}
+
 # done_or OUT: ends the script when the stage's output is complete already (as the pipeline job skips it).
 skip_if_done() {
   if [ -e "$1" ]; then

@@ -6,10 +6,9 @@
 source "${CRASH_SLURM_DIR:-$(dirname "$0")}/common.sh"
 require model
 preflight "$WORK"
-for mode in $(cfg modes uniform,remove,share | tr ',' ' '); do
-  out=$WORK/$mode/emulator
-  if [ -e "$out" ]; then echo "crash-hpc slurm: $out exists, skipped"; continue; fi
-  mkdir -p "$WORK/$mode"
-  crash_srun emulate --model "$MODEL" --mode "$mode" --clusters "$WORK/clusters.json" --adapters "$(cfg adapters 2,2)" \
-    --out "$out" || exit $?
-done
+emulator() {  # MODE OUT
+  mkdir -p "$WORK/$1"
+  crash_srun emulate --model "$MODEL" --mode "$1" --clusters "$WORK/clusters.json" --adapters "$(cfg adapters 2,2)" \
+    --out "$2"
+}
+for_each_mode emulator emulator

@@ -6,8 +6,5 @@
 source "${CRASH_SLURM_DIR:-$(dirname "$0")}/common.sh"
 require model
 preflight "$WORK"
-for mode in $(cfg modes uniform,remove,share | tr ',' ' '); do
-  out=$WORK/$mode/plugin
-  if [ -e "$out" ]; then echo "crash-hpc slurm: $out exists, skipped"; continue; fi
-  crash_srun plugin --model "$MODEL" --emulator "$WORK/$mode/train/model" --out "$out" || exit $?
-done
+plugin_model() { crash_srun plugin --model "$MODEL" --emulator "$WORK/$1/train/model" --out "$2"; }  # MODE OUT
+for_each_mode plugin plugin_model

@@ -1,15 +1,12 @@
 // LLaMA family (LlamaForCausalLM): RMSNorm, rotary positions (llama3 scaling optional),
 // grouped-query attention, SwiGLU MLP, tied or untied embeddings.
-#include <map>
-
 #include "framework/models/blocks.h"
 #include "framework/models/decoder.h"
+#include "framework/models/layer_stack.h"
 
 namespace crash {
 
 namespace {
-
-struct Holder : torch::nn::Module {};
 
 class LlamaMLP : public torch::nn::Module {
  public:
@@ -53,20 +50,13 @@ class LlamaLayer : public torch::nn::Module {
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
 };
 
-class LlamaLM : public CausalLM {
+class LlamaLM : public LayerStackLM<LlamaLayer> {
  public:
-  LlamaLM(const ModelConfig& config, const ModelShard& shard) : CausalLM(config, shard) {
+  LlamaLM(const ModelConfig& config, const ModelShard& shard) : LayerStackLM(config, shard) {
     const ModelConfig& c = config_;
     auto model = register_module("model", std::make_shared<Holder>());
     if (has_embedding()) embed_tokens = model->register_module("embed_tokens", place(VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp_)));
-    auto layers = model->register_module("layers", std::make_shared<Holder>());
-    // A shared layer (CRaSh share) is one module under its storing slot's name, used by every slot.
-    std::map<int64_t, std::shared_ptr<LlamaLayer>> stored;
-    for (int64_t l = first_; l < end_; ++l) {
-      auto& layer = stored[c.storage_of(l)];
-      if (!layer) layer = layers->register_module(std::to_string(c.storage_of(l)), place(std::make_shared<LlamaLayer>(c, tp_)));
-      layers_.push_back(layer);
-    }
+    build_layers(*model);
     if (has_head()) {
       norm = model->register_module("norm", RMSNorm(c.hidden_size, c.norm_eps));
       if (!c.tie_word_embeddings || !has_embedding())
@@ -77,9 +67,6 @@ class LlamaLM : public CausalLM {
 
   torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& positions) override {
     return embed_tokens->forward(ids);
-  }
-  torch::Tensor run_layer(int64_t layer, const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache) override {
-    return layers_.at(static_cast<size_t>(layer - first_))->forward(h, ctx, cache);
   }
   torch::Tensor finish(const torch::Tensor& h) override { return norm->forward(h); }
   torch::Tensor head_local(const torch::Tensor& h) override {
@@ -99,7 +86,6 @@ class LlamaLM : public CausalLM {
   VocabParallelEmbedding embed_tokens{nullptr};
   ColumnParallelLinear lm_head{nullptr};
   RMSNorm norm{nullptr};
-  std::vector<std::shared_ptr<LlamaLayer>> layers_;
   torch::Tensor inv_freq_;
 };
 

@@ -1,15 +1,12 @@
 // OPT (facebook/opt-*): learned positions offset by 2, LayerNorm before (or, as in
 // OPT-350m, after) each block, ReLU MLP, optional project_in/project_out.
-#include <map>
-
 #include "framework/models/blocks.h"
 #include "framework/models/decoder.h"
+#include "framework/models/layer_stack.h"
 
 namespace crash {
 
 namespace {
-
-struct Holder : torch::nn::Module {};
 
 torch::nn::LayerNorm layer_norm(const ModelConfig& c) {
   return torch::nn::LayerNorm(
@@ -55,9 +52,9 @@ class OptLayer : public torch::nn::Module {
   std::string act_;
 };
 
-class OptLM : public CausalLM {
+class OptLM : public LayerStackLM<OptLayer> {
  public:
-  OptLM(const ModelConfig& config, const ModelShard& shard) : CausalLM(config, shard) {
+  OptLM(const ModelConfig& config, const ModelShard& shard) : LayerStackLM(config, shard) {
     const ModelConfig& c = config_;
     auto model = register_module("model", std::make_shared<Holder>());
     auto decoder = model->register_module("decoder", std::make_shared<Holder>());
@@ -71,14 +68,7 @@ class OptLM : public CausalLM {
         project_in = decoder->register_module(
             "project_in", torch::nn::Linear(torch::nn::LinearOptions(c.word_embed_proj_dim, c.hidden_size).bias(false)));
     }
-    auto layers = decoder->register_module("layers", std::make_shared<Holder>());
-    // A shared layer (CRaSh share) is one module under its storing slot's name, used by every slot.
-    std::map<int64_t, std::shared_ptr<OptLayer>> stored;
-    for (int64_t l = first_; l < end_; ++l) {
-      auto& layer = stored[c.storage_of(l)];
-      if (!layer) layer = layers->register_module(std::to_string(c.storage_of(l)), place(std::make_shared<OptLayer>(c, tp_)));
-      layers_.push_back(layer);
-    }
+    build_layers(*decoder);
     if (has_head()) {
       if (c.final_norm) final_layer_norm = decoder->register_module("final_layer_norm", layer_norm(c));
       if (proj)
@@ -94,10 +84,6 @@ class OptLM : public CausalLM {
     auto h = embed_tokens->forward(ids);
     if (project_in) h = project_in->forward(h);
     return h + embed_positions->forward(positions + 2);
-  }
-
-  torch::Tensor run_layer(int64_t layer, const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache) override {
-    return layers_.at(static_cast<size_t>(layer - first_))->forward(h, ctx, cache);
   }
 
   torch::Tensor finish(const torch::Tensor& h_in) override {
@@ -126,7 +112,6 @@ class OptLM : public CausalLM {
   torch::nn::Linear project_in{nullptr}, project_out{nullptr};
   ColumnParallelLinear lm_head{nullptr};
   torch::nn::LayerNorm final_layer_norm{nullptr};
-  std::vector<std::shared_ptr<OptLayer>> layers_;
 };
 
 }  // namespace
