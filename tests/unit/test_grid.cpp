@@ -79,8 +79,9 @@ TEST(GridLayout, EmbeddingGroupJoinsFirstAndLastStageOfOneSlice) {
     ASSERT_GE(g.embedding_color(r), 0);
     const int partner = g.rank_of(c.tp, c.pp == 0 ? 2 : 0, c.dp);
     EXPECT_EQ(g.embedding_color(r), g.embedding_color(partner));
-    for (int o = 0; o < 12; ++o)
+    for (int o = 0; o < 12; ++o) {
       if (o != r && o != partner) EXPECT_NE(g.embedding_color(o), g.embedding_color(r));
+    }
   }
   GridLayout one_stage(4, {2, 1});
   for (int r = 0; r < 4; ++r) EXPECT_EQ(one_stage.embedding_color(r), -1);
