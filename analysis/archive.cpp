@@ -92,12 +92,7 @@ ActivationArchive::ActivationArchive(const std::string& path, const ArchiveSpec&
     file_ = H5Id(H5Fcreate(fresh.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, fapl), H5Fclose);
     if (file_.get() < 0) fail("{}: cannot create HDF5 file", fresh);
     create(spec);
-    close_sets();
-    if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", fresh);
-    file_.reset();
-    comm->barrier();
-    if (comm->rank() == 0) rename_into_place(fresh, partial_);
-    comm->barrier();
+    close_and_rename(fresh, partial_);
     file_ = H5Id(H5Fopen(partial_.c_str(), H5F_ACC_RDWR, fapl), H5Fclose);
     if (file_.get() < 0) fail("{}: cannot open the archive just made", partial_);
     open_existing(spec);
@@ -231,14 +226,18 @@ void ActivationArchive::close_sets() {
   done_set_.reset();
 }
 
-void ActivationArchive::complete() {
-  set_int(file_, "complete", 1);
+void ActivationArchive::close_and_rename(const std::string& from, const std::string& to) {
   close_sets();
-  if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", partial_);
+  if (H5Fflush(file_, H5F_SCOPE_GLOBAL) < 0) fail("{}: flush failed (disk full?)", from);
   file_.reset();
   comm_->barrier();
-  if (comm_->rank() == 0) rename_into_place(partial_, path_);
+  if (comm_->rank() == 0) rename_into_place(from, to);
   comm_->barrier();
+}
+
+void ActivationArchive::complete() {
+  set_int(file_, "complete", 1);
+  close_and_rename(partial_, path_);
   completed_ = true;
 }
 

@@ -64,6 +64,8 @@ class ActivationArchive {
   void create(const ArchiveSpec& spec);
   void open_existing(const ArchiveSpec& spec);
   void close_sets();
+  // Collective: closes the file (every rank) and renames it (rank 0) once all have closed it.
+  void close_and_rename(const std::string& from, const std::string& to);
   void write_rows(hid_t set, hid_t mem_type, int64_t row, int64_t rows, int64_t width, const void* data);
 
   std::string path_, partial_;

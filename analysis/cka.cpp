@@ -6,6 +6,7 @@
 #include <map>
 #include <nlohmann/json.hpp>
 
+#include "analysis/named_choice.h"
 #include "parallel/errors.h"
 #include "parallel/progress.h"
 
@@ -55,23 +56,14 @@ torch::Tensor as_f64(const torch::Tensor& x, const char* what) {
 
 }  // namespace
 
-CkaMethod parse_cka_method(const std::string& name) {
-  if (name == "auto") return CkaMethod::Auto;
-  if (name == "gram") return CkaMethod::Gram;
-  if (name == "feature") return CkaMethod::Feature;
-  if (name == "minibatch") return CkaMethod::Minibatch;
-  fail("--method: unknown CKA method '{}' (expected auto, gram, feature or minibatch)", name);
-}
+namespace {
+const NamedChoices<CkaMethod> kCkaMethods = {
+    {"auto", CkaMethod::Auto}, {"gram", CkaMethod::Gram}, {"feature", CkaMethod::Feature}, {"minibatch", CkaMethod::Minibatch}};
+}  // namespace
 
-std::string cka_method_name(CkaMethod method) {
-  switch (method) {
-    case CkaMethod::Auto: return "auto";
-    case CkaMethod::Gram: return "gram";
-    case CkaMethod::Feature: return "feature";
-    case CkaMethod::Minibatch: return "minibatch";
-  }
-  return "?";
-}
+CkaMethod parse_cka_method(const std::string& name) { return parse_choice(kCkaMethods, name, "--method", "CKA method"); }
+
+std::string cka_method_name(CkaMethod method) { return choice_name(kCkaMethods, method); }
 
 double cka_from_sums(const HsicSums& s, const std::string& what) {
   const double norm = s.xx * s.yy;

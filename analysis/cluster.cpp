@@ -4,6 +4,7 @@
 #include <limits>
 #include <numeric>
 
+#include "analysis/named_choice.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -113,21 +114,16 @@ std::vector<std::vector<int64_t>> average(const Matrix& s, int64_t k) {
 
 }  // namespace
 
+namespace {
+const NamedChoices<ClusterMethod> kClusterMethods = {
+    {"adjacent", ClusterMethod::Adjacent}, {"optimal", ClusterMethod::Optimal}, {"average", ClusterMethod::Average}};
+}  // namespace
+
 ClusterMethod parse_cluster_method(const std::string& name) {
-  if (name == "adjacent") return ClusterMethod::Adjacent;
-  if (name == "optimal") return ClusterMethod::Optimal;
-  if (name == "average") return ClusterMethod::Average;
-  fail("--method: unknown clustering method '{}' (expected adjacent, optimal or average)", name);
+  return parse_choice(kClusterMethods, name, "--method", "clustering method");
 }
 
-std::string cluster_method_name(ClusterMethod method) {
-  switch (method) {
-    case ClusterMethod::Adjacent: return "adjacent";
-    case ClusterMethod::Optimal: return "optimal";
-    case ClusterMethod::Average: return "average";
-  }
-  return "?";
-}
+std::string cluster_method_name(ClusterMethod method) { return choice_name(kClusterMethods, method); }
 
 double clustering_score(const torch::Tensor& sim, const std::vector<std::vector<int64_t>>& clusters) {
   const Matrix s = to_matrix(sim);

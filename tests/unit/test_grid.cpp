@@ -80,7 +80,8 @@ TEST(GridLayout, EmbeddingGroupJoinsFirstAndLastStageOfOneSlice) {
     const int partner = g.rank_of(c.tp, c.pp == 0 ? 2 : 0, c.dp);
     EXPECT_EQ(g.embedding_color(r), g.embedding_color(partner));
     for (int o = 0; o < 12; ++o) {
-      if (o != r && o != partner) EXPECT_NE(g.embedding_color(o), g.embedding_color(r));
+      if (o == r || o == partner) continue;
+      EXPECT_NE(g.embedding_color(o), g.embedding_color(r));
     }
   }
   GridLayout one_stage(4, {2, 1});
