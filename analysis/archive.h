@@ -1,4 +1,4 @@
-// The activation archive (DESIGN.md section 3): one HDF5 file per collection run, written
+// The activation archive (docs/architecture.md section 5): one HDF5 file per collection run, written
 // collectively by every rank (parallel HDF5 when under MPI):
 //   /layers/{l}       [N, d] pooled, or [tokens, d] with /index [N + 1] token offsets
 //   /example_index    [N] int64    the example's position in the task file

@@ -1,4 +1,4 @@
-// Linear CKA between layers' representations (DESIGN.md section 1), accumulated in fp64.
+// Linear CKA between layers' representations (docs/architecture.md section 1), accumulated in fp64.
 // For rows X [N, dx], Y [N, dy] (examples, or tokens of a token-level archive):
 // - exact, full batch: CKA = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F), Xc, Yc column-centred.
 //   The same number in two forms: Gram (<Kc, Lc> over N x N Gram matrices, cheaper when N < d)

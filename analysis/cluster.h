@@ -1,5 +1,5 @@
-// Layers of a chain grouped into K clusters from their similarity matrix S (CKA), DESIGN.md
-// section 1:
+// Layers of a chain grouped into K clusters from their similarity matrix S (CKA),
+// docs/architecture.md section 1:
 // - adjacent (CRaSh's rule): cut the chain at its K-1 weakest adjacent links S[i][i+1]
 //   (ties: the earlier link is cut first);
 // - optimal: the contiguous segmentation into K segments with the highest score (below), by

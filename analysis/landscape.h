@@ -1,4 +1,4 @@
-// Loss landscapes (DESIGN.md section 1): the mean next-token loss of models whose parameters
+// Loss landscapes (docs/architecture.md section 1): the mean next-token loss of models whose parameters
 // combine checkpoints of one architecture, theta = theta_0 + sum_k c_k (theta_k - theta_0):
 // a line theta(alpha) = (1 - alpha) theta_A + alpha theta_B (c = {alpha}), or a plane
 // theta_0 + a (theta_1 - theta_0) + b (theta_2 - theta_0) (c = {a, b}).

@@ -1,4 +1,4 @@
-// Outputs reach their final name only when complete (DESIGN.md section 5): each is written under
+// Outputs reach their final name only when complete (docs/architecture.md section 7): each is written under
 // a staging name and renamed, so a crash never leaves a half-written output under the final name.
 // The one copy of that pattern; writers that stream binary data (safetensors, HDF5) write to
 // staging_path() themselves and finish with rename_into_place().

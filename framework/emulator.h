@@ -1,4 +1,4 @@
-// CRaSh emulator plans (DESIGN.md section 1): which layer of the full model fills each slot
+// CRaSh emulator plans (docs/architecture.md section 1): which layer of the full model fills each slot
 // of the emulator, which slots train, and which slots share another slot's weights. The plan
 // is data, saved as crash_plan.json next to the emulator's weights:
 //   {"format": "crash-hpc emulator plan 1", "mode": "uniform"|"remove"|"share",

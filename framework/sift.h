@@ -1,4 +1,4 @@
-// SIFT, sparse increment fine-tuning (Song et al. 2024, DESIGN.md section 1): from the
+// SIFT, sparse increment fine-tuning (Song et al. 2024, docs/architecture.md section 1): from the
 // gradient of the first optimiser step, each tensor's k = floor(rho x numel) + 1 entries of
 // largest |g| form a fixed mask; only they train. Their fp32 values and AdamW moments are kept
 // sparsely (flat indices into this rank's shard + values), so optimiser memory grows with rho.

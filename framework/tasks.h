@@ -1,4 +1,4 @@
-// Task data in JSON Lines (DESIGN.md section 3), one example a line:
+// Task data in JSON Lines (docs/architecture.md section 5), one example a line:
 //   multiple choice  {"context": ..., "choices": [...], "gold": i}
 //   generation       {"context": ..., "answers": [...]}
 //   language model   {"text": ...}

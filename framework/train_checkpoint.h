@@ -1,4 +1,4 @@
-// Training checkpoints (DESIGN.md section 3): OUT/checkpoints/step-NNNNNN/ holds one
+// Training checkpoints (docs/architecture.md section 5): OUT/checkpoints/step-NNNNNN/ holds one
 // safetensors file per model-parallel rank (DP replicas are identical; DP rank 0 writes) with
 // its shard of every trained parameter and the optimiser state ("param/NAME", "master/NAME",
 // "exp_avg/NAME", "exp_avg_sq/NAME", "rng/torch"), plus manifest.json: the grid, the step,

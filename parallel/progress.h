@@ -1,4 +1,4 @@
-// Progress of a long loop (DESIGN.md section 5), shown on rank 0 only: items done of the total,
+// Progress of a long loop (docs/architecture.md section 7), shown on rank 0 only: items done of the total,
 // rate and time left. On a terminal, one line redrawn in place (carriage return); in a batch log,
 // a plain info line at most every CRASH_PROGRESS_SECONDS seconds (default 10), plus the first
 // and the last. Nothing shows when the log level is above info.
