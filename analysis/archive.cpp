@@ -64,12 +64,11 @@ H5Id make_set(hid_t file, const std::string& name, hid_t type, std::vector<hsize
 
 }  // namespace
 
-ActivationArchive::ActivationArchive(const std::string& path, const ArchiveSpec& spec, const CommPtr& comm,
-                                     bool resume, bool overwrite)
+ActivationArchive::ActivationArchive(const std::string& path, const ArchiveSpec& spec, const CommPtr& comm, bool resume,
+                                     bool overwrite)
     : path_(path), partial_(path + ".partial"), comm_(comm), parallel_(comm->size() > 1), widths_(spec.widths) {
   H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
-  if (std::filesystem::exists(path) && !overwrite)
-    fail("{}: output exists (pass --overwrite to replace it)", path);
+  if (std::filesystem::exists(path) && !overwrite) fail("{}: output exists (pass --overwrite to replace it)", path);
   if (resume && !std::filesystem::exists(partial_))
     fail("{}: nothing to resume (no {} from an interrupted run)", path, partial_);
   H5Id fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
@@ -82,7 +81,8 @@ ActivationArchive::ActivationArchive(const std::string& path, const ArchiveSpec&
   }
   if (resume) {
     file_ = H5Id(H5Fopen(partial_.c_str(), H5F_ACC_RDWR, fapl), H5Fclose);
-    if (file_.get() < 0) fail("{}: cannot reopen the interrupted archive (damaged?); start again without --resume", partial_);
+    if (file_.get() < 0)
+      fail("{}: cannot reopen the interrupted archive (damaged?); start again without --resume", partial_);
     open_existing(spec);
   } else {
     // The header is made in PATH.partial.new, closed, and only then renamed: a PATH.partial
@@ -117,8 +117,8 @@ void ActivationArchive::create(const ArchiveSpec& spec) {
   hid_t store = half ? f16.get() : H5T_IEEE_F32LE;
   const hsize_t rows = spec.pooled ? spec.num_examples : static_cast<hsize_t>(spec.offsets.back());
   for (size_t l = 0; l < spec.widths.size(); ++l)
-    layers_.push_back(make_set(file_, "layers/" + std::to_string(l), store, {rows, static_cast<hsize_t>(spec.widths[l])},
-                               half ? 2 : 4));
+    layers_.push_back(make_set(file_, "layers/" + std::to_string(l), store,
+                               {rows, static_cast<hsize_t>(spec.widths[l])}, half ? 2 : 4));
   const hsize_t n = spec.num_examples;
   index_set_ = make_set(file_, "example_index", H5T_STD_I64LE, {n}, 8);
   hash_set_ = make_set(file_, "example_hash", H5T_STD_U64LE, {n}, 8);
@@ -158,7 +158,8 @@ void ActivationArchive::open_existing(const ArchiveSpec& spec) {
   index_set_ = H5Id(H5Dopen2(file_, "example_index", H5P_DEFAULT), H5Dclose);
   hash_set_ = H5Id(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
   done_set_ = H5Id(H5Dopen2(file_, "blocks_done", H5P_DEFAULT), H5Dclose);
-  if (index_set_.get() < 0 || hash_set_.get() < 0 || done_set_.get() < 0) fail("{}: cannot resume: damaged archive", partial_);
+  if (index_set_.get() < 0 || hash_set_.get() < 0 || done_set_.get() < 0)
+    fail("{}: cannot resume: damaged archive", partial_);
   done_.assign(static_cast<size_t>(spec.num_blocks()), 0);
   H5Dread(done_set_, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, xfer_, done_.data());
 }
@@ -171,7 +172,8 @@ void ActivationArchive::check_hashes(const std::vector<uint64_t>& hashes) const 
     if (!done_[b]) continue;
     for (size_t i = b * B; i < std::min(hashes.size(), (b + 1) * B); ++i)
       if (stored[i] != hashes[i])
-        fail("{}: cannot resume: example {} is not the one the interrupted run saw (different input or order)", partial_, i);
+        fail("{}: cannot resume: example {} is not the one the interrupted run saw (different input or order)",
+             partial_, i);
   }
 }
 
@@ -275,7 +277,8 @@ ArchiveReader::ArchiveReader(const std::string& path) : path_(path) {
   const int64_t stated = h5_int_attribute(file_, "num_layers", -1);
   if (stated >= 0 && stated != num_layers())
     fail("{}: attribute num_layers = {} but /layers holds {} layers", path, stated, num_layers());
-  if (H5Lexists(file_, "example_hash", H5P_DEFAULT) <= 0) fail("{}: not an activation archive (no /example_hash)", path);
+  if (H5Lexists(file_, "example_hash", H5P_DEFAULT) <= 0)
+    fail("{}: not an activation archive (no /example_hash)", path);
   H5Id hashes(H5Dopen2(file_, "example_hash", H5P_DEFAULT), H5Dclose);
   H5Id space(H5Dget_space(hashes), H5Sclose);
   examples_ = H5Sget_simple_extent_npoints(space);
@@ -300,7 +303,8 @@ torch::Tensor ArchiveReader::read(int64_t layer, int64_t row, int64_t count) con
   if (count == 0) return out.to(torch::kFloat64);
   hid_t set = layers_[static_cast<size_t>(layer)];
   H5Id space(H5Dget_space(set), H5Sclose);
-  hsize_t start[2] = {static_cast<hsize_t>(row), 0}, size[2] = {static_cast<hsize_t>(count), static_cast<hsize_t>(width)};
+  hsize_t start[2] = {static_cast<hsize_t>(row), 0},
+          size[2] = {static_cast<hsize_t>(count), static_cast<hsize_t>(width)};
   H5Sselect_hyperslab(space, H5S_SELECT_SET, start, nullptr, size, nullptr);
   H5Id mem(H5Screate_simple(2, size, nullptr), H5Sclose);
   if (H5Dread(set, H5T_NATIVE_FLOAT, mem, space, H5P_DEFAULT, out.data_ptr()) < 0)

@@ -21,11 +21,11 @@ namespace crash {
 
 struct ArchiveSpec {
   int64_t num_examples = 0;
-  std::vector<int64_t> widths;   // feature size of each hidden-state index 0..L
+  std::vector<int64_t> widths;  // feature size of each hidden-state index 0..L
   bool pooled = true;
-  std::vector<int64_t> offsets;  // unpooled: token offsets of the examples, N + 1 entries
-  std::string dtype = "float32";  // stored type: float32 or float16
-  int64_t block_size = 32;        // examples per block, the unit of work and of resume
+  std::vector<int64_t> offsets;                        // unpooled: token offsets of the examples, N + 1 entries
+  std::string dtype = "float32";                       // stored type: float32 or float16
+  int64_t block_size = 32;                             // examples per block, the unit of work and of resume
   std::map<std::string, std::string> text_attributes;  // model, task, pooling, grid, ...
   int64_t num_blocks() const { return (num_examples + block_size - 1) / block_size; }
 };
@@ -34,8 +34,7 @@ class ActivationArchive {
  public:
   // Collective over `comm`. Creates PATH.partial, or with `resume` reopens it and checks that
   // it was made by the same kind of run. An existing PATH needs `overwrite`.
-  ActivationArchive(const std::string& path, const ArchiveSpec& spec, const CommPtr& comm, bool resume,
-                    bool overwrite);
+  ActivationArchive(const std::string& path, const ArchiveSpec& spec, const CommPtr& comm, bool resume, bool overwrite);
   ~ActivationArchive();
 
   const std::vector<uint8_t>& blocks_done() const { return done_; }
@@ -86,7 +85,7 @@ class ArchiveReader {
   explicit ArchiveReader(const std::string& path);
   const std::string& path() const { return path_; }
   int64_t num_layers() const { return static_cast<int64_t>(widths_.size()); }  // hidden states 0..L
-  int64_t num_rows() const { return rows_; }  // examples (pooled) or tokens
+  int64_t num_rows() const { return rows_; }                                   // examples (pooled) or tokens
   int64_t num_examples() const { return examples_; }
   int64_t width(int64_t layer) const { return widths_[static_cast<size_t>(layer)]; }
   bool pooled() const { return pooled_; }

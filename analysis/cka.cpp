@@ -57,11 +57,15 @@ torch::Tensor as_f64(const torch::Tensor& x, const char* what) {
 }  // namespace
 
 namespace {
-const NamedChoices<CkaMethod> kCkaMethods = {
-    {"auto", CkaMethod::Auto}, {"gram", CkaMethod::Gram}, {"feature", CkaMethod::Feature}, {"minibatch", CkaMethod::Minibatch}};
+const NamedChoices<CkaMethod> kCkaMethods = {{"auto", CkaMethod::Auto},
+                                             {"gram", CkaMethod::Gram},
+                                             {"feature", CkaMethod::Feature},
+                                             {"minibatch", CkaMethod::Minibatch}};
 }  // namespace
 
-CkaMethod parse_cka_method(const std::string& name) { return parse_choice(kCkaMethods, name, "--method", "CKA method"); }
+CkaMethod parse_cka_method(const std::string& name) {
+  return parse_choice(kCkaMethods, name, "--method", "CKA method");
+}
 
 std::string cka_method_name(CkaMethod method) { return choice_name(kCkaMethods, method); }
 
@@ -92,7 +96,8 @@ std::vector<std::pair<int64_t, int64_t>> minibatches(int64_t rows, int64_t batch
   if (batch_size < 4) fail("--batch-size: minibatch CKA needs at least 4 examples per batch, got {}", batch_size);
   if (rows < 4) fail("minibatch CKA needs at least 4 rows, got {}", rows);
   std::vector<std::pair<int64_t, int64_t>> out;
-  for (int64_t first = 0; first < rows; first += batch_size) out.emplace_back(first, std::min(rows, first + batch_size));
+  for (int64_t first = 0; first < rows; first += batch_size)
+    out.emplace_back(first, std::min(rows, first + batch_size));
   if (out.size() > 1 && out.back().second - out.back().first < 4) {
     out[out.size() - 2].second = rows;
     out.pop_back();

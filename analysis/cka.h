@@ -50,14 +50,14 @@ std::vector<std::pair<int64_t, int64_t>> minibatches(int64_t rows, int64_t batch
 
 struct CkaOptions {
   CkaMethod method = CkaMethod::Auto;
-  int64_t batch_size = 256;                   // minibatch rows
-  int64_t chunk_rows = 1024;                  // rows read at once by the streaming passes
-  int64_t max_tile_rows = 512;                // Gram form: tiles of at most this many rows a side
+  int64_t batch_size = 256;                           // minibatch rows
+  int64_t chunk_rows = 1024;                          // rows read at once by the streaming passes
+  int64_t max_tile_rows = 512;                        // Gram form: tiles of at most this many rows a side
   int64_t feature_budget_bytes = int64_t(512) << 20;  // feature form: accumulators of one pass
 };
 
 struct CkaMatrix {
-  torch::Tensor cka;                 // float64 [La, Lb], hidden-state indices 0..L of each archive
+  torch::Tensor cka;                   // float64 [La, Lb], hidden-state indices 0..L of each archive
   CkaMethod method = CkaMethod::Auto;  // the form that ran (Auto resolved)
   int64_t rows = 0;
 };

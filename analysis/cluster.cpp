@@ -147,7 +147,7 @@ Clustering cluster_chain(const torch::Tensor& sim, int64_t k, ClusterMethod meth
   if (n == 0) fail("clustering: no layers to cluster");
   if (k < 1 || k > n) fail("--k: expected a number of clusters from 1 to {} (the layers clustered), got {}", n, k);
   Clustering out;
-  out.clusters = method == ClusterMethod::Adjacent ? adjacent(s, k)
+  out.clusters = method == ClusterMethod::Adjacent  ? adjacent(s, k)
                  : method == ClusterMethod::Optimal ? optimal(s, k)
                                                     : average(s, k);
   for (const auto& c : out.clusters) out.representatives.push_back(c[c.size() / 2]);

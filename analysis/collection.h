@@ -27,8 +27,8 @@ std::vector<std::vector<int64_t>> length_sorted_groups(const std::vector<std::ve
                                                        int64_t n, int64_t groups);
 
 struct CollectSettings {
-  int64_t length_groups = 4;  // forward passes per block, over its examples sorted by length
-  int micro_batches = 1;      // pipeline micro-batches per pass (one where they do not divide it)
+  int64_t length_groups = 4;     // forward passes per block, over its examples sorted by length
+  int micro_batches = 1;         // pipeline micro-batches per pass (one where they do not divide it)
   std::string pooling = "mean";  // analysis/pooling.h; "none" keeps every token
   bool pad_left = false;
   int fail_after_rounds = -1;  // test hook: the world's last rank throws after this many rounds

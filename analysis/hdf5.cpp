@@ -71,8 +71,7 @@ void H5Writer::write(const std::string& name, const torch::Tensor& tensor) {
   hid_t mem_type = h5_type(t.scalar_type());
   H5Id set(H5Dcreate2(file_, name.c_str(), mem_type, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
   if (set.get() < 0) fail("{}: cannot create dataset {}", tmp_, name);
-  if (t.numel() > 0 && H5Dwrite(set, mem_type, H5S_ALL, H5S_ALL,
-                                H5P_DEFAULT, t.data_ptr()) < 0)
+  if (t.numel() > 0 && H5Dwrite(set, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, t.data_ptr()) < 0)
     fail("{}: writing dataset {} failed (disk full?)", tmp_, name);
 }
 

@@ -69,7 +69,8 @@ LossLandscape::LossLandscape(DistributedLM& model, const std::vector<const Check
 }
 
 void LossLandscape::set_point(const std::vector<double>& coefs) {
-  if (coefs.size() != others_.size()) fail("landscape: {} coefficients for {} directions", coefs.size(), others_.size());
+  if (coefs.size() != others_.size())
+    fail("landscape: {} coefficients for {} directions", coefs.size(), others_.size());
   torch::NoGradGuard no_grad;
   // Pieces of at most 16M elements, so the fp64 temporaries stay small next to the model.
   constexpr int64_t kPiece = 1 << 24;

@@ -18,11 +18,11 @@
 namespace crash {
 
 struct LensResult {
-  torch::Tensor kl, js;            // [L+1, L+1] float64, means over tokens; kl[i][j] = KL(p_i || p_j)
-  torch::Tensor top1_agreement;    // [L+1] float64: share of tokens whose argmax equals the last layer's
-  torch::Tensor lens_loss;         // [L+1] float64: mean -log p_l(next token) over tokens with a target
-  int64_t num_tokens = 0;          // non-padding tokens
-  int64_t num_targets = 0;         // of those, tokens followed by a non-padding token
+  torch::Tensor kl, js;          // [L+1, L+1] float64, means over tokens; kl[i][j] = KL(p_i || p_j)
+  torch::Tensor top1_agreement;  // [L+1] float64: share of tokens whose argmax equals the last layer's
+  torch::Tensor lens_loss;       // [L+1] float64: mean -log p_l(next token) over tokens with a target
+  int64_t num_tokens = 0;        // non-padding tokens
+  int64_t num_targets = 0;       // of those, tokens followed by a non-padding token
 };
 
 class LogitLens {

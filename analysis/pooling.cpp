@@ -26,8 +26,7 @@ torch::Tensor pool_hidden(const torch::Tensor& hidden, const torch::Tensor& mask
     auto last = (mask.cumsum(1) * mask).argmax(1);  // the token with the highest position
     return h.gather(1, last.view({-1, 1, 1}).expand({-1, 1, h.size(2)})).squeeze(1);
   }
-  if (method == "max")
-    return h.masked_fill(mask.unsqueeze(-1) == 0, -std::numeric_limits<float>::infinity()).amax(1);
+  if (method == "max") return h.masked_fill(mask.unsqueeze(-1) == 0, -std::numeric_limits<float>::infinity()).amax(1);
   fail("--pooling: unknown method '{}'", method);
 }
 

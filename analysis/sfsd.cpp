@@ -13,8 +13,8 @@ namespace crash {
 
 namespace {
 
-const char* kLinearNames[] = {"q_proj", "k_proj", "v_proj", "out_proj", "o_proj", "fc1",
-                              "fc2",    "gate_proj", "up_proj", "down_proj"};
+const char* kLinearNames[] = {"q_proj", "k_proj", "v_proj",    "out_proj", "o_proj",
+                              "fc1",    "fc2",    "gate_proj", "up_proj",  "down_proj"};
 
 // "…layers.7.self_attn.q_proj" -> 7; -1 when the name is not under a decoder layer.
 int64_t layer_index(const std::string& name) {
@@ -144,8 +144,8 @@ std::map<std::string, OutputStats> gather_stats(const ProcessGrid& grid, const s
     auto packed = torch::zeros({1 + m.out + m.out * m.out}, torch::kFloat64);
     auto it = local.find(m.name);
     if (contributes && it != local.end())
-      packed = torch::cat({torch::full({1}, it->second.count, torch::kFloat64), it->second.sum,
-                           it->second.sum_outer.reshape({-1})});
+      packed = torch::cat(
+          {torch::full({1}, it->second.count, torch::kFloat64), it->second.sum, it->second.sum_outer.reshape({-1})});
     if (it != local.end()) local.erase(it);  // keep one module's sums at a time
     if (grid.world_size() > 1) grid.world()->allreduce(packed);
     if (grid.rank() != 0) continue;
@@ -182,7 +182,8 @@ bool rank_saves(int64_t rank, const LinearInfo& m) { return rank * (m.in + m.out
 std::map<std::string, int64_t> ratio_ranks(const std::vector<LinearInfo>& linears, double ratio) {
   std::map<std::string, int64_t> ranks;
   for (const auto& m : linears) {
-    const int64_t r = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(ratio * static_cast<double>(std::min(m.in, m.out)) - 1e-9)));
+    const int64_t r = std::max<int64_t>(
+        1, static_cast<int64_t>(std::ceil(ratio * static_cast<double>(std::min(m.in, m.out)) - 1e-9)));
     if (rank_saves(r, m)) ranks[m.name] = r;
   }
   return ranks;
@@ -198,7 +199,8 @@ std::map<std::string, int64_t> greedy_ranks(
     const LinearInfo& m = *it;
     std::vector<int64_t> candidates;
     for (double f : sorted) {
-      const int64_t r = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(f * static_cast<double>(std::min(m.in, m.out)) - 1e-9)));
+      const int64_t r =
+          std::max<int64_t>(1, static_cast<int64_t>(std::ceil(f * static_cast<double>(std::min(m.in, m.out)) - 1e-9)));
       if (rank_saves(r, m) && (candidates.empty() || candidates.back() != r)) candidates.push_back(r);
     }
     for (int64_t r : candidates) {

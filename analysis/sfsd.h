@@ -47,9 +47,9 @@ struct OutputStats {
 void accumulate(OutputStats& stats, const torch::Tensor& y, const torch::Tensor& valid);
 
 // Runs the examples (this DP rank's share is taken from the list by index) through the model,
-// first `tokens` tokens of each (at most the model's context), `batch_size` rows at a time, and returns the output statistics
-// of every decoder Linear this rank's stage holds, over the non-padding tokens, summed over the
-// DP group (full outputs: gathered over TP). Collective over the model's grid.
+// first `tokens` tokens of each (at most the model's context), `batch_size` rows at a time, and returns the output
+// statistics of every decoder Linear this rank's stage holds, over the non-padding tokens, summed over the DP group
+// (full outputs: gathered over TP). Collective over the model's grid.
 std::map<std::string, OutputStats> calibrate(DistributedLM& model, const std::vector<LinearInfo>& linears,
                                              const std::vector<std::vector<int64_t>>& examples, int64_t tokens,
                                              int64_t batch_size);

@@ -16,9 +16,10 @@ int main(int argc, char** argv) {
   crash::World& world = crash::World::init(&argc, &argv);
   namespace po = boost::program_options;
   po::options_description o("bench_archive");
-  o.add_options()("out", po::value<std::string>()->required(), "")("examples", po::value<int64_t>()->default_value(4096), "")(
-      "layers", po::value<int64_t>()->default_value(33), "")("width", po::value<int64_t>()->default_value(4096), "")(
-      "block", po::value<int64_t>()->default_value(64), "")("dtype", po::value<std::string>()->default_value("float32"), "");
+  o.add_options()("out", po::value<std::string>()->required(), "")(
+      "examples", po::value<int64_t>()->default_value(4096), "")("layers", po::value<int64_t>()->default_value(33), "")(
+      "width", po::value<int64_t>()->default_value(4096), "")("block", po::value<int64_t>()->default_value(64), "")(
+      "dtype", po::value<std::string>()->default_value("float32"), "");
   po::variables_map vm;
   po::store(po::parse_command_line(argc, argv, o), vm);
   po::notify(vm);
@@ -40,7 +41,8 @@ int main(int argc, char** argv) {
       crash::ActivationArchive::Ids ids;
       if (b < blocks) {
         const int64_t first = b * spec.block_size, n = std::min(spec.block_size, spec.num_examples - first);
-        for (int64_t l = 0; l < static_cast<int64_t>(spec.widths.size()); ++l) pieces.push_back({l, first, rows.narrow(0, 0, n)});
+        for (int64_t l = 0; l < static_cast<int64_t>(spec.widths.size()); ++l)
+          pieces.push_back({l, first, rows.narrow(0, 0, n)});
         ids.first = first;
         ids.block = b;
         for (int64_t i = first; i < first + n; ++i) {
@@ -59,8 +61,8 @@ int main(int argc, char** argv) {
   }
   grid->world()->barrier();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const double bytes = static_cast<double>(spec.num_examples) * spec.widths.size() * spec.widths[0] *
-                       (spec.dtype == "float16" ? 2 : 4);
+  const double bytes =
+      static_cast<double>(spec.num_examples) * spec.widths.size() * spec.widths[0] * (spec.dtype == "float16" ? 2 : 4);
   if (world.rank() == 0)
     std::cout << "{\"bytes\": " << bytes << ", \"seconds\": " << secs << ", \"gb_per_s\": " << bytes / secs / 1e9 << "}"
               << std::endl;

@@ -20,8 +20,9 @@ int main(int argc, char** argv) {
       "batch", po::value<int64_t>()->default_value(8), "")("seq", po::value<int64_t>()->default_value(128), "")(
       "threads", po::value<int>()->default_value(2), "")("iters", po::value<int>()->default_value(5), "")(
       "tp", po::value<int>()->default_value(1), "")("pp", po::value<int>()->default_value(1), "")(
-      "micro-batches", po::value<int>()->default_value(1), "")(
-      "dtype", po::value<std::string>()->default_value("float32"), "")("seed", po::value<int64_t>()->default_value(0), "");
+      "micro-batches", po::value<int>()->default_value(1), "")("dtype",
+                                                               po::value<std::string>()->default_value("float32"),
+                                                               "")("seed", po::value<int64_t>()->default_value(0), "");
   po::variables_map vm;
   po::store(po::parse_command_line(argc, argv, o), vm);
   po::notify(vm);

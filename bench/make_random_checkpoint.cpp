@@ -19,7 +19,8 @@ int main(int argc, char** argv) {
   o.add_options()("config", po::value<std::string>()->required(), "config.json")(
       "out", po::value<std::string>()->required(), "output folder")(
       "dtype", po::value<std::string>()->default_value("bfloat16"), "bfloat16 or float32")(
-      "shard-bytes", po::value<uint64_t>()->default_value(5000000000ull), "")("seed", po::value<int64_t>()->default_value(0), "");
+      "shard-bytes", po::value<uint64_t>()->default_value(5000000000ull), "")(
+      "seed", po::value<int64_t>()->default_value(0), "");
   po::variables_map vm;
   po::store(po::parse_command_line(argc, argv, o), vm);
   po::notify(vm);

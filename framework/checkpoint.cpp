@@ -30,7 +30,8 @@ CheckpointReader::CheckpointReader(const std::string& dir) : dir_(dir) {
         fail("{}: shard '{}' (holding '{}') is missing", index.string(), file, name);
     // Every listed tensor must really be in its shard; checking now keeps errors out of loading.
     for (auto& [name, file] : where_)
-      if (!shard(file).contains(name)) fail("{}: tensor '{}' is listed for shard '{}' but is not in it", index.string(), name, file);
+      if (!shard(file).contains(name))
+        fail("{}: tensor '{}' is listed for shard '{}' but is not in it", index.string(), name, file);
   } else if (fs::exists(single)) {
     for (auto& [name, info] : shard("model.safetensors").tensors()) where_[name] = "model.safetensors";
   } else {
@@ -109,8 +110,10 @@ void save_hf_folder(const std::string& dir, const ModelConfig& config,
   }
   nlohmann::json cfg = config.raw;
   cfg.merge_patch(config_updates);
-  if (options.dtype) cfg["torch_dtype"] = *options.dtype == torch::kBFloat16 ? "bfloat16"
-                                          : *options.dtype == torch::kFloat16 ? "float16" : "float32";
+  if (options.dtype)
+    cfg["torch_dtype"] = *options.dtype == torch::kBFloat16  ? "bfloat16"
+                         : *options.dtype == torch::kFloat16 ? "float16"
+                                                             : "float32";
   std::ofstream out((tmp / "config.json").string());
   out << cfg.dump(2) << "\n";
   out.close();

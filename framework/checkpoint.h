@@ -43,7 +43,7 @@ class CheckpointReader {
 };
 
 struct SaveOptions {
-  uint64_t max_shard_bytes = 5ull << 30;  // HF's default 5 GB shards
+  uint64_t max_shard_bytes = 5ull << 30;   // HF's default 5 GB shards
   std::optional<torch::ScalarType> dtype;  // convert floating tensors, e.g. to bf16
   // Files copied into the folder (tokenizer.json, crash_plan.json, ...); missing ones are skipped.
   std::vector<std::string> copy_files;

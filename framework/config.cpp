@@ -61,7 +61,8 @@ void read_llama(ModelConfig& c, const nlohmann::json& j, const std::string& src)
     c.rope_theta = json_field_or<double>(rs, "rope_theta", 10000.0, where);
   } else {
     c.rope_theta = json_field_or<double>(j, "rope_theta", 10000.0, src);
-    if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null()) rs = json_field<nlohmann::json>(j, "rope_scaling", src);
+    if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null())
+      rs = json_field<nlohmann::json>(j, "rope_scaling", src);
     where = src + " rope_scaling";
   }
   if (c.rope_theta <= 0) fail("{}: rope_theta must be positive, got {}", where, c.rope_theta);
@@ -121,7 +122,8 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& s
   }
   if (c.num_heads % c.num_kv_heads != 0)
     fail("{}: num_attention_heads {} is not a multiple of num_key_value_heads {}", src, c.num_heads, c.num_kv_heads);
-  if (c.family == Family::LLaMA && c.head_dim % 2 != 0) fail("{}: head_dim {} must be even for rotary embeddings", src, c.head_dim);
+  if (c.family == Family::LLaMA && c.head_dim % 2 != 0)
+    fail("{}: head_dim {} must be even for rotary embeddings", src, c.head_dim);
   if (j.contains("crash_shared_layers") && !j.at("crash_shared_layers").is_null()) {
     c.shared_layers = json_field<std::vector<int64_t>>(j, "crash_shared_layers", src);
     if (static_cast<int64_t>(c.shared_layers.size()) != c.num_layers)

@@ -19,9 +19,10 @@ void validate_model_grid(const ModelConfig& c, const GridLayout& s, const std::v
   if (c.num_heads % s.tp() != 0)
     fail("tensor parallelism: {} attention heads do not split over --tp {}", c.num_heads, s.tp());
   if (c.num_kv_heads % s.tp() != 0 && s.tp() % c.num_kv_heads != 0)
-    fail("tensor parallelism: {} key/value heads neither split over --tp {} nor replicate evenly (tp must divide or be "
-         "a multiple of them)",
-         c.num_kv_heads, s.tp());
+    fail(
+        "tensor parallelism: {} key/value heads neither split over --tp {} nor replicate evenly (tp must divide or be "
+        "a multiple of them)",
+        c.num_kv_heads, s.tp());
   if (c.intermediate_size % s.tp() != 0)
     fail("tensor parallelism: the MLP width {} does not split over --tp {}", c.intermediate_size, s.tp());
   split_layers(c.num_layers, s.pp(), pp_layers);  // layers >= pp, explicit split adds up
@@ -82,8 +83,7 @@ struct MicroBatches {
   std::vector<TokenPacking> packing;                // packed passes only
   MicroBatches(const CausalLM& model, const torch::Tensor& ids_all, const torch::Tensor& mask_all, int n,
                bool packed = false) {
-    if (n < 1 || ids_all.size(0) % n != 0)
-      fail("{} rows do not split into {} micro-batches", ids_all.size(0), n);
+    if (n < 1 || ids_all.size(0) % n != 0) fail("{} rows do not split into {} micro-batches", ids_all.size(0), n);
     ids = ids_all.to(model.parameters().front().device()).chunk(n, 0);
     mask = mask_all.to(model.parameters().front().device()).chunk(n, 0);
     for (int m = 0; m < n; ++m) positions.push_back(model.default_positions(mask[m], ids[m].size(1)));
@@ -209,7 +209,10 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
   double total = total_tokens;
   if (total <= 0) {
     auto count = ((labels.defined() ? labels : causal_targets(ids, mask)) != -100)
-                     .sum().to(torch::kFloat64).reshape({1}).to(device());
+                     .sum()
+                     .to(torch::kFloat64)
+                     .reshape({1})
+                     .to(device());
     grid_->dp_group()->allreduce(count);
     total = std::max(1.0, count.item<double>());
   }
@@ -221,22 +224,24 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
     teacher = kd->teacher_logits.to(device()).chunk(micro_batches, 0);
   }
   const auto params = m.parameters();
-  const bool frozen = std::none_of(params.begin(), params.end(), [](const torch::Tensor& p) { return p.requires_grad(); });
+  const bool frozen =
+      std::none_of(params.begin(), params.end(), [](const torch::Tensor& p) { return p.requires_grad(); });
   StageStep step = stage_step(m, mb, device(), nullptr, /*force_graph=*/frozen);
   step.loss = [&](const torch::Tensor& y, int i) {
     auto local = m.head_local(m.finish(y));
     auto& t = targets[static_cast<size_t>(i)];
-    auto losses = vocab_parallel_cross_entropy(local.reshape({-1, local.size(-1)}), t.reshape({-1}),
-                                               m.vocab_start(), m.config().vocab_size, m.tp());
+    auto losses = vocab_parallel_cross_entropy(local.reshape({-1, local.size(-1)}), t.reshape({-1}), m.vocab_start(),
+                                               m.config().vocab_size, m.tp());
     if (!kd) return losses.sum() / total;
     // The KL term needs whole distributions: the student's logits are gathered over TP
     // (backward keeps each rank's columns), only at target positions.
     const double T = kd->temperature;
     auto keep = (t.reshape({-1}) != -100).nonzero().squeeze(1);
     auto student = gather_from_tp(local.reshape({-1, local.size(-1)}).index_select(0, keep), m.tp())
-                       .narrow(-1, 0, m.config().vocab_size).to(torch::kFloat32);
-    auto teach = teacher[static_cast<size_t>(i)].reshape({-1, m.config().vocab_size}).index_select(0, keep)
-                     .to(torch::kFloat32);
+                       .narrow(-1, 0, m.config().vocab_size)
+                       .to(torch::kFloat32);
+    auto teach =
+        teacher[static_cast<size_t>(i)].reshape({-1, m.config().vocab_size}).index_select(0, keep).to(torch::kFloat32);
     auto log_p = torch::log_softmax(teach / T, -1), log_q = torch::log_softmax(student / T, -1);
     auto kl = (log_p.exp() * (log_p - log_q)).sum();
     return ((1 - kd->alpha) * losses.sum() + kd->alpha * T * T * kl) / total;
@@ -265,8 +270,8 @@ double DistributedLM::evaluate_loss(const torch::Tensor& ids, const torch::Tenso
   step.output = [&](const torch::Tensor& y, int i) {
     auto local = m.head_local(m.finish(y));
     auto& t = targets[static_cast<size_t>(i)];
-    auto losses = vocab_parallel_cross_entropy(local.reshape({-1, local.size(-1)}), t.reshape({-1}),
-                                               m.vocab_start(), m.config().vocab_size, m.tp());
+    auto losses = vocab_parallel_cross_entropy(local.reshape({-1, local.size(-1)}), t.reshape({-1}), m.vocab_start(),
+                                               m.config().vocab_size, m.tp());
     sums[0] += losses.sum().to(torch::kFloat64);
   };
   run_forward(grid_->pp_group(), micro_batches, step);
@@ -353,8 +358,10 @@ std::vector<DistributedLM::TrainParam> DistributedLM::trainable() const {
     // Each distinct value counts once in the norm: whole tensors on TP rank 0, replicated
     // key/value heads on the first rank of their group, a tied embedding on the first stage.
     const int tp = grid_->tp_rank();
-    if (!p.slice) p.in_norm = tp == 0;
-    else if (p.slice->group > 1) p.in_norm = tp % p.slice->group == 0;
+    if (!p.slice)
+      p.in_norm = tp == 0;
+    else if (p.slice->group > 1)
+      p.in_norm = tp % p.slice->group == 0;
     if (item.key() == "lm_head.weight" && c.tie_word_embeddings && !grid_->first_stage()) p.in_norm = false;
     out.push_back(std::move(p));
   }
@@ -377,7 +384,8 @@ void DistributedLM::save_model(const std::string& dir) {
     if (stored.count(name)) tensors.emplace_back(name, t.cpu());
   const int pp = grid_->pp();
   auto file_of = [pp](int stage) {
-    return pp == 1 ? std::string("model.safetensors") : fmt::format("model-{:05d}-of-{:05d}.safetensors", stage + 1, pp);
+    return pp == 1 ? std::string("model.safetensors")
+                   : fmt::format("model-{:05d}-of-{:05d}.safetensors", stage + 1, pp);
   };
   if (grid_->dp_rank() == 0 && grid_->tp_rank() == 0)
     write_safetensors((tmp / file_of(grid_->pp_rank())).string(), tensors, {{"format", "pt"}});

@@ -5,8 +5,8 @@
 
 #include <functional>
 #include <map>
-#include <optional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -41,8 +41,9 @@ class DistributedLM {
   std::vector<torch::Tensor> parameters() const { return stage_->parameters(); }
 
   struct Output {
-    torch::Tensor logits;                   // last stage: [B, T, vocab] (full vocabulary)
-    std::map<int64_t, torch::Tensor> hidden;  // HF hidden_states index -> [B, T, d] ([N, d] packed), this stage's layers
+    torch::Tensor logits;  // last stage: [B, T, vocab] (full vocabulary)
+    std::map<int64_t, torch::Tensor>
+        hidden;  // HF hidden_states index -> [B, T, d] ([N, d] packed), this stage's layers
   };
   // Inference on this DP rank's rows, in `micro_batches` pieces along the batch. Without
   // `logits` the LM head is skipped (collection needs hidden states only). `packed` runs only

@@ -33,7 +33,8 @@ std::vector<int64_t> EmulatorPlan::storage() const {
 
 nlohmann::json EmulatorPlan::to_json() const {
   nlohmann::json s = nlohmann::json::array();
-  for (const auto& slot : slots) s.push_back({{"source", slot.source}, {"train", slot.train}, {"stored_as", slot.stored_as}});
+  for (const auto& slot : slots)
+    s.push_back({{"source", slot.source}, {"train", slot.train}, {"stored_as", slot.stored_as}});
   return {{"format", "crash-hpc emulator plan 1"},
           {"mode", mode},
           {"source_model", source_model},
@@ -118,9 +119,10 @@ void check_clusters(int64_t L, int64_t a, int64_t b, const std::vector<std::vect
     if (c.empty()) fail("clusters: an empty cluster");
     for (int64_t l : c) {
       if (l != next)
-        fail("clusters: expected contiguous clusters covering the middle layers {}..{} in order; found layer {} where "
-             "{} was expected (cluster the middle layers only: --layers {}:{})",
-             a, L - b - 1, l, next, a, L - b);
+        fail(
+            "clusters: expected contiguous clusters covering the middle layers {}..{} in order; found layer {} where "
+            "{} was expected (cluster the middle layers only: --layers {}:{})",
+            a, L - b - 1, l, next, a, L - b);
       ++next;
     }
   }
@@ -140,7 +142,8 @@ EmulatorPlan plan_uniform(int64_t L, int64_t a, int64_t b, int64_t keep) {
   std::vector<int64_t> kept;
   for (int64_t i = 0; i < keep; ++i)
     // Python's round (half to even), as Offsite-Tuning's uniform_choose_layers uses it.
-    kept.push_back(a + (keep == 1 ? 0 : static_cast<int64_t>(std::nearbyint(double(i) * double(M - 1) / double(keep - 1)))));
+    kept.push_back(
+        a + (keep == 1 ? 0 : static_cast<int64_t>(std::nearbyint(double(i) * double(M - 1) / double(keep - 1)))));
   return with_middle(p, kept);
 }
 

@@ -7,8 +7,8 @@
 #include <chrono>
 #include <cmath>
 #include <filesystem>
-#include <functional>
 #include <fstream>
+#include <functional>
 #include <limits>
 #include <numeric>
 #include <regex>
@@ -272,7 +272,8 @@ TaskResult perplexity(DistributedLM& model, const PreparedTask& task, const Eval
         {{"index", task.examples[e].index}, {"tokens", static_cast<int64_t>(s_a[e][1])}, {"nll", -s_a[e][0]}});
   }
   const double nll = -ll / std::max(tokens, 1.0);
-  result.metrics = {{"nll", nll, kNaN}, {"perplexity", std::exp(nll), kNaN}, {"bits_per_token", nll / std::log(2.0), kNaN}};
+  result.metrics = {
+      {"nll", nll, kNaN}, {"perplexity", std::exp(nll), kNaN}, {"bits_per_token", nll / std::log(2.0), kNaN}};
   return result;
 }
 

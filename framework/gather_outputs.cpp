@@ -26,8 +26,8 @@ ShareOutputs forward_share(DistributedLM& model, const std::vector<std::vector<i
   ShareOutputs out;
   for (int64_t b = begin; b < end; b += batch_size) {
     const int64_t e = std::min(end, b + batch_size);
-    auto batch = pad_batch(seqs, static_cast<size_t>(b), static_cast<size_t>(e), model.config().pad_token_id, left,
-                           length);
+    auto batch =
+        pad_batch(seqs, static_cast<size_t>(b), static_cast<size_t>(e), model.config().pad_token_id, left, length);
     const int m = (e - b) % micro_batches == 0 ? micro_batches : 1;  // a short last batch goes in one piece
     auto result = model.forward(batch.ids, batch.mask, m, hidden_states);
     if (result.logits.defined()) out.logits.push_back(result.logits.to(torch::kFloat32));

@@ -13,15 +13,25 @@ namespace {
 template <class T>
 bool holds(const nlohmann::json& v);
 template <>
-bool holds<int64_t>(const nlohmann::json& v) { return v.is_number_integer(); }
+bool holds<int64_t>(const nlohmann::json& v) {
+  return v.is_number_integer();
+}
 template <>
-bool holds<double>(const nlohmann::json& v) { return v.is_number(); }
+bool holds<double>(const nlohmann::json& v) {
+  return v.is_number();
+}
 template <>
-bool holds<bool>(const nlohmann::json& v) { return v.is_boolean(); }
+bool holds<bool>(const nlohmann::json& v) {
+  return v.is_boolean();
+}
 template <>
-bool holds<std::string>(const nlohmann::json& v) { return v.is_string(); }
+bool holds<std::string>(const nlohmann::json& v) {
+  return v.is_string();
+}
 template <>
-bool holds<nlohmann::json>(const nlohmann::json& v) { return v.is_object(); }
+bool holds<nlohmann::json>(const nlohmann::json& v) {
+  return v.is_object();
+}
 template <>
 bool holds<std::vector<int64_t>>(const nlohmann::json& v) {
   return v.is_array() && std::all_of(v.begin(), v.end(), [](const auto& x) { return x.is_number_integer(); });
@@ -34,19 +44,33 @@ bool holds<std::vector<std::string>>(const nlohmann::json& v) {
 template <class T>
 const char* expected_name();
 template <>
-const char* expected_name<int64_t>() { return "an integer"; }
+const char* expected_name<int64_t>() {
+  return "an integer";
+}
 template <>
-const char* expected_name<double>() { return "a number"; }
+const char* expected_name<double>() {
+  return "a number";
+}
 template <>
-const char* expected_name<bool>() { return "true or false"; }
+const char* expected_name<bool>() {
+  return "true or false";
+}
 template <>
-const char* expected_name<std::string>() { return "a string"; }
+const char* expected_name<std::string>() {
+  return "a string";
+}
 template <>
-const char* expected_name<nlohmann::json>() { return "an object"; }
+const char* expected_name<nlohmann::json>() {
+  return "an object";
+}
 template <>
-const char* expected_name<std::vector<int64_t>>() { return "a list of integers"; }
+const char* expected_name<std::vector<int64_t>>() {
+  return "a list of integers";
+}
 template <>
-const char* expected_name<std::vector<std::string>>() { return "a list of strings"; }
+const char* expected_name<std::vector<std::string>>() {
+  return "a list of strings";
+}
 }  // namespace
 
 template <class T>
@@ -54,7 +78,8 @@ T json_field(const nlohmann::json& j, const std::string& key, const std::string&
   if (!j.is_object()) fail("{}: expected a JSON object, got {}", source, j.type_name());
   auto it = j.find(key);
   if (it == j.end()) fail("{}: missing field '{}'", source, key);
-  if (!holds<T>(*it)) fail("{}: field '{}' must be {}, got {} {}", source, key, expected_name<T>(), it->type_name(), it->dump());
+  if (!holds<T>(*it))
+    fail("{}: field '{}' must be {}, got {} {}", source, key, expected_name<T>(), it->type_name(), it->dump());
   return it->template get<T>();
 }
 
@@ -74,8 +99,10 @@ void check_json_depth(std::string_view text, const std::string& source) {
   for (size_t i = 0; i < text.size(); ++i) {
     const char c = text[i];
     if (in_string) {
-      if (c == '\\') ++i;
-      else if (c == '"') in_string = false;
+      if (c == '\\')
+        ++i;
+      else if (c == '"')
+        in_string = false;
     } else if (c == '"') {
       in_string = true;
     } else if (c == '[' || c == '{') {

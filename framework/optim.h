@@ -22,8 +22,8 @@ struct OptimParam {
 
 // One tensor of optimiser state (or the parameter itself) for checkpoints: `kind/name`.
 struct StateTensor {
-  std::string kind;   // "param", "master", "exp_avg", "exp_avg_sq" ("sift_index" for SIFT)
-  std::string param;  // the parameter it belongs to (same shape and slice)
+  std::string kind;     // "param", "master", "exp_avg", "exp_avg_sq" ("sift_index" for SIFT)
+  std::string param;    // the parameter it belongs to (same shape and slice)
   torch::Tensor value;  // live: loading a checkpoint copies into it
   // Per-rank sparse data (SIFT: entries of this rank's shard, any length): saved as it is,
   // loaded only on the same TP x PP grid, by replacing the tensor's storage (set_).

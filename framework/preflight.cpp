@@ -50,7 +50,8 @@ NodeLayout node_layout(Communicator& world) {
 }
 
 void agree_or_fail(Communicator& world, const NodeLayout& node, const std::string& check, const std::string& problem) {
-  const auto problems = gather_text(world, problem.empty() ? "" : fmt::format("node {} rank {}: {}", node.host, world.rank(), problem));
+  const auto problems =
+      gather_text(world, problem.empty() ? "" : fmt::format("node {} rank {}: {}", node.host, world.rank(), problem));
   std::string all;
   for (const auto& p : problems)
     if (!p.empty()) all += (all.empty() ? "" : "; ") + p;
@@ -72,13 +73,15 @@ std::string check_world_size(int world_size) {
 
 std::string check_gpus(const NodeLayout& node, int devices) {
   if (devices <= 0 || node.local_size <= devices) return "";
-  return fmt::format("{} ranks on this node but {} visible CUDA devices (one rank per GPU: ask --ntasks-per-node <= --gpus-per-node)",
-                     node.local_size, devices);
+  return fmt::format(
+      "{} ranks on this node but {} visible CUDA devices (one rank per GPU: ask --ntasks-per-node <= --gpus-per-node)",
+      node.local_size, devices);
 }
 
 std::string check_allreduce(Communicator& comm, torch::Device device) {
   const int64_t n = comm.size();
-  auto t = torch::full({1024}, static_cast<double>(comm.rank() + 1), torch::TensorOptions(torch::kFloat64).device(device));
+  auto t =
+      torch::full({1024}, static_cast<double>(comm.rank() + 1), torch::TensorOptions(torch::kFloat64).device(device));
   comm.allreduce(t);
   const double want = static_cast<double>(n * (n + 1) / 2);
   const double lo = t.min().item<double>(), hi = t.max().item<double>();
@@ -110,9 +113,11 @@ std::string check_memory(const ModelConfig& config, torch::ScalarType dtype, int
   if (available < 0) return "";
   const double per_rank = static_cast<double>(available) / node.local_size;
   if (static_cast<double>(need) > per_rank)
-    return fmt::format("the weights need {} per rank ({} parameters, {} bytes each, / tp {} x pp {}) but {} ranks share {} available ({} each)",
-                       gib(need), config.parameter_count(), c10::elementSize(dtype), tp, pp, node.local_size,
-                       gib(available), gib(per_rank));
+    return fmt::format(
+        "the weights need {} per rank ({} parameters, {} bytes each, / tp {} x pp {}) but {} ranks share {} available "
+        "({} each)",
+        gib(need), config.parameter_count(), c10::elementSize(dtype), tp, pp, node.local_size, gib(available),
+        gib(per_rank));
   return "";
 }
 

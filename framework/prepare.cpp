@@ -21,8 +21,8 @@ int64_t utf8_length(const std::string& text) {
 }
 
 std::pair<std::vector<int64_t>, std::vector<int64_t>> split_context_continuation(const Tokenizer& tok,
-                                                                                  const std::string& context_in,
-                                                                                  const std::string& continuation_in) {
+                                                                                 const std::string& context_in,
+                                                                                 const std::string& continuation_in) {
   std::string context = context_in, continuation = continuation_in;
   const size_t end = context.find_last_not_of(' ');
   const size_t spaces = end == std::string::npos ? context.size() : context.size() - end - 1;
@@ -88,7 +88,8 @@ nlohmann::json prepare_task(const std::string& task_path, const std::string& tok
           chars.push_back(utf8_length(choice.rfind(' ', 0) == 0 ? choice.substr(1) : choice));
         }
         std::vector<int64_t> tokens = ctx;
-        tokens.insert(tokens.end(), conts[static_cast<size_t>(e.gold)].begin(), conts[static_cast<size_t>(e.gold)].end());
+        tokens.insert(tokens.end(), conts[static_cast<size_t>(e.gold)].begin(),
+                      conts[static_cast<size_t>(e.gold)].end());
         j["tokens"] = tokens;
         j["context"] = ctx;
         j["continuations"] = conts;

@@ -17,8 +17,8 @@
 namespace crash {
 
 struct PrepareOptions {
-  int64_t limit = -1;              // first examples only (all when negative)
-  int64_t window = 512;            // tokens per language-modelling example
+  int64_t limit = -1;    // first examples only (all when negative)
+  int64_t window = 512;  // tokens per language-modelling example
   int64_t examples_per_shard = 10000;
   bool overwrite = false;
 };
@@ -27,8 +27,8 @@ struct PrepareOptions {
 // move to the continuation, whose tokens are those of encode(context + continuation) after
 // the first len(encode(context)). No special tokens.
 std::pair<std::vector<int64_t>, std::vector<int64_t>> split_context_continuation(const Tokenizer& tok,
-                                                                                  const std::string& context,
-                                                                                  const std::string& continuation);
+                                                                                 const std::string& context,
+                                                                                 const std::string& continuation);
 
 // Reads a task (JSON Lines, or plain text for language modelling when the file ends in .txt)
 // and writes the prepared folder `out` (assembled as out.tmp, renamed when complete).

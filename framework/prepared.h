@@ -11,8 +11,8 @@
 namespace crash {
 
 struct PreparedExample {
-  int64_t index = 0;   // position in the task file
-  uint64_t hash = 0;   // token_hash(tokens)
+  int64_t index = 0;  // position in the task file
+  uint64_t hash = 0;  // token_hash(tokens)
   std::vector<int64_t> tokens;
   std::vector<int64_t> context;                     // multiple choice, generation
   std::vector<std::vector<int64_t>> continuations;  // multiple choice, one per choice

@@ -110,7 +110,8 @@ void SafetensorsFile::drop_pages(const std::string& name) const {
 torch::Tensor SafetensorsFile::read_slice(const std::string& name, int64_t dim, int64_t start, int64_t length) const {
   const TensorInfo& t = info(name);
   int64_t rank = static_cast<int64_t>(t.shape.size());
-  if (dim < 0 || dim >= rank) fail("{}: tensor '{}' has {} dimensions, cannot slice dimension {}", path_, name, rank, dim);
+  if (dim < 0 || dim >= rank)
+    fail("{}: tensor '{}' has {} dimensions, cannot slice dimension {}", path_, name, rank, dim);
   if (start < 0 || length < 0 || start + length > t.shape[dim])
     fail("{}: tensor '{}': slice [{}, {}) of dimension {} is out of range (size {})", path_, name, start,
          start + length, dim, t.shape[dim]);

@@ -19,9 +19,9 @@ int64_t TensorInfo::numel() const {
 }
 
 size_t safetensors_dtype_size(const std::string& d) {
-  static const std::map<std::string, size_t> sizes = {
-      {"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8}, {"I32", 4}, {"I16", 2},
-      {"I8", 1},  {"U8", 1},  {"BOOL", 1}, {"U16", 2}, {"U32", 4}, {"U64", 8}};
+  static const std::map<std::string, size_t> sizes = {{"F64", 8}, {"F32", 4}, {"F16", 2}, {"BF16", 2}, {"I64", 8},
+                                                      {"I32", 4}, {"I16", 2}, {"I8", 1},  {"U8", 1},   {"BOOL", 1},
+                                                      {"U16", 2}, {"U32", 4}, {"U64", 8}};
   auto it = sizes.find(d);
   return it == sizes.end() ? 0 : it->second;
 }
@@ -98,7 +98,8 @@ void parse_header(const std::string& path, const char* text, size_t size, uint64
 }  // namespace
 
 uint64_t parse_safetensors_header(const std::string& path, const uint8_t* bytes, uint64_t file_size,
-                                  std::map<std::string, TensorInfo>& tensors, std::map<std::string, std::string>& metadata) {
+                                  std::map<std::string, TensorInfo>& tensors,
+                                  std::map<std::string, std::string>& metadata) {
   if (file_size < 8) fail("{}: truncated safetensors file ({} bytes, the header size alone takes 8)", path, file_size);
   uint64_t header_size = 0;
   std::memcpy(&header_size, bytes, 8);  // little-endian, as the format and x86/ARM are

@@ -24,6 +24,7 @@ size_t safetensors_dtype_size(const std::string& dtype);
 // section, shapes matching spans, no overlaps) and fills `tensors` and `metadata`; returns the
 // header's size. Throws UserError naming `path` and the entry.
 uint64_t parse_safetensors_header(const std::string& path, const uint8_t* bytes, uint64_t file_size,
-                                  std::map<std::string, TensorInfo>& tensors, std::map<std::string, std::string>& metadata);
+                                  std::map<std::string, TensorInfo>& tensors,
+                                  std::map<std::string, std::string>& metadata);
 
 }  // namespace crash

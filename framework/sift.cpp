@@ -54,8 +54,10 @@ torch::Tensor select_top_k(const torch::Tensor& grad, int64_t k, const std::opti
   int64_t lo = 0, hi = 0x7f800001;
   while (hi - lo > 1) {
     const int64_t mid = lo + (hi - lo) / 2;
-    if (total((bits >= static_cast<int32_t>(mid)).sum()) >= k) lo = mid;
-    else hi = mid;
+    if (total((bits >= static_cast<int32_t>(mid)).sum()) >= k)
+      lo = mid;
+    else
+      hi = mid;
   }
   const auto t = static_cast<int32_t>(lo);
   auto above = (bits > t).nonzero().reshape({-1});
@@ -70,8 +72,10 @@ torch::Tensor select_top_k(const torch::Tensor& grad, int64_t k, const std::opti
     ghi = ghi / grad.size(slice->dim) * slice->full;
     while (ghi - glo > 1) {
       const int64_t mid = glo + (ghi - glo) / 2;
-      if (total((global < mid).sum()) >= need) ghi = mid;
-      else glo = mid;
+      if (total((global < mid).sum()) >= need)
+        ghi = mid;
+      else
+        glo = mid;
     }
     take = (global < ghi).sum().item<int64_t>();
   }
@@ -224,7 +228,8 @@ double SparseAdamW::clip_gradients(double max_norm, const std::vector<CommPtr>& 
   std::vector<torch::Tensor> counted;
   for (size_t i = 0; i < params_.size(); ++i)
     if (params_[i].in_norm) counted.push_back(grad_[i]);
-  const double norm = global_norm(counted, params_.empty() ? torch::Device(torch::kCPU) : params_[0].param.device(), sum_over);
+  const double norm =
+      global_norm(counted, params_.empty() ? torch::Device(torch::kCPU) : params_[0].param.device(), sum_over);
   if (max_norm > 0) {
     const double coef = max_norm / (norm + 1e-6);
     if (coef < 1)
@@ -334,7 +339,8 @@ void save_increments(const std::string& path, const SparseAdamW& optimizer, cons
       fs::remove(name);
     }
     write_safetensors(path, all,
-                      {{"format", kIncrementsFormat}, {"base_model", fs::absolute(base.dir()).string()},
+                      {{"format", kIncrementsFormat},
+                       {"base_model", fs::absolute(base.dir()).string()},
                        {"shapes", all_shapes.dump()}});
     spdlog::info("wrote the increments of {} tensors to {}", all_shapes.size(), path);
   }
@@ -375,7 +381,8 @@ void merge_increments(const std::string& base_dir, const std::string& increments
     auto w = base.view(name).clone();
     auto flat = w.view({-1});
     // base + delta in fp32, stored in the base's dtype.
-    flat.index_copy_(0, idx, (flat.index_select(0, idx).to(torch::kFloat32) + delta.to(torch::kFloat32)).to(w.scalar_type()));
+    flat.index_copy_(0, idx,
+                     (flat.index_select(0, idx).to(torch::kFloat32) + delta.to(torch::kFloat32)).to(w.scalar_type()));
     merged[name] = w;
   }
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
@@ -386,13 +393,12 @@ void merge_increments(const std::string& base_dir, const std::string& increments
   SaveOptions options;
   for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "crash_plan.json"})
     options.copy_files.push_back((fs::path(base_dir) / f).string());
-  options.extra_files["crash_sift_merge.json"] =
-      nlohmann::json{{"format", "crash-hpc sift merge 1"},
-                     {"base_model", fs::absolute(base_dir).string()},
-                     {"increments", fs::absolute(increments).string()},
-                     {"tensors", shapes.size()}}
-          .dump(2) +
-      "\n";
+  options.extra_files["crash_sift_merge.json"] = nlohmann::json{{"format", "crash-hpc sift merge 1"},
+                                                                {"base_model", fs::absolute(base_dir).string()},
+                                                                {"increments", fs::absolute(increments).string()},
+                                                                {"tensors", shapes.size()}}
+                                                     .dump(2) +
+                                                 "\n";
   save_hf_folder(out, base.config(), tensors, options);
 }
 

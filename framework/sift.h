@@ -13,8 +13,8 @@
 
 #include "framework/checkpoint.h"
 #include "framework/optim.h"
-#include "parallel/grid.h"
 #include "parallel/comm.h"
+#include "parallel/grid.h"
 #include "parallel/tensor_parallel.h"
 
 namespace crash {

@@ -61,7 +61,8 @@ Task parse_task(std::istream& in, const std::string& path, int64_t limit) {
     ex.index = static_cast<int64_t>(task.examples.size());
     if (j.contains("choices")) {
       kind = TaskKind::MultipleChoice;
-      if (!j.contains("context") || !j.contains("gold")) fail("{}: a multiple-choice line needs context, choices and gold", where);
+      if (!j.contains("context") || !j.contains("gold"))
+        fail("{}: a multiple-choice line needs context, choices and gold", where);
       ex.context = string_field(j, "context", where);
       ex.choices = strings(j, "choices", where);
       if (!j["gold"].is_number_integer()) fail("{}: \"gold\" must be an integer", where);

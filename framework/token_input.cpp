@@ -5,8 +5,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "framework/prepare.h"
 #include "framework/json_fields.h"
+#include "framework/prepare.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -47,7 +47,8 @@ void read_file_lines(const std::string& path, int64_t vocab_size, int64_t max_le
     }
     if (!j.is_object()) fail("{}:{}: expected a JSON object", path, lineno);
     if (j.contains("text") && !j.contains("tokens")) {
-      if (!tok) fail("{}:{}: \"text\" inputs need a tokenizer.json in the model folder; give \"tokens\" instead", path, lineno);
+      if (!tok)
+        fail("{}:{}: \"text\" inputs need a tokenizer.json in the model folder; give \"tokens\" instead", path, lineno);
       if (!j["text"].is_string()) fail("{}:{}: \"text\" must be a string", path, lineno);
       j["tokens"] = tok->encode(j["text"].get<std::string>(), true);
     }
@@ -57,7 +58,8 @@ void read_file_lines(const std::string& path, int64_t vocab_size, int64_t max_le
     for (const auto& t : j["tokens"]) {
       if (!t.is_number_integer()) fail("{}:{}: \"tokens\" must hold integers, got {}", path, lineno, t.dump());
       int64_t id = t.get<int64_t>();
-      if (id < 0 || id >= vocab_size) fail("{}:{}: token id {} is outside the vocabulary [0, {})", path, lineno, id, vocab_size);
+      if (id < 0 || id >= vocab_size)
+        fail("{}:{}: token id {} is outside the vocabulary [0, {})", path, lineno, id, vocab_size);
       seq.push_back(id);
     }
     if (seq.empty()) fail("{}:{}: \"tokens\" is empty", path, lineno);
@@ -74,7 +76,8 @@ std::vector<std::vector<int64_t>> read_token_lines(const std::string& path, int6
   std::vector<std::vector<int64_t>> out;
   if (std::filesystem::is_directory(path)) {
     const auto manifest = read_manifest(path);
-    for (const auto& shard : manifest["shards"]) read_file_lines(shard.get<std::string>(), vocab_size, max_length, tok, out);
+    for (const auto& shard : manifest["shards"])
+      read_file_lines(shard.get<std::string>(), vocab_size, max_length, tok, out);
   } else {
     read_file_lines(path, vocab_size, max_length, tok, out);
   }

@@ -99,14 +99,10 @@ inline size_t char_len(char c) {
 uint32_t code_point(std::string_view s, size_t i) {
   const auto* p = reinterpret_cast<const unsigned char*>(s.data() + i);
   switch (char_len(s[i])) {
-    case 1:
-      return p[0];
-    case 2:
-      return ((p[0] & 0x1Fu) << 6) | (p[1] & 0x3Fu);
-    case 3:
-      return ((p[0] & 0x0Fu) << 12) | ((p[1] & 0x3Fu) << 6) | (p[2] & 0x3Fu);
-    default:
-      return ((p[0] & 0x07u) << 18) | ((p[1] & 0x3Fu) << 12) | ((p[2] & 0x3Fu) << 6) | (p[3] & 0x3Fu);
+    case 1: return p[0];
+    case 2: return ((p[0] & 0x1Fu) << 6) | (p[1] & 0x3Fu);
+    case 3: return ((p[0] & 0x0Fu) << 12) | ((p[1] & 0x3Fu) << 6) | (p[2] & 0x3Fu);
+    default: return ((p[0] & 0x07u) << 18) | ((p[1] & 0x3Fu) << 12) | ((p[2] & 0x3Fu) << 6) | (p[3] & 0x3Fu);
   }
 }
 
@@ -435,9 +431,7 @@ struct Normalizer {
         s = s.substr(b, e - b);
         break;
       }
-      case ByteLevel:
-        s = bytes_to_chars(s);
-        break;
+      case ByteLevel: s = bytes_to_chars(s); break;
     }
   }
 };

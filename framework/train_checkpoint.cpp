@@ -134,14 +134,16 @@ nlohmann::json read_train_manifest(const std::string& dir) {
     if (!m.contains(key)) fail("{}: missing field '{}'", path, key);
   // The trainer indexes its schedule and data with these: check them before anyone reads them.
   if (json_field<int64_t>(m, "step", path) < 0) fail("{}: field 'step' must be non-negative", path);
-  if (json_field<int64_t>(m, "optimizer_steps", path) < 0) fail("{}: field 'optimizer_steps' must be non-negative", path);
+  if (json_field<int64_t>(m, "optimizer_steps", path) < 0)
+    fail("{}: field 'optimizer_steps' must be non-negative", path);
   const auto grid = json_field<nlohmann::json>(m, "grid", path);
   for (const char* key : {"tp", "pp", "dp"})
     if (json_field<int64_t>(grid, key, path + " grid") < 1) fail("{}: grid field '{}' must be positive", path, key);
   const auto trainer = json_field<nlohmann::json>(m, "trainer", path);
   json_field<nlohmann::json>(trainer, "options", path + " trainer");
   json_field<std::string>(trainer, "data_hash", path + " trainer");
-  if (trainer.contains("best_val") && !trainer["best_val"].is_null()) json_field<double>(trainer, "best_val", path + " trainer");
+  if (trainer.contains("best_val") && !trainer["best_val"].is_null())
+    json_field<double>(trainer, "best_val", path + " trainer");
   json_field_or<int64_t>(trainer, "best_step", -1, path + " trainer");
   if (!m["files"].is_array()) fail("{}: field 'files' must be a list of objects", path);
   for (const auto& f : m["files"])
@@ -163,7 +165,8 @@ void load_train_checkpoint(const std::string& dir, const ProcessGrid& grid, Opti
   for (const auto& f : manifest["files"]) {
     const auto file = json_field<std::string>(f, "file", mpath);
     for (const auto& [key, entry] : f.at("tensors").items()) pieces[key].push_back({file, entry});
-    if (json_field<int64_t>(f, "tp_rank", mpath) == grid.tp_rank() && json_field<int64_t>(f, "pp_rank", mpath) == grid.pp_rank())
+    if (json_field<int64_t>(f, "tp_rank", mpath) == grid.tp_rank() &&
+        json_field<int64_t>(f, "pp_rank", mpath) == grid.pp_rank())
       rng_file = file;
   }
   std::map<std::string, std::unique_ptr<SafetensorsFile>> open;
@@ -182,7 +185,8 @@ void load_train_checkpoint(const std::string& dir, const ProcessGrid& grid, Opti
     if (pieces.count(kind + "/" + param)) return kind + "/" + param;
     if (tied_embedding.empty()) return "";
     const std::string other = param == "lm_head.weight" ? tied_embedding
-                              : param == tied_embedding ? std::string("lm_head.weight") : "";
+                              : param == tied_embedding ? std::string("lm_head.weight")
+                                                        : "";
     return !other.empty() && pieces.count(kind + "/" + other) ? kind + "/" + other : "";
   };
 
@@ -192,18 +196,23 @@ void load_train_checkpoint(const std::string& dir, const ProcessGrid& grid, Opti
       // SIFT's sparse state belongs to one rank's shard: only the same TP x PP grid reads it.
       const auto& g = manifest["grid"];
       if (g.value("tp", 0) != grid.tp() || g.value("pp", 0) != grid.pp())
-        fail("{}: written on TP {} x PP {}; sparse (SIFT) optimiser state resumes only on the same TP and PP sizes, "
-             "not TP {} x PP {}", mpath, g.value("tp", 0), g.value("pp", 0), grid.tp(), grid.pp());
+        fail(
+            "{}: written on TP {} x PP {}; sparse (SIFT) optimiser state resumes only on the same TP and PP sizes, "
+            "not TP {} x PP {}",
+            mpath, g.value("tp", 0), g.value("pp", 0), grid.tp(), grid.pp());
       const std::string key = s.kind + "/" + s.param;
       auto it = pieces.find(key);
       const Piece* piece = nullptr;
       if (it != pieces.end())
         for (const auto& p : it->second)
           if (p.file == rng_file) piece = &p;
-      if (!piece) fail("{}: the checkpoint has no '{}' for this rank; it was written for other trained parameters", mpath, key);
+      if (!piece)
+        fail("{}: the checkpoint has no '{}' for this rank; it was written for other trained parameters", mpath, key);
       const auto saved = json_field<std::vector<int64_t>>(piece->entry, "full_shape", mpath);
-      if (saved.size() == 1 && saved[0] == 0) s.value.set_(torch::empty({0}, s.value.options()));
-      else s.value.set_(file(piece->file).read(key).to(s.value.device()).clone());
+      if (saved.size() == 1 && saved[0] == 0)
+        s.value.set_(torch::empty({0}, s.value.options()));
+      else
+        s.value.set_(file(piece->file).read(key).to(s.value.device()).clone());
       continue;
     }
     auto it = slices.find(s.param);

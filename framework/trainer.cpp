@@ -97,7 +97,8 @@ std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
   // Fisher-Yates with the engine's raw output (std::shuffle and the distributions differ
   // between standard libraries; mt19937_64 does not).
   std::mt19937_64 rng(seed * 1000003ull + static_cast<uint64_t>(epoch));
-  for (int64_t i = n - 1; i > 0; --i) std::swap(order[static_cast<size_t>(i)], order[rng() % static_cast<uint64_t>(i + 1)]);
+  for (int64_t i = n - 1; i > 0; --i)
+    std::swap(order[static_cast<size_t>(i)], order[rng() % static_cast<uint64_t>(i + 1)]);
   return order;
 }
 
@@ -105,12 +106,22 @@ namespace {
 
 // Options that shape the loss sequence: a checkpoint resumes only with the same ones.
 nlohmann::json schedule_options(const TrainOptions& o) {
-  nlohmann::json j = {{"steps", o.steps},         {"batch_size", o.batch_size}, {"grad_accum", o.grad_accum},
-          {"lr", o.lr},               {"warmup", o.warmup},         {"weight_decay", o.weight_decay},
-          {"clip", o.clip},           {"seed", o.seed},             {"train_all", o.train_all},
-          {"dtype", std::string(c10::toString(o.dtype))},         {"beta1", o.beta1},           {"beta2", o.beta2},
-          {"eps", o.eps},             {"distill_from", o.distill_from}, {"kd_alpha", o.kd_alpha},
-          {"kd_temperature", o.kd_temperature}};
+  nlohmann::json j = {{"steps", o.steps},
+                      {"batch_size", o.batch_size},
+                      {"grad_accum", o.grad_accum},
+                      {"lr", o.lr},
+                      {"warmup", o.warmup},
+                      {"weight_decay", o.weight_decay},
+                      {"clip", o.clip},
+                      {"seed", o.seed},
+                      {"train_all", o.train_all},
+                      {"dtype", std::string(c10::toString(o.dtype))},
+                      {"beta1", o.beta1},
+                      {"beta2", o.beta2},
+                      {"eps", o.eps},
+                      {"distill_from", o.distill_from},
+                      {"kd_alpha", o.kd_alpha},
+                      {"kd_temperature", o.kd_temperature}};
   // Only SIFT runs carry the key, so dense checkpoints written before it still resume.
   if (o.sparse_increment > 0) j["sparse_increment"] = o.sparse_increment;
   return j;
@@ -140,8 +151,7 @@ void check_options(const TrainOptions& o, int world_size) {
     fail("--batch-size {} does not split into --grad-accum {} passes over {} data-parallel ranks", o.batch_size,
          o.grad_accum, dp);
   if ((o.batch_size / per_pass) % o.micro_batches != 0)
-    fail("each rank's {} rows per pass do not split into --micro-batches {}", o.batch_size / per_pass,
-         o.micro_batches);
+    fail("each rank's {} rows per pass do not split into --micro-batches {}", o.batch_size / per_pass, o.micro_batches);
 }
 
 // Which parameters train: the emulator plan's adapter layers, or all of them.
@@ -229,7 +239,8 @@ TrainSummary train(const TrainOptions& o) {
   std::optional<std::string> resume_from;
   if (o.resume) {
     resume_from = latest_train_checkpoint(ckpt_root.string());
-    if (!resume_from) fail("{}: no complete checkpoint to resume from (run without --resume to start)", ckpt_root.string());
+    if (!resume_from)
+      fail("{}: no complete checkpoint to resume from (run without --resume to start)", ckpt_root.string());
   } else if (fs::exists(out) && !fs::is_empty(out) && !o.overwrite) {
     fail("{}: already exists; pass --resume to continue it or --overwrite to replace it", o.out);
   }
@@ -312,13 +323,12 @@ TrainSummary train(const TrainOptions& o) {
     spdlog::info("training {} parameters of {} on {}", static_cast<int64_t>(n.item<double>()), o.model,
                  grid->describe());
   }
-  const std::string tied = cfg.tie_word_embeddings
-                               ? (cfg.family == Family::OPT ? "model.decoder.embed_tokens.weight" : "model.embed_tokens.weight")
-                               : "";
+  const std::string tied = cfg.tie_word_embeddings ? (cfg.family == Family::OPT ? "model.decoder.embed_tokens.weight"
+                                                                                : "model.embed_tokens.weight")
+                                                   : "";
 
   // SIFT's reductions act on the masked entries it keeps once the mask exists.
-  if (sift)
-    model.set_gradient_source([sift](const torch::Tensor& p) { return sift->gradient_of(p); });
+  if (sift) model.set_gradient_source([sift](const torch::Tensor& p) { return sift->gradient_of(p); });
 
   int64_t start = 0, best_step = -1;
   double best_val = std::numeric_limits<double>::infinity();
@@ -329,7 +339,8 @@ TrainSummary train(const TrainOptions& o) {
     if (!t["best_val"].is_null()) best_val = t["best_val"].get<double>();
     best_step = t.value("best_step", int64_t(-1));
     spdlog::info("resuming from {} (step {}, written on tp {} pp {} dp {})", *resume_from, start,
-                 manifest["grid"]["tp"].get<int>(), manifest["grid"]["pp"].get<int>(), manifest["grid"]["dp"].get<int>());
+                 manifest["grid"]["tp"].get<int>(), manifest["grid"]["pp"].get<int>(),
+                 manifest["grid"]["dp"].get<int>());
   }
   TrainLog log((out / "train_log.jsonl").string(), grid->rank() == 0, start);
 
@@ -375,19 +386,14 @@ TrainSummary train(const TrainOptions& o) {
   };
 
   auto trainer_state = [&](int64_t step) {
-    return nlohmann::json{{"step", step},
-                          {"options", schedule_options(o)},
-                          {"data", o.data},
-                          {"data_hash", fmt::format("{:016x}", data.hash)},
-                          {"data_examples", N},
-                          {"data_position", step * B},
-                          {"epoch", step * B / N},
-                          {"order", "mt19937_64(seed * 1000003 + epoch) Fisher-Yates per epoch"},
-                          {"val_data", o.val_data},
-                          {"best_val", std::isfinite(best_val) ? nlohmann::json(best_val) : nlohmann::json()},
-                          {"best_step", best_step},
-                          {"model", o.model},
-                          {"model_config", cfg.raw}};
+    return nlohmann::json{
+        {"step", step},           {"options", schedule_options(o)},
+        {"data", o.data},         {"data_hash", fmt::format("{:016x}", data.hash)},
+        {"data_examples", N},     {"data_position", step * B},
+        {"epoch", step * B / N},  {"order", "mt19937_64(seed * 1000003 + epoch) Fisher-Yates per epoch"},
+        {"val_data", o.val_data}, {"best_val", std::isfinite(best_val) ? nlohmann::json(best_val) : nlohmann::json()},
+        {"best_step", best_step}, {"model", o.model},
+        {"model_config", cfg.raw}};
   };
 
   TrainSummary summary;
@@ -446,8 +452,13 @@ TrainSummary train(const TrainOptions& o) {
     ++ran;
     last_loss = loss;
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
-    log.write({{"step", step + 1}, {"loss", loss}, {"lr", lr}, {"grad_norm", norm}, {"tokens", tokens},
-               {"tokens_per_s", tokens / seconds}, {"seconds", seconds}});
+    log.write({{"step", step + 1},
+               {"loss", loss},
+               {"lr", lr},
+               {"grad_norm", norm},
+               {"tokens", tokens},
+               {"tokens_per_s", tokens / seconds},
+               {"seconds", seconds}});
     spdlog::info("step {}/{}: loss {:.4f}, lr {:.3g}, grad norm {:.3f}, {:.0f} tokens/s, {} left", step + 1, o.steps,
                  loss, lr, norm, tokens / seconds, duration_text(elapsed / ran * (o.steps - step - 1)));
 
@@ -472,8 +483,9 @@ TrainSummary train(const TrainOptions& o) {
       save_train_checkpoint(ckpt_root.string(), step + 1, *grid, *optimizer, slices, trainer_state(step + 1),
                             o.keep_checkpoints);
     if (stop)
-      throw StopRequested(fmt::format("stopped by a signal after step {} of {}; checkpoint in {} (run again with --resume)",
-                                      step + 1, o.steps, ckpt_root.string()));
+      throw StopRequested(
+          fmt::format("stopped by a signal after step {} of {}; checkpoint in {} (run again with --resume)", step + 1,
+                      o.steps, ckpt_root.string()));
     if (o.stop_after > 0 && ran >= o.stop_after) break;
   }
   if (sift && !o.save_increments.empty() && start + ran == o.steps)

@@ -17,8 +17,8 @@ namespace {
 std::vector<crash::Tokenizer>& fixtures() {
   static std::vector<crash::Tokenizer> all = [] {
     std::vector<crash::Tokenizer> t;
-    for (const char* name : {"opt", "roberta", "llama2", "llama2_metaspace", "llama3", "misc_bytelevel",
-                             "misc_metaspace", "misc_suffix"})
+    for (const char* name :
+         {"opt", "roberta", "llama2", "llama2_metaspace", "llama3", "misc_bytelevel", "misc_metaspace", "misc_suffix"})
       t.push_back(crash::Tokenizer::load(std::string(CRASH_TOKENIZERS) + "/" + name + "/tokenizer.json"));
     return t;
   }();

@@ -50,8 +50,8 @@ void cluster_options(po::options_description& o) {
       "out", po::value<std::string>()->required(), "clusters JSON (read by emulate); /clusters goes to OUT with .h5")(
       "method", po::value<std::string>()->default_value("adjacent"),
       "adjacent (CRaSh: cut the K-1 weakest adjacent links), optimal (best contiguous segmentation) or average "
-      "(average linkage, not contiguous)")(
-      "layers", po::value<std::string>()->default_value(""), "decoder layers FIRST:END to cluster (default: all)")(
+      "(average linkage, not contiguous)")("layers", po::value<std::string>()->default_value(""),
+                                           "decoder layers FIRST:END to cluster (default: all)")(
       "plot", po::bool_switch(), "also draw the segments (OUT with .png) and the heat map with them (OUT_cka.png)")(
       "overwrite", po::bool_switch(), "replace existing outputs");
 }
@@ -94,8 +94,9 @@ int cluster_run(const po::variables_map& vm) {
                       {"clusters", clusters},
                       {"representatives", reps},
                       {"score", c.score},
-                      {"objective", "mean over layers of the layer's mean CKA with its cluster, itself included "
-                                    "(= size-weighted mean over clusters of the mean within-cluster CKA)"},
+                      {"objective",
+                       "mean over layers of the layer's mean CKA with its cluster, itself included "
+                       "(= size-weighted mean over clusters of the mean within-cluster CKA)"},
                       {"cka", cka_path},
                       {"cka_method", file.method},
                       {"tool_version", kVersion}};
@@ -120,8 +121,9 @@ int cluster_run(const po::variables_map& vm) {
                cluster_method_name(method), c.score, nlohmann::json(reps).dump(), out_path);
   if (vm["plot"].as<bool>()) {
     const auto segments = plot_path(out_path);
-    const auto heat = (std::filesystem::path(out_path).parent_path() /
-                       (std::filesystem::path(out_path).stem().string() + "_cka.png")).string();
+    const auto heat =
+        (std::filesystem::path(out_path).parent_path() / (std::filesystem::path(out_path).stem().string() + "_cka.png"))
+            .string();
     if (run_plot_script({out_path, "--out", segments})) spdlog::info("wrote {}", segments);
     if (run_plot_script({cka_path, "--clusters", out_path, "--out", heat})) spdlog::info("wrote {}", heat);
   }

@@ -9,9 +9,9 @@
 #include "analysis/archive.h"
 #include "analysis/collection.h"
 #include "analysis/pooling.h"
-#include "framework/token_input.h"
-#include "framework/prepare.h"
 #include "framework/distributed_lm.h"
+#include "framework/prepare.h"
+#include "framework/token_input.h"
 #include "jobs/job.h"
 #include "jobs/job_model.h"
 #include "jobs/version.h"
@@ -21,19 +21,21 @@ namespace crash {
 
 void collect_options(po::options_description& o) {
   o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
-      "data", po::value<std::string>()->required(), "prepare's output folder, or JSON Lines with \"tokens\" (or \"text\", with the model's tokenizer.json)")(
+      "data", po::value<std::string>()->required(),
+      "prepare's output folder, or JSON Lines with \"tokens\" (or \"text\", with the model's tokenizer.json)")(
       "out", po::value<std::string>()->required(), "output archive (.h5)")(
       "num-examples", po::value<int64_t>()->default_value(512), "first N examples")(
-      "pooling", po::value<std::string>()->default_value("mean"), "mean, mean_weighted, last, max or none (all tokens)")(
+      "pooling", po::value<std::string>()->default_value("mean"),
+      "mean, mean_weighted, last, max or none (all tokens)")(
       "store-dtype", po::value<std::string>()->default_value("float32"), "stored type: float32 or float16")(
       "block-size", po::value<int64_t>()->default_value(32), "examples per block (the unit of writes and of resume)")(
       "length-groups", po::value<int64_t>()->default_value(4),
       "forward passes per block, over examples sorted by length; each pass runs only its examples' own tokens "
-      "(packed), so this sets pass size, not padding")(
-      "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per forward pass")(
+      "(packed), so this sets pass size, not padding")("micro-batches", po::value<int>()->default_value(1),
+                                                       "pipeline micro-batches per forward pass")(
       "padding", po::value<std::string>()->default_value("right"), "pad blocks on the 'left' or the 'right'")(
-      "resume", po::bool_switch(), "finish an interrupted collection (OUT.partial)")(
-      "overwrite", po::bool_switch(), "replace an existing output");
+      "resume", po::bool_switch(), "finish an interrupted collection (OUT.partial)")("overwrite", po::bool_switch(),
+                                                                                     "replace an existing output");
   add_grid_options(o);
 }
 
@@ -73,10 +75,15 @@ int collect_run(const po::variables_map& vm) {
     spec.offsets = {0};
     for (const auto& s : seqs) spec.offsets.push_back(spec.offsets.back() + static_cast<int64_t>(s.size()));
   }
-  spec.text_attributes = {{"model", model_dir},          {"model_type", cfg.model_type}, {"data", data},
-                          {"pooling", pooling},          {"padding", padding},           {"grid", grid->describe()},
+  spec.text_attributes = {{"model", model_dir},
+                          {"model_type", cfg.model_type},
+                          {"data", data},
+                          {"pooling", pooling},
+                          {"padding", padding},
+                          {"grid", grid->describe()},
                           {"compute_dtype", vm["dtype"].as<std::string>()},
-                          {"tool_version", kVersion},    {"config", cfg.raw.dump()}};
+                          {"tool_version", kVersion},
+                          {"config", cfg.raw.dump()}};
   if (std::filesystem::is_directory(data)) {
     auto manifest = read_manifest(data);
     spec.text_attributes["task"] = manifest.value("task", "");

@@ -26,8 +26,8 @@ namespace crash {
 void decompose_options(po::options_description& o) {
   o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
       "data", po::value<std::vector<std::string>>()->required()->composing(),
-      "prepared calibration task (repeat to mix several)")(
-      "out", po::value<std::string>()->required(), "output model folder")(
+      "prepared calibration task (repeat to mix several)")("out", po::value<std::string>()->required(),
+                                                           "output model folder")(
       "num-examples", po::value<int64_t>()->default_value(512), "calibration examples, mixed from the tasks")(
       "tokens", po::value<int64_t>()->default_value(128), "first tokens of each calibration example")(
       "ratio", po::value<double>(), "keep this fraction of each module's rank, in (0, 1]")(
@@ -77,7 +77,8 @@ int decompose_run(const po::variables_map& vm) {
   const std::string search = vm["search"].as<std::string>();
   const bool has_ratio = vm.count("ratio") != 0;
   const double ratio = has_ratio ? vm["ratio"].as<double>() : 0.0;
-  const auto eval_dirs = vm.count("eval-data") ? vm["eval-data"].as<std::vector<std::string>>() : std::vector<std::string>{};
+  const auto eval_dirs =
+      vm.count("eval-data") ? vm["eval-data"].as<std::vector<std::string>>() : std::vector<std::string>{};
   if (num_examples <= 0) fail("--num-examples must be positive, got {}", num_examples);
   if (tokens < 2) fail("--tokens must be at least 2, got {}", tokens);
   if (batch <= 0) fail("--batch-size must be positive, got {}", batch);
@@ -122,7 +123,8 @@ int decompose_run(const po::variables_map& vm) {
   if (greedy) {
     val_task.push_back(read_prepared(val_dir, vm["val-examples"].as<int64_t>(), cfg.vocab_size));
     check_task_tokenizer(val_task.back(), model_dir);
-    if (val_task.back().kind == "generation") fail("{}: the greedy search scores multiple choice or text tasks", val_dir);
+    if (val_task.back().kind == "generation")
+      fail("{}: the greedy search scores multiple choice or text tasks", val_dir);
   }
 
   const auto grid = job_model.grid();
@@ -161,9 +163,10 @@ int decompose_run(const po::variables_map& vm) {
   std::map<std::string, int64_t> ranks;
   nlohmann::json search_log = nlohmann::json::array();
   if (greedy) {
-    const auto [reference, larger_better] = headline_metric(evaluate_all(model_dir, grid, choice, val_task, batch).at(0));
-    spdlog::info("greedy search: reference {} {:.6g}, tolerance {}", larger_better ? "metric" : "perplexity",
-                 reference, tolerance);
+    const auto [reference, larger_better] =
+        headline_metric(evaluate_all(model_dir, grid, choice, val_task, batch).at(0));
+    spdlog::info("greedy search: reference {} {:.6g}, tolerance {}", larger_better ? "metric" : "perplexity", reference,
+                 tolerance);
     const std::string candidate = out_dir + ".sfsd-candidate";
     ranks = greedy_ranks(linears, fractions, [&](const std::map<std::string, int64_t>& plan) {
       write_plan(candidate, plan);

@@ -16,8 +16,8 @@ void emulate_options(po::options_description& o) {
       "clusters", po::value<std::string>(), "the cluster job's clusters.json (remove, share; uniform: sets --keep)")(
       "keep", po::value<int64_t>(), "uniform: middle layers kept (default: as many as clusters)")(
       "adapters", po::value<std::string>()->default_value("2,2"), "trainable layers at the bottom and the top: A,B")(
-      "out", po::value<std::string>()->required(), "output folder")(
-      "overwrite", po::bool_switch(), "replace an existing output");
+      "out", po::value<std::string>()->required(), "output folder")("overwrite", po::bool_switch(),
+                                                                    "replace an existing output");
 }
 
 std::pair<int64_t, int64_t> parse_adapters(const std::string& text) {

@@ -21,8 +21,8 @@ namespace crash {
 void eval_options(po::options_description& o) {
   o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder")(
       "data", po::value<std::vector<std::string>>()->required()->composing(),
-      "prepare's output folder (repeat for several tasks)")(
-      "out", po::value<std::string>()->required(), "results (.json)")(
+      "prepare's output folder (repeat for several tasks)")("out", po::value<std::string>()->required(),
+                                                            "results (.json)")(
       "details", po::value<std::string>()->default_value(""), "per-example scores (.jsonl), optional")(
       "num-examples", po::value<int64_t>()->default_value(-1), "first N examples of each task (all when negative)")(
       "batch-size", po::value<int64_t>()->default_value(8), "rows per forward pass")(

@@ -27,8 +27,8 @@ void forward_options(po::options_description& o) {
       "batch-size", po::value<int64_t>()->default_value(8), "sequences per forward pass (per data-parallel rank)")(
       "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per batch")(
       "padding", po::value<std::string>()->default_value("right"), "pad batches on the 'left' or the 'right'")(
-      "no-hidden-states", po::bool_switch(), "write logits only")(
-      "overwrite", po::bool_switch(), "replace an existing output file");
+      "no-hidden-states", po::bool_switch(), "write logits only")("overwrite", po::bool_switch(),
+                                                                  "replace an existing output file");
   add_grid_options(o);
 }
 

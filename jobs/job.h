@@ -3,11 +3,11 @@
 #include <boost/program_options.hpp>
 #include <torch/types.h>
 
-#include "framework/distributed_lm.h"
-#include "parallel/grid.h"
 #include <functional>
 #include <string>
 #include <vector>
+#include "framework/distributed_lm.h"
+#include "parallel/grid.h"
 
 namespace crash {
 

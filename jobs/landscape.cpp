@@ -42,7 +42,8 @@ std::pair<double, double> parse_range(const std::string& text) {
 }  // namespace
 
 void landscape_options(po::options_description& o) {
-  o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder: theta_A (theta_0 of a plane)")(
+  o.add_options()("model", po::value<std::string>()->required(),
+                  "Hugging Face model folder: theta_A (theta_0 of a plane)")(
       "model-b", po::value<std::string>()->required(), "model folder of the same architecture: theta_B (theta_1)")(
       "model-c", po::value<std::string>(), "a third one, theta_2: a plane instead of a line")(
       "data", po::value<std::string>()->required(),
@@ -52,7 +53,8 @@ void landscape_options(po::options_description& o) {
       "batch-size", po::value<int64_t>()->default_value(8), "examples per forward pass")(
       "points", po::value<int64_t>()->default_value(25), "line: number of alpha values")(
       "grid", po::value<int64_t>()->default_value(50), "plane: N x N points")(
-      "range", po::value<std::string>()->default_value(""), "LO:HI of alpha (line, default 0:1) or of a and b (plane, default -4:4)")(
+      "range", po::value<std::string>()->default_value(""),
+      "LO:HI of alpha (line, default 0:1) or of a and b (plane, default -4:4)")(
       "plot", po::bool_switch(), "also draw the landscape (OUT with the extension .png)")(
       "overwrite", po::bool_switch(), "replace an existing output file");
   add_grid_options(o);
@@ -99,7 +101,8 @@ int landscape_run(const po::variables_map& vm) {
   const auto axis = linspace(lo, hi, n);
   std::vector<std::vector<double>> points;
   for (double a : axis) {
-    if (!plane) points.push_back({a});
+    if (!plane)
+      points.push_back({a});
     else
       for (double b : axis) points.push_back({a, b});
   }

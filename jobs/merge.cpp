@@ -6,7 +6,8 @@
 namespace crash {
 
 void merge_options(po::options_description& o) {
-  o.add_options()("model", po::value<std::string>()->required(), "base Hugging Face model folder (the one SIFT trained from)")(
+  o.add_options()("model", po::value<std::string>()->required(),
+                  "base Hugging Face model folder (the one SIFT trained from)")(
       "increments", po::value<std::string>()->required(), "increments file written by train --save-increments")(
       "out", po::value<std::string>()->required(), "output Hugging Face folder");
 }

@@ -23,8 +23,8 @@ const std::vector<Job>& all_jobs() {
        cluster_options, cluster_run},
       {"train", "fine-tune a model (an emulator's adapters) on any grid, with checkpoints that resume exactly",
        train_options, train_run},
-      {"merge", "a base model plus SIFT increments (train --save-increments) as a Hugging Face folder",
-       merge_options, merge_run},
+      {"merge", "a base model plus SIFT increments (train --save-increments) as a Hugging Face folder", merge_options,
+       merge_run},
       {"lens", "logit lens: per-layer next-token distributions, their KL/JS divergences, agreement and loss",
        lens_options, lens_run},
       {"landscape", "loss along the line between two checkpoints or on the plane through three", landscape_options,
@@ -54,7 +54,7 @@ int run_on_rank0(const std::function<void()>& work) {
 po::options_description common_options() {
   po::options_description o("Common options");
   o.add_options()("help,h", "show this help")("config", po::value<std::string>(),
-                                               "INI file with options (key = value); the command line overrides it")(
+                                              "INI file with options (key = value); the command line overrides it")(
       "log-level", po::value<std::string>()->default_value("info"), "trace, debug, info, warn, error or off")(
       "log-all-ranks", po::bool_switch(), "log info messages from every rank, not only rank 0")(
       "threads", po::value<int>()->default_value(0), "torch threads per process (0: the cores available)");
@@ -95,7 +95,8 @@ void add_grid_options(po::options_description& o, const char* dtype_help) {
   o.add_options()("tp", po::value<int>()->default_value(1), "tensor-parallel ranks per model replica")(
       "pp", po::value<int>()->default_value(1), "pipeline stages per model replica (data parallelism: the rest)")(
       "pp-layers", po::value<std::string>()->default_value(""), "layers per stage, e.g. 5,7 (default: balanced)")(
-      "backend", po::value<std::string>()->default_value("mpi"), "communication: mpi (CPU) or nccl (CUDA, one GPU per rank)")(
+      "backend", po::value<std::string>()->default_value("mpi"),
+      "communication: mpi (CPU) or nccl (CUDA, one GPU per rank)")(
       "dtype", po::value<std::string>()->default_value("float32"), dtype_help);
 }
 

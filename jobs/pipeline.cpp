@@ -23,7 +23,8 @@ namespace crash {
 namespace fs = std::filesystem;
 
 void pipeline_options(po::options_description& o) {
-  o.add_options()("model", po::value<std::string>()->required(), "the full model (Hugging Face folder with tokenizer.json)")(
+  o.add_options()("model", po::value<std::string>()->required(),
+                  "the full model (Hugging Face folder with tokenizer.json)")(
       "train-task", po::value<std::string>()->required(), "fine-tuning data (task JSON Lines)")(
       "valid-task", po::value<std::string>(), "validation data for fine-tuning (keeps the best step)")(
       "eval-task", po::value<std::vector<std::string>>()->composing()->required(),
@@ -42,7 +43,8 @@ void pipeline_options(po::options_description& o) {
       "batch-size", po::value<int64_t>()->default_value(16), "examples per optimiser step")(
       "eval-every", po::value<int64_t>()->default_value(0), "validation every N steps (0: only at the end)")(
       "seed", po::value<int64_t>()->default_value(1234), "fine-tuning seed")(
-      "save-every", po::value<int64_t>()->default_value(50), "fine-tuning checkpoint every N steps (a crash resumes there)")(
+      "save-every", po::value<int64_t>()->default_value(50),
+      "fine-tuning checkpoint every N steps (a crash resumes there)")(
       "eval-batch-size", po::value<int64_t>()->default_value(16), "evaluation batch size")(
       "eval-examples", po::value<int64_t>()->default_value(-1), "first N examples of each evaluation task (all: -1)")(
       "plot", po::bool_switch(), "PNG plots of the similarity and the clusters");
@@ -116,11 +118,14 @@ std::optional<double> main_metric(const nlohmann::json& results, const std::stri
 void write_crash_table(const fs::path& work, const std::vector<std::string>& modes,
                        const std::vector<std::string>& eval_tasks) {
   if (World::get().rank() != 0) return;
-  auto load = [&](const std::string& setting) { return read_json_file((work / "eval" / (setting + ".json")).string()); };
+  auto load = [&](const std::string& setting) {
+    return read_json_file((work / "eval" / (setting + ".json")).string());
+  };
   const auto full = load("full");
   const char* columns[] = {"emulator-zero-shot", "emulator-fine-tuned", "plugin"};
-  std::string table = "| Task | Metric | Emulator | Full zero-shot | Emulator zero-shot | Emulator fine-tuned | Plug-in |\n"
-                      "|---|---|---|---|---|---|---|\n";
+  std::string table =
+      "| Task | Metric | Emulator | Full zero-shot | Emulator zero-shot | Emulator fine-tuned | Plug-in |\n"
+      "|---|---|---|---|---|---|---|\n";
   nlohmann::json summary = nlohmann::json::object();
   for (const auto& path : eval_tasks) {
     const std::string task = task_name(path);
@@ -154,7 +159,8 @@ int pipeline_run(const po::variables_map& vm) {
   const fs::path work = vm["work"].as<std::string>();
   const auto modes = split_list(vm["modes"].as<std::string>());
   for (const auto& m : modes)
-    if (m != "uniform" && m != "remove" && m != "share") fail("--modes: unknown emulator '{}' (uniform, remove, share)", m);
+    if (m != "uniform" && m != "remove" && m != "share")
+      fail("--modes: unknown emulator '{}' (uniform, remove, share)", m);
   if (modes.empty()) fail("--modes: name at least one of uniform, remove, share");
   if (!fs::exists(fs::path(model) / "tokenizer.json")) fail("{}: the pipeline needs the model's tokenizer.json", model);
   const auto eval_tasks = vm["eval-task"].as<std::vector<std::string>>();
@@ -177,14 +183,17 @@ int pipeline_run(const po::variables_map& vm) {
   // Text is cut into windows the model can take (prepare's default, 512, may exceed its positions).
   const int64_t window = std::min<int64_t>(512, CheckpointReader(model).config().max_positions);
   for (const auto& t : tasks)
-    stage.run("prepare", prepared(t), {"--task", t, "--tokenizer", model, "--out", prepared(t), "--window", str(window)}, false);
+    stage.run("prepare", prepared(t),
+              {"--task", t, "--tokenizer", model, "--out", prepared(t), "--window", str(window)}, false);
 
   // Representations, similarity and clusters of the middle layers.
   const std::string archive = (work / "activations.h5").string(), cka = (work / "cka.h5").string(),
                     clusters = (work / "clusters.json").string();
-  std::vector<std::string> collect_args = {"--model", model, "--data", prepared(collect_task), "--out", archive,
-                                           "--num-examples", str(vm["num-examples"].as<int64_t>()), "--pooling",
-                                           vm["pooling"].as<std::string>()};
+  std::vector<std::string> collect_args = {"--model",        model,
+                                           "--data",         prepared(collect_task),
+                                           "--out",          archive,
+                                           "--num-examples", str(vm["num-examples"].as<int64_t>()),
+                                           "--pooling",      vm["pooling"].as<std::string>()};
   if (fs::exists(archive + ".partial")) collect_args.push_back("--resume");
   stage.run("collect", archive, collect_args, true);
   std::vector<std::string> plot;
@@ -193,18 +202,21 @@ int pipeline_run(const po::variables_map& vm) {
   sim_args.insert(sim_args.end(), plot.begin(), plot.end());
   stage.run("similarity", cka, sim_args, false);
   const int64_t L = CheckpointReader(model).config().num_layers;
-  std::vector<std::string> cluster_args = {"--cka", cka, "--k", str(vm["k"].as<int64_t>()), "--method",
-                                           vm["cluster-method"].as<std::string>(), "--layers",
-                                           fmt::format("{}:{}", bottom, L - top), "--out", clusters};
+  std::vector<std::string> cluster_args = {"--cka",    cka,
+                                           "--k",      str(vm["k"].as<int64_t>()),
+                                           "--method", vm["cluster-method"].as<std::string>(),
+                                           "--layers", fmt::format("{}:{}", bottom, L - top),
+                                           "--out",    clusters};
   cluster_args.insert(cluster_args.end(), plot.begin(), plot.end());
   stage.run("cluster", clusters, cluster_args, false);
 
   // Evaluation of one model on every task: work/eval/<setting>.json.
   fs::create_directories(work / "eval", ec);
   auto evaluate = [&](const std::string& dir, const std::string& setting) {
-    std::vector<std::string> args = {"--model", dir, "--out", (work / "eval" / (setting + ".json")).string(),
-                                     "--batch-size", str(vm["eval-batch-size"].as<int64_t>()), "--num-examples",
-                                     str(vm["eval-examples"].as<int64_t>())};
+    std::vector<std::string> args = {"--model",        dir,
+                                     "--out",          (work / "eval" / (setting + ".json")).string(),
+                                     "--batch-size",   str(vm["eval-batch-size"].as<int64_t>()),
+                                     "--num-examples", str(vm["eval-examples"].as<int64_t>())};
     for (const auto& t : eval_tasks) args.insert(args.end(), {"--data", prepared(t)});
     stage.run("eval", args[3], args, true);
   };
@@ -220,14 +232,19 @@ int pipeline_run(const po::variables_map& vm) {
                "--out", emulator},
               false);
     evaluate(emulator, mode + "-emulator-zero-shot");
-    std::vector<std::string> train_args = {
-        "--model", emulator, "--data", prepared(train_task), "--out", trained, "--steps", str(vm["steps"].as<int64_t>()),
-        "--lr", fmt::format("{}", vm["lr"].as<double>()), "--warmup", str(vm["warmup"].as<int64_t>()), "--batch-size",
-        str(vm["batch-size"].as<int64_t>()), "--seed", str(vm["seed"].as<int64_t>()),
-        "--save-every", str(vm["save-every"].as<int64_t>())};
+    std::vector<std::string> train_args = {"--model",      emulator,
+                                           "--data",       prepared(train_task),
+                                           "--out",        trained,
+                                           "--steps",      str(vm["steps"].as<int64_t>()),
+                                           "--lr",         fmt::format("{}", vm["lr"].as<double>()),
+                                           "--warmup",     str(vm["warmup"].as<int64_t>()),
+                                           "--batch-size", str(vm["batch-size"].as<int64_t>()),
+                                           "--seed",       str(vm["seed"].as<int64_t>()),
+                                           "--save-every", str(vm["save-every"].as<int64_t>())};
     if (vm.count("valid-task")) {
       train_args.insert(train_args.end(), {"--val-data", prepared(vm["valid-task"].as<std::string>())});
-      if (vm["eval-every"].as<int64_t>() > 0) train_args.insert(train_args.end(), {"--eval-every", str(vm["eval-every"].as<int64_t>())});
+      if (vm["eval-every"].as<int64_t>() > 0)
+        train_args.insert(train_args.end(), {"--eval-every", str(vm["eval-every"].as<int64_t>())});
     }
     // A crashed fine-tuning resumes from its newest checkpoint; one that left none starts over.
     if (fs::exists(fs::path(trained) / "checkpoints") && !fs::is_empty(fs::path(trained) / "checkpoints"))

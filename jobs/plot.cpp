@@ -69,7 +69,8 @@ bool run_plot_script(const std::vector<std::string>& args) {
   }
   const std::string python = find_python();
   if (python.empty()) {
-    spdlog::warn("--plot: skipped, no python3 with matplotlib, h5py and numpy (apt install python3-matplotlib python3-h5py)");
+    spdlog::warn(
+        "--plot: skipped, no python3 with matplotlib, h5py and numpy (apt install python3-matplotlib python3-h5py)");
     return false;
   }
   std::vector<std::string> argv = {python, script};

@@ -28,8 +28,8 @@ int plugin_run(const po::variables_map& vm) {
     auto plan = read_plan(emu_dir);
     if (!plan) fail("{}: no crash_plan.json (not an emulator made by the emulate job)", emu_dir);
     write_plugin_folder(full, emulator, *plan, out);
-    spdlog::info("plugged {} tuned layers of {} into {} -> {}", plan->trainable_slots().size(), emu_dir,
-                 full.dir(), out);
+    spdlog::info("plugged {} tuned layers of {} into {} -> {}", plan->trainable_slots().size(), emu_dir, full.dir(),
+                 out);
   });
 }
 

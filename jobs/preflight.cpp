@@ -16,8 +16,10 @@
 namespace crash {
 
 void preflight_options(po::options_description& o) {
-  o.add_options()("out", po::value<std::string>()->default_value("."), "output folder the stage will write (checked through parallel HDF5)")(
-      "model", po::value<std::string>()->default_value(""), "model folder the stage will load (memory check; none: skipped)");
+  o.add_options()("out", po::value<std::string>()->default_value("."),
+                  "output folder the stage will write (checked through parallel HDF5)")(
+      "model", po::value<std::string>()->default_value(""),
+      "model folder the stage will load (memory check; none: skipped)");
   add_grid_options(o, "dtype the stage holds the weights in");
 }
 
@@ -50,7 +52,8 @@ int preflight_run(const po::variables_map& vm) {
     auto nccl = ProcessGrid::create(GridSizes{1, 1, "nccl"});
     check("NCCL allreduce", check_allreduce(*nccl->dp_group(), torch::Device(torch::kCUDA, nccl->local_rank())));
   }
-  check("parallel HDF5 in " + vm["out"].as<std::string>(), check_parallel_hdf5(vm["out"].as<std::string>(), grid->world()));
+  check("parallel HDF5 in " + vm["out"].as<std::string>(),
+        check_parallel_hdf5(vm["out"].as<std::string>(), grid->world()));
   if (!model.empty()) {
     std::string problem;
     try {

@@ -41,7 +41,8 @@ int similarity_run(const po::variables_map& vm) {
   options.batch_size = vm["batch-size"].as<int64_t>();
   if (options.method == CkaMethod::Minibatch && options.batch_size < 4)
     fail("--batch-size: minibatch CKA needs at least 4 examples per batch, got {}", options.batch_size);
-  if (summary_path == out_path) fail("--out {}: expected an .h5 name (the JSON summary goes to OUT with .json)", out_path);
+  if (summary_path == out_path)
+    fail("--out {}: expected an .h5 name (the JSON summary goes to OUT with .json)", out_path);
   for (const auto& p : {out_path, summary_path})
     if (!overwrite && std::filesystem::exists(p)) fail("{}: output exists (pass --overwrite to replace it)", p);
 

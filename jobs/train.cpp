@@ -8,13 +8,17 @@
 namespace crash {
 
 void train_options(po::options_description& o) {
-  o.add_options()("model", po::value<std::string>()->required(), "Hugging Face model folder (an emulator with crash_plan.json)")(
-      "data", po::value<std::string>()->required(), "prepared task folder (multiple choice or text), or JSON Lines of {\"tokens\"}")(
+  o.add_options()("model", po::value<std::string>()->required(),
+                  "Hugging Face model folder (an emulator with crash_plan.json)")(
+      "data", po::value<std::string>()->required(),
+      "prepared task folder (multiple choice or text), or JSON Lines of {\"tokens\"}")(
       "out", po::value<std::string>()->required(), "output folder: model/, train_log.jsonl, checkpoints/")(
-      "val-data", po::value<std::string>()->default_value(""), "validation data (same forms as --data); keeps the best model")(
-      "steps", po::value<int64_t>()->default_value(100), "optimiser steps")(
-      "batch-size", po::value<int64_t>()->default_value(8), "examples per optimiser step, over all data-parallel ranks")(
-      "micro-batches", po::value<int>()->default_value(1), "pipeline micro-batches per forward/backward pass")(
+      "val-data", po::value<std::string>()->default_value(""),
+      "validation data (same forms as --data); keeps the best model")("steps", po::value<int64_t>()->default_value(100),
+                                                                      "optimiser steps")(
+      "batch-size", po::value<int64_t>()->default_value(8),
+      "examples per optimiser step, over all data-parallel ranks")("micro-batches", po::value<int>()->default_value(1),
+                                                                   "pipeline micro-batches per forward/backward pass")(
       "grad-accum", po::value<int>()->default_value(1), "forward/backward passes per optimiser step")(
       "lr", po::value<double>()->default_value(1e-4), "peak learning rate")(
       "warmup", po::value<int64_t>()->default_value(0), "warm-up steps (linear), then linear decay to 0")(
@@ -32,9 +36,13 @@ void train_options(po::options_description& o) {
       "kd-alpha", po::value<double>()->default_value(0.5), "weight of the distillation term")(
       "kd-temperature", po::value<double>()->default_value(2.0), "distillation temperature")(
       "stop-after", po::value<int64_t>()->default_value(0), "end after N steps of this run, as if killed (tests)")(
-      "sift-selection-passes", po::value<int>()->default_value(4), "SIFT: backward passes over the first micro-batch that select the mask, each holding the dense gradients of about 1/N of the parameters")(
-      "sparse-increment", po::value<double>(), "SIFT: train only each tensor's top floor(RHO numel) + 1 entries by the first step's |gradient|, 0 < RHO <= 1")(
-      "save-increments", po::value<std::string>()->default_value(""), "SIFT: write the increments (index + trained - base) to this .safetensors file at the end");
+      "sift-selection-passes", po::value<int>()->default_value(4),
+      "SIFT: backward passes over the first micro-batch that select the mask, each holding the dense gradients of "
+      "about 1/N of the parameters")(
+      "sparse-increment", po::value<double>(),
+      "SIFT: train only each tensor's top floor(RHO numel) + 1 entries by the first step's |gradient|, 0 < RHO <= 1")(
+      "save-increments", po::value<std::string>()->default_value(""),
+      "SIFT: write the increments (index + trained - base) to this .safetensors file at the end");
   add_grid_options(o, "compute dtype: float32, bfloat16 or float16 (master weights fp32)");
 }
 

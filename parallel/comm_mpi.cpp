@@ -129,8 +129,8 @@ class MpiComm : public Communicator {
     const int64_t n = p.tensor.numel(), es = p.tensor.element_size();
     for (int64_t off = 0; off < n || off == 0; off += chunk_) {
       MPI_Request r;
-      MPI_Isend(ptr + off * es, static_cast<int>(std::min(chunk_, n - off)), mpi_type(p.tensor.scalar_type()), dst,
-                tag, comm_, &r);
+      MPI_Isend(ptr + off * es, static_cast<int>(std::min(chunk_, n - off)), mpi_type(p.tensor.scalar_type()), dst, tag,
+                comm_, &r);
       p.requests.push_back(r);
       if (n == 0) break;
     }

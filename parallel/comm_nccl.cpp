@@ -77,8 +77,9 @@ class NcclComm : public Communicator {
 
   void allreduce(torch::Tensor& t, ReduceOp op) override {
     Ordered o(*this, t);
-    check_nccl(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t.scalar_type()), nccl_op(op), comm_, stream_),
-               "ncclAllReduce");
+    check_nccl(
+        ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t.scalar_type()), nccl_op(op), comm_, stream_),
+        "ncclAllReduce");
   }
   void broadcast(torch::Tensor& t, int root) override {
     Ordered o(*this, t);

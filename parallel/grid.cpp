@@ -1,8 +1,8 @@
 #include "parallel/grid.h"
 
 #include <fmt/format.h>
-#include <torch/cuda.h>
 #include <mpi.h>
+#include <torch/cuda.h>
 
 #include "parallel/comm_mpi.h"
 #include "parallel/comm_nccl.h"
@@ -61,8 +61,8 @@ std::shared_ptr<ProcessGrid> ProcessGrid::create(const GridSizes& sizes) {
 std::shared_ptr<ProcessGrid> ProcessGrid::create(const GridLayout& layout) {
   World& world = World::get();
   if (layout.world_size() != world.size())
-    throw std::logic_error(fmt::format("a grid laid out for {} ranks, made in a world of {}", layout.world_size(),
-                                       world.size()));
+    throw std::logic_error(
+        fmt::format("a grid laid out for {} ranks, made in a world of {}", layout.world_size(), world.size()));
   std::shared_ptr<ProcessGrid> g(new ProcessGrid(layout));
   g->rank_ = world.rank();
   g->coords_ = layout.coords_of(g->rank_);

@@ -13,15 +13,16 @@ namespace crash {
 
 // [first, end) layers of each stage: balanced (earlier stages take the remainder) when
 // `counts` is empty, else counts[s] layers for stage s. Throws UserError on a bad split.
-std::vector<std::pair<int64_t, int64_t>> split_layers(int64_t layers, int stages, const std::vector<int64_t>& counts = {});
+std::vector<std::pair<int64_t, int64_t>> split_layers(int64_t layers, int stages,
+                                                      const std::vector<int64_t>& counts = {});
 
 // What a stage does with micro-batch `mb`; the schedule does the communication.
 struct StageStep {
-  std::function<torch::Tensor(int mb)> input;                                // first stage: embedding output
-  std::function<torch::Tensor(const torch::Tensor& x, int mb)> run;          // this stage's layers
-  std::function<torch::Tensor(const torch::Tensor& y, int mb)> loss;         // last stage, training: scaled loss
-  std::function<void(const torch::Tensor& y, int mb)> output;                // last stage, inference
-  std::function<torch::Tensor(int mb)> empty_activation;                     // buffer for a received activation
+  std::function<torch::Tensor(int mb)> input;                         // first stage: embedding output
+  std::function<torch::Tensor(const torch::Tensor& x, int mb)> run;   // this stage's layers
+  std::function<torch::Tensor(const torch::Tensor& y, int mb)> loss;  // last stage, training: scaled loss
+  std::function<void(const torch::Tensor& y, int mb)> output;         // last stage, inference
+  std::function<torch::Tensor(int mb)> empty_activation;              // buffer for a received activation
 };
 
 // Forward and backward of every micro-batch in the 1F1B order; gradients accumulate in the

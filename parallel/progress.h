@@ -15,9 +15,9 @@ std::string duration_text(double seconds);
 class Progress {
  public:
   struct Settings {
-    bool show = true;       // false: counts, prints nothing (ranks other than 0)
-    bool terminal = false;  // one line redrawn in place, rather than log lines
-    double interval = 10;   // seconds between log lines (0: a line per update)
+    bool show = true;                              // false: counts, prints nothing (ranks other than 0)
+    bool terminal = false;                         // one line redrawn in place, rather than log lines
+    double interval = 10;                          // seconds between log lines (0: a line per update)
     std::function<double()> clock;                 // seconds; the steady clock when empty
     std::function<void(const std::string&)> sink;  // the text out; spdlog::info (log) or stderr (terminal)
   };

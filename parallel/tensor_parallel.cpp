@@ -11,9 +11,7 @@ using torch::autograd::variable_list;
 
 namespace {
 
-Communicator* comm_of(AutogradContext* ctx) {
-  return reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt());
-}
+Communicator* comm_of(AutogradContext* ctx) { return reinterpret_cast<Communicator*>(ctx->saved_data["comm"].toInt()); }
 void keep_comm(AutogradContext* ctx, const CommPtr& c) { ctx->saved_data["comm"] = reinterpret_cast<int64_t>(c.get()); }
 
 torch::Tensor allreduced(const torch::Tensor& x, Communicator* c) {
@@ -207,7 +205,8 @@ std::optional<ShardSlice> RowParallelLinearImpl::slice_of(const std::string& par
 VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(int64_t vocab, int64_t dim, CommPtr tp) : tp_(std::move(tp)) {
   const int64_t local = padded_vocab(vocab, tp_->size()) / tp_->size();
   slice_ = {0, vocab, tp_->rank() * local, local, 1};
-  weight = register_parameter("weight", SkipParameterInit::active() ? torch::empty({local, dim}) : torch::randn({local, dim}));
+  weight = register_parameter("weight",
+                              SkipParameterInit::active() ? torch::empty({local, dim}) : torch::randn({local, dim}));
 }
 
 torch::Tensor VocabParallelEmbeddingImpl::forward(const torch::Tensor& ids) {
@@ -241,7 +240,8 @@ struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossE
     auto target_local = targets - vocab_start;
     auto here = (target_local >= 0).logical_and(target_local < local).logical_and(ignored.logical_not());
     auto index = target_local.masked_fill(here.logical_not(), 0);
-    auto predicted = shifted.gather(-1, index.unsqueeze(-1)).squeeze(-1).masked_fill(here.logical_not(), 0.0).contiguous();
+    auto predicted =
+        shifted.gather(-1, index.unsqueeze(-1)).squeeze(-1).masked_fill(here.logical_not(), 0.0).contiguous();
     tp->allreduce(predicted, ReduceOp::Sum);
     auto loss = (sum.log() - predicted).masked_fill(ignored, 0.0);
     ctx->save_for_backward({exp / sum.unsqueeze(-1), index, here, ignored});

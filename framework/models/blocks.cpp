@@ -50,8 +50,10 @@ SelfAttentionImpl::SelfAttentionImpl(const AttentionShape& s) : head_dim_(s.head
     const int group = T / static_cast<int>(s.kv_heads);
     const int64_t head = r / group;
     kv_heads_ = 1;
-    k_proj = register_module("k_proj", ColumnParallelLinear(s.hidden, s.kv_heads * D, head * D, D, s.qkv_bias, tp, group));
-    v_proj = register_module("v_proj", ColumnParallelLinear(s.hidden, s.kv_heads * D, head * D, D, s.qkv_bias, tp, group));
+    k_proj =
+        register_module("k_proj", ColumnParallelLinear(s.hidden, s.kv_heads * D, head * D, D, s.qkv_bias, tp, group));
+    v_proj =
+        register_module("v_proj", ColumnParallelLinear(s.hidden, s.kv_heads * D, head * D, D, s.qkv_bias, tp, group));
   }
   out_proj = register_module(s.out_name, row_linear(s.heads * D, s.hidden, s.out_bias, tp));
 }
@@ -94,7 +96,9 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
     auto bias = ctx.bias.expand({B, KV * rep, T, Tk}).reshape({B * KV, rep * T, Tk});
     scores = torch::baddbmm(bias, qg, k.reshape({B * KV, Tk, D}).transpose(1, 2), 1.0, scale).view({B, H, T, Tk});
   } else {
-    scores = torch::matmul(qg, k.reshape({B * KV, Tk, D}).transpose(1, 2)).view({B, H, T, Tk}).to(torch::kFloat32) * scale + ctx.bias;
+    scores =
+        torch::matmul(qg, k.reshape({B * KV, Tk, D}).transpose(1, 2)).view({B, H, T, Tk}).to(torch::kFloat32) * scale +
+        ctx.bias;
   }
   auto probs = torch::softmax(scores, -1).to(v.scalar_type());
   auto out = torch::bmm(probs.view({B * KV, rep * T, Tk}), v.reshape({B * KV, Tk, D})).view({B, H, T, D});

@@ -13,8 +13,10 @@
 namespace crash {
 
 CausalLM::CausalLM(ModelConfig config, ModelShard shard)
-    : config_(std::move(config)), first_(shard.first_layer),
-      end_(shard.end_layer < 0 ? config_.num_layers : shard.end_layer), tp_(shard.tp ? shard.tp : make_local_comm()),
+    : config_(std::move(config)),
+      first_(shard.first_layer),
+      end_(shard.end_layer < 0 ? config_.num_layers : shard.end_layer),
+      tp_(shard.tp ? shard.tp : make_local_comm()),
       dtype_(shard.dtype) {
   if (first_ < 0 || first_ >= end_ || end_ > config_.num_layers)
     fail("model shard: layers [{}, {}) are not a non-empty range of the model's {} layers", first_, end_,
@@ -67,7 +69,8 @@ AttentionContext CausalLM::attention_context(const TokenPacking& packing, const 
   AttentionContext ctx;
   const int64_t T = packing.longest;
   auto dev = positions.device();
-  ctx.bias = torch::full({T, T}, std::numeric_limits<float>::lowest(), torch::TensorOptions().dtype(torch::kFloat32).device(dev))
+  ctx.bias = torch::full({T, T}, std::numeric_limits<float>::lowest(),
+                         torch::TensorOptions().dtype(torch::kFloat32).device(dev))
                  .triu_(1);
   ctx.row_offsets = packing.row_offsets;
   auto inv_freq = rotary_inv_freq();
@@ -80,7 +83,8 @@ AttentionContext CausalLM::attention_context(const TokenPacking& packing, const 
 
 ForwardOutput CausalLM::forward(const torch::Tensor& ids, const torch::Tensor& mask_in, bool want_hidden,
                                 const torch::Tensor& positions_in) {
-  if (!has_embedding() || !has_head()) fail("CausalLM::forward needs the whole model; a pipeline stage runs its layers");
+  if (!has_embedding() || !has_head())
+    fail("CausalLM::forward needs the whole model; a pipeline stage runs its layers");
   auto mask = mask_in.defined() ? mask_in : torch::ones_like(ids);
   auto positions = positions_in.defined() ? positions_in : default_positions(mask, ids.size(1));
   ForwardOutput out;
@@ -168,9 +172,11 @@ void CausalLM::load(const CheckpointReader& ckpt) {
       // Older OPT checkpoints were saved from the base model, without the "model." prefix.
       if (name.rfind("model.", 0) == 0 && ckpt.contains(name.substr(6))) source = name.substr(6);
       // A last pipeline stage of a tied model holds its own copy of the embedding.
-      else if (name == "lm_head.weight" && config_.tie_word_embeddings) source = tied_embedding_name();
+      else if (name == "lm_head.weight" && config_.tie_word_embeddings)
+        source = tied_embedding_name();
     }
-    if (!ckpt.contains(source)) fail("{}: checkpoint has no tensor '{}', which {} requires", ckpt.dir(), name, config_file);
+    if (!ckpt.contains(source))
+      fail("{}: checkpoint has no tensor '{}', which {} requires", ckpt.dir(), name, config_file);
     const TensorInfo& info = ckpt.info(source);
     auto slice_it = slices.find(name);
     std::vector<int64_t> expected = param.sizes().vec();
@@ -227,8 +233,8 @@ void apply_sfsd_ranks(CausalLM& model, const ModelConfig& config) {
     auto it = modules.find(name);
     if (it == modules.end()) {
       const int64_t layer = layer_of(name);
-      const bool elsewhere = layer >= 0 && layer < config.num_layers &&
-                             (layer < model.first_layer() || layer >= model.end_layer());
+      const bool elsewhere =
+          layer >= 0 && layer < config.num_layers && (layer < model.first_layer() || layer >= model.end_layer());
       if (elsewhere) continue;  // another pipeline stage's layer
       fail("config.json: 'crash_sfsd_ranks' names '{}', which is not a module of this {} model", name,
            config.model_type);

@@ -105,8 +105,8 @@ class CausalLM : public torch::nn::Module {
                         const torch::Tensor& positions = {});
   // Greedy decoding with a KV cache, as HF generate(do_sample=False): finished rows are
   // padded with pad_id; stops when every row has produced eos_id or after max_new_tokens.
-  torch::Tensor generate(const torch::Tensor& ids, const torch::Tensor& mask, int64_t max_new_tokens,
-                         int64_t eos_id, int64_t pad_id);
+  torch::Tensor generate(const torch::Tensor& ids, const torch::Tensor& mask, int64_t max_new_tokens, int64_t eos_id,
+                         int64_t pad_id);
 
   // Copies this shard's weights from a checkpoint, checking every shape against the config.
   void load(const CheckpointReader& checkpoint);

@@ -55,12 +55,15 @@ class LlamaLM : public LayerStackLM<LlamaLayer> {
   LlamaLM(const ModelConfig& config, const ModelShard& shard) : LayerStackLM(config, shard) {
     const ModelConfig& c = config_;
     auto model = register_module("model", std::make_shared<Holder>());
-    if (has_embedding()) embed_tokens = model->register_module("embed_tokens", place(VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp_)));
+    if (has_embedding())
+      embed_tokens =
+          model->register_module("embed_tokens", place(VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp_)));
     build_layers(*model);
     if (has_head()) {
       norm = model->register_module("norm", RMSNorm(c.hidden_size, c.norm_eps));
       if (!c.tie_word_embeddings || !has_embedding())
-        lm_head = register_module("lm_head", place(ColumnParallelLinear(c.hidden_size, c.vocab_size, vocab_start(), local_vocab(), false, tp_)));
+        lm_head = register_module("lm_head", place(ColumnParallelLinear(c.hidden_size, c.vocab_size, vocab_start(),
+                                                                        local_vocab(), false, tp_)));
     }
     inv_freq_ = rotary_inverse_frequencies(c);
   }
@@ -74,7 +77,8 @@ class LlamaLM : public LayerStackLM<LlamaLayer> {
   }
   torch::Tensor default_positions(const torch::Tensor& mask_all, int64_t new_tokens) const override {
     const int64_t total = mask_all.size(1);
-    auto pos = torch::arange(total - new_tokens, total, torch::TensorOptions().dtype(torch::kInt64).device(mask_all.device()));
+    auto pos =
+        torch::arange(total - new_tokens, total, torch::TensorOptions().dtype(torch::kInt64).device(mask_all.device()));
     return pos.unsqueeze(0).expand({mask_all.size(0), new_tokens});
   }
 

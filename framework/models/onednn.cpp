@@ -67,7 +67,8 @@ std::shared_ptr<LinearPlan> make_linear_plan(int64_t M, int64_t K, int64_t N, bo
   plan->w = dnnl::memory::desc(dims{K, N}, dt::f32, dims{1, K});
   plan->y = dnnl::memory::desc(dims{M, N}, dt::f32, dims{N, 1});
   if (bias) plan->b = dnnl::memory::desc(dims{1, N}, dt::f32, dims{N, 1});
-  auto desc = bias ? dnnl::matmul::desc(plan->x, plan->w, plan->b, plan->y) : dnnl::matmul::desc(plan->x, plan->w, plan->y);
+  auto desc =
+      bias ? dnnl::matmul::desc(plan->x, plan->w, plan->b, plan->y) : dnnl::matmul::desc(plan->x, plan->w, plan->y);
   dnnl::matmul::primitive_desc pd(desc, cpu_engine());
   plan->usable = !reference_kernel(pd.impl_info_str());
   plan->product = dnnl::matmul(pd);
@@ -88,7 +89,8 @@ std::optional<torch::Tensor> onednn_linear(const torch::Tensor& x, const torch::
   sizes.back() = N;
   auto y = torch::empty(sizes, x.options());
   const auto& e = cpu_engine();
-  dnnl::memory xm(plan->x, e, x.data_ptr<float>()), wm(plan->w, e, w.data_ptr<float>()), ym(plan->y, e, y.data_ptr<float>());
+  dnnl::memory xm(plan->x, e, x.data_ptr<float>()), wm(plan->w, e, w.data_ptr<float>()),
+      ym(plan->y, e, y.data_ptr<float>());
   std::unordered_map<int, dnnl::memory> args{{DNNL_ARG_SRC, xm}, {DNNL_ARG_WEIGHTS, wm}, {DNNL_ARG_DST, ym}};
   if (bias) args.emplace(DNNL_ARG_BIAS, dnnl::memory(plan->b, e, b.data_ptr<float>()));
   dnnl::stream stream(e);

@@ -60,23 +60,26 @@ class OptLM : public LayerStackLM<OptLayer> {
     auto decoder = model->register_module("decoder", std::make_shared<Holder>());
     const bool proj = c.has_projection();
     if (has_embedding()) {
-      embed_tokens = decoder->register_module("embed_tokens", place(VocabParallelEmbedding(c.vocab_size, c.word_embed_proj_dim, tp_)));
+      embed_tokens = decoder->register_module("embed_tokens",
+                                              place(VocabParallelEmbedding(c.vocab_size, c.word_embed_proj_dim, tp_)));
       torch::nn::EmbeddingOptions positions(c.max_positions + 2, c.hidden_size);
       if (SkipParameterInit::active()) positions._weight(torch::empty({c.max_positions + 2, c.hidden_size}));
       embed_positions = decoder->register_module("embed_positions", torch::nn::Embedding(positions));
       if (proj)
         project_in = decoder->register_module(
-            "project_in", torch::nn::Linear(torch::nn::LinearOptions(c.word_embed_proj_dim, c.hidden_size).bias(false)));
+            "project_in",
+            torch::nn::Linear(torch::nn::LinearOptions(c.word_embed_proj_dim, c.hidden_size).bias(false)));
     }
     build_layers(*decoder);
     if (has_head()) {
       if (c.final_norm) final_layer_norm = decoder->register_module("final_layer_norm", layer_norm(c));
       if (proj)
         project_out = decoder->register_module(
-            "project_out", torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.word_embed_proj_dim).bias(false)));
+            "project_out",
+            torch::nn::Linear(torch::nn::LinearOptions(c.hidden_size, c.word_embed_proj_dim).bias(false)));
       if (!c.tie_word_embeddings || !has_embedding())
-        lm_head = register_module("lm_head", place(ColumnParallelLinear(c.word_embed_proj_dim, c.vocab_size, vocab_start(),
-                                                                  local_vocab(), false, tp_)));
+        lm_head = register_module("lm_head", place(ColumnParallelLinear(c.word_embed_proj_dim, c.vocab_size,
+                                                                        vocab_start(), local_vocab(), false, tp_)));
     }
   }
 

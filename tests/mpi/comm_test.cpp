@@ -82,7 +82,8 @@ void tensor_parallel(const CommPtr& tp) {
   // Column-parallel then row-parallel (an MLP) equals the unsplit computation, with gradients.
   const int64_t in = 6, hidden = 4 * n, out = 5;
   auto x = torch::randn({3, in}, torch::requires_grad());
-  auto w1 = torch::randn({hidden, in}), b1 = torch::randn({hidden}), w2 = torch::randn({out, hidden}), b2 = torch::randn({out});
+  auto w1 = torch::randn({hidden, in}), b1 = torch::randn({hidden}), w2 = torch::randn({out, hidden}),
+       b2 = torch::randn({out});
   auto want = torch::linear(torch::relu(torch::linear(x, w1, b1)), w2, b2);
   want.pow(2).sum().backward();
   auto want_grad = x.grad().clone();

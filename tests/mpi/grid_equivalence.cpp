@@ -38,8 +38,9 @@ int main(int argc, char** argv) {
   World& world = World::init(&argc, &argv);
   namespace po = boost::program_options;
   po::options_description o("grid_equivalence");
-  o.add_options()("model", po::value<std::string>()->required(), "")("golden", po::value<std::string>()->required(), "")(
-      "tp", po::value<int>()->default_value(1), "")("pp", po::value<int>()->default_value(1), "");
+  o.add_options()("model", po::value<std::string>()->required(), "")("golden", po::value<std::string>()->required(),
+                                                                     "")("tp", po::value<int>()->default_value(1), "")(
+      "pp", po::value<int>()->default_value(1), "");
   po::variables_map vm;
   po::store(po::parse_command_line(argc, argv, o), vm);
   po::notify(vm);
@@ -49,7 +50,8 @@ int main(int argc, char** argv) {
   SafetensorsFile golden(vm["golden"].as<std::string>());
   const ModelConfig& cfg = ckpt.config();
   const bool tied = cfg.tie_word_embeddings;
-  const std::string embed_name = cfg.family == Family::OPT ? "model.decoder.embed_tokens.weight" : "model.embed_tokens.weight";
+  const std::string embed_name =
+      cfg.family == Family::OPT ? "model.decoder.embed_tokens.weight" : "model.embed_tokens.weight";
 
   // Four rows, right- and left-padded.
   auto ids = torch::cat({golden.read("right_ids"), golden.read("left_ids").narrow(0, 0, 1)});
@@ -76,7 +78,9 @@ int main(int argc, char** argv) {
       logits.error = max_diff(got.logits.masked_select(keep),
                               want.logits.narrow(0, grid->dp_rank() * rows, rows).masked_select(keep));
     for (auto& [l, h] : got.hidden)
-      hidden.error = std::max(hidden.error, max_diff(h.masked_select(keep), want.hidden_states[l].narrow(0, grid->dp_rank() * rows, rows).masked_select(keep)));
+      hidden.error = std::max(
+          hidden.error, max_diff(h.masked_select(keep),
+                                 want.hidden_states[l].narrow(0, grid->dp_rank() * rows, rows).masked_select(keep)));
     checks.push_back(logits);
     checks.push_back(hidden);
   }

@@ -50,7 +50,8 @@ TEST(Checkpoint, MissingShardIsNamed) {
   test::TempDir dir;
   test::copy_folder(fixture("models/opt_preln"), dir / "m");
   fs::remove(dir / "m/model-00003-of-00007.safetensors");
-  expect_user_error([&] { CheckpointReader r(dir / "m"); }, {"model.safetensors.index.json", "model-00003-of-00007", "missing"});
+  expect_user_error([&] { CheckpointReader r(dir / "m"); },
+                    {"model.safetensors.index.json", "model-00003-of-00007", "missing"});
 }
 
 TEST(Checkpoint, ShapeDisagreeingWithConfig) {

@@ -24,7 +24,8 @@ class Cka : public ::testing::Test {
 double reference_cka(const torch::Tensor& x, const torch::Tensor& y) {
   auto xc = x - x.mean(0, true), yc = y - y.mean(0, true);
   const double xy = torch::linalg_norm(yc.t().mm(xc)).item<double>();
-  return xy * xy / (torch::linalg_norm(xc.t().mm(xc)).item<double>() * torch::linalg_norm(yc.t().mm(yc)).item<double>());
+  return xy * xy /
+         (torch::linalg_norm(xc.t().mm(xc)).item<double>() * torch::linalg_norm(yc.t().mm(yc)).item<double>());
 }
 
 // HSIC_1 as the U-statistic of Song et al. 2012: the mean over distinct (i, j, q, r) of
@@ -137,7 +138,8 @@ TEST_F(Cka, MinibatchConvergesToFullCkaAsBatchesGrow) {
     double sum = 0;
     for (int r = 0; r < 10; ++r) {
       auto order = torch::randperm(1024, torch::kInt64);
-      const double e = linear_cka(x.index_select(0, order), y.index_select(0, order), CkaMethod::Minibatch, b) - debiased;
+      const double e =
+          linear_cka(x.index_select(0, order), y.index_select(0, order), CkaMethod::Minibatch, b) - debiased;
       sum += e * e;
     }
     rms.push_back(std::sqrt(sum / 10));
@@ -183,8 +185,8 @@ TEST_F(Cka, UndefinedCkaFailsInsteadOfNaN) {
 }
 
 // An archive with `layers` random layers of a chain (each a noisy function of the one before).
-std::vector<torch::Tensor> write_archive(const std::string& path, int64_t n, std::vector<int64_t> widths,
-                                         bool pooled, int64_t seed, bool complete = true) {
+std::vector<torch::Tensor> write_archive(const std::string& path, int64_t n, std::vector<int64_t> widths, bool pooled,
+                                         int64_t seed, bool complete = true) {
   torch::manual_seed(seed);
   std::vector<torch::Tensor> layers;
   for (size_t l = 0; l < widths.size(); ++l) {
@@ -202,7 +204,8 @@ std::vector<torch::Tensor> write_archive(const std::string& path, int64_t n, std
   if (!pooled) spec.offsets = {0, n / 5, 2 * n / 5, 3 * n / 5, 4 * n / 5, n};
   ActivationArchive archive(path, spec, make_local_comm(), false, false);
   std::vector<ActivationArchive::Piece> pieces;
-  for (size_t l = 0; l < widths.size(); ++l) pieces.push_back({static_cast<int64_t>(l), 0, layers[l].to(torch::kFloat32)});
+  for (size_t l = 0; l < widths.size(); ++l)
+    pieces.push_back({static_cast<int64_t>(l), 0, layers[l].to(torch::kFloat32)});
   ActivationArchive::Ids ids;
   ids.block = 0;
   for (int64_t i = 0; i < spec.num_examples; ++i) {
@@ -223,8 +226,8 @@ TEST_F(Cka, ArchiveCkaEqualsInMemoryCkaInEveryForm) {
   EXPECT_EQ(a.num_rows(), 37);
   EXPECT_TRUE(a.pooled());
   CkaOptions opt;
-  opt.chunk_rows = 5;                 // several chunks per pass
-  opt.max_tile_rows = 7;              // several Gram tiles, off-diagonal ones too
+  opt.chunk_rows = 5;                  // several chunks per pass
+  opt.max_tile_rows = 7;               // several Gram tiles, off-diagonal ones too
   opt.feature_budget_bytes = 8 * 400;  // several pair groups
   opt.batch_size = 10;
   for (auto m : {CkaMethod::Gram, CkaMethod::Feature, CkaMethod::Minibatch}) {

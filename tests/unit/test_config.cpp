@@ -12,8 +12,12 @@ using nlohmann::json;
 using test::expect_user_error;
 
 json tiny_opt() {
-  return {{"model_type", "opt"},        {"vocab_size", 100},       {"hidden_size", 64},
-          {"ffn_dim", 128},             {"num_hidden_layers", 2},  {"num_attention_heads", 4},
+  return {{"model_type", "opt"},
+          {"vocab_size", 100},
+          {"hidden_size", 64},
+          {"ffn_dim", 128},
+          {"num_hidden_layers", 2},
+          {"num_attention_heads", 4},
           {"max_position_embeddings", 32}};
 }
 
@@ -84,8 +88,12 @@ TEST(Config, BadJsonFile) {
 }
 
 TEST(Config, UnsupportedRopeType) {
-  json j = {{"model_type", "llama"},     {"vocab_size", 10},          {"hidden_size", 8},
-            {"intermediate_size", 16}, {"num_hidden_layers", 1},    {"num_attention_heads", 2},
+  json j = {{"model_type", "llama"},
+            {"vocab_size", 10},
+            {"hidden_size", 8},
+            {"intermediate_size", 16},
+            {"num_hidden_layers", 1},
+            {"num_attention_heads", 2},
             {"rope_scaling", {{"rope_type", "yarn"}, {"factor", 2.0}}}};
   expect_user_error([&] { ModelConfig::from_json(j, "c.json"); }, {"yarn", "not supported"});
 }

@@ -166,8 +166,11 @@ TEST(EmulatorFolder, PluginCopiesTrainedSlotsBack) {
     auto want = tuned_layer ? full.view(n) + 1.0 : full.view(n);
     EXPECT_TRUE(torch::equal(plugged.view(n), want)) << n;
   }
-  expect_user_error([&] { write_plugin_folder(CheckpointReader(fixture("models/llama_gqa")), tuned, *read_plan(tmp / "tuned"), tmp / "x"); },
-                    {"llama_gqa", "opt model", "llama model"});
+  expect_user_error(
+      [&] {
+        write_plugin_folder(CheckpointReader(fixture("models/llama_gqa")), tuned, *read_plan(tmp / "tuned"), tmp / "x");
+      },
+      {"llama_gqa", "opt model", "llama model"});
 }
 
 }  // namespace

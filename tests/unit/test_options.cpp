@@ -30,10 +30,16 @@ TEST(Options, Errors) {
   test::expect_user_error([&] { parse_job_options(forward_job(), {"--input", "x"}, help); }, {"model"});
   std::ofstream(dir / "bad.ini") << "colour = red\n";
   test::expect_user_error(
-      [&] { parse_job_options(forward_job(), {"--config", dir / "bad.ini", "--model", "m", "--input", "i", "--out", "o"}, help); },
+      [&] {
+        parse_job_options(forward_job(), {"--config", dir / "bad.ini", "--model", "m", "--input", "i", "--out", "o"},
+                          help);
+      },
       {"bad.ini", "colour"});
-  test::expect_user_error([&] { parse_job_options(forward_job(), {"--config", dir / "none.ini"}, help); },
-                          {"none.ini", "cannot open"});
+  test::expect_user_error(
+      [&] {
+        parse_job_options(forward_job(), {"--config", dir / "none.ini"}, help);
+      },
+      {"none.ini", "cannot open"});
 }
 
 }  // namespace

@@ -67,8 +67,8 @@ TEST_P(PackedAttention, FastPathEqualsTorchAndPaddedAttention) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, PackedAttention,
-                         ::testing::Values(AttentionCase{4, 4, 8, {5, 1, 9, 3}},            // MHA, a one-token row
-                                           AttentionCase{8, 2, 16, {17, 4, 30}},            // grouped-query
+                         ::testing::Values(AttentionCase{4, 4, 8, {5, 1, 9, 3}},             // MHA, a one-token row
+                                           AttentionCase{8, 2, 16, {17, 4, 30}},             // grouped-query
                                            AttentionCase{4, 1, 32, {2, 64, 33, 7}},          // one key/value head
                                            AttentionCase{12, 12, 64, {96, 128, 64, 100}}));  // OPT-125m's heads
 

@@ -30,7 +30,8 @@ TEST(Prepare, SplitsContextAndContinuationAsLmEval) {
 
 TEST(Prepare, WritesShardsEveryLaterJobReads) {
   test::TempDir dir;
-  std::ofstream(dir / "mc.jsonl") << R"({"context": "Question: 2 + 2?\nAnswer:", "choices": [" 3", " 4", " five"], "gold": 1}
+  std::ofstream(dir / "mc.jsonl")
+      << R"({"context": "Question: 2 + 2?\nAnswer:", "choices": [" 3", " 4", " five"], "gold": 1}
 {"context": "The sky is ", "choices": ["blue", "green"], "gold": 0}
 {"context": "Pick one:", "choices": [" a", " b"], "gold": 1}
 )";
@@ -74,7 +75,8 @@ TEST(Prepare, WritesShardsEveryLaterJobReads) {
 
 TEST(Prepare, TextIsCutIntoWindows) {
   test::TempDir dir;
-  std::ofstream(dir / "book.txt") << std::string(200, 'a') + " the end of a long text, repeated. " + std::string(50, 'b');
+  std::ofstream(dir / "book.txt") << std::string(200, 'a') + " the end of a long text, repeated. " +
+                                         std::string(50, 'b');
   PrepareOptions opt;
   opt.window = 16;
   auto m = prepare_task(dir / "book.txt", kTokenizer, dir / "out", opt);
@@ -98,7 +100,8 @@ TEST(Prepare, BadInput) {
   EXPECT_FALSE(std::filesystem::exists(dir / "out"));
   test::expect_user_error([&] { prepare_task(dir / "t.jsonl", dir / "none", dir / "out", {}); }, {"no tokenizer.json"});
   std::filesystem::create_directories(dir / "exists");
-  test::expect_user_error([&] { prepare_task(dir / "t.jsonl", kTokenizer, dir / "exists", {}); }, {"exists", "--overwrite"});
+  test::expect_user_error([&] { prepare_task(dir / "t.jsonl", kTokenizer, dir / "exists", {}); },
+                          {"exists", "--overwrite"});
   test::expect_user_error([&] { read_manifest(dir / "exists"); }, {"not a prepared folder"});
 }
 
@@ -116,7 +119,8 @@ TEST(TokenInput, TextLinesNeedATokenizer) {
   ASSERT_EQ(seqs.size(), 2u);
   EXPECT_EQ(seqs[0], tok.encode("Hello world", true));
   EXPECT_EQ(seqs[1], (std::vector<int64_t>{5, 6}));
-  test::expect_user_error([&] { read_token_lines(dir / "in.jsonl", tok.vocab_size(), 100); }, {"in.jsonl:1", "tokenizer.json"});
+  test::expect_user_error([&] { read_token_lines(dir / "in.jsonl", tok.vocab_size(), 100); },
+                          {"in.jsonl:1", "tokenizer.json"});
 }
 
 }  // namespace

@@ -99,8 +99,9 @@ TEST(Safetensors, RejectsBadFiles) {
   expect_user_error([&] { SafetensorsFile(raw_file(dir, "{\"a\":", 0)); }, {"bad.safetensors", "not valid JSON"});
   expect_user_error(
       [&] {
-        SafetensorsFile(raw_file(dir, R"({"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},)"
-                                      R"("b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
+        SafetensorsFile(raw_file(dir,
+                                 R"({"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},)"
+                                 R"("b":{"dtype":"F32","shape":[2],"data_offsets":[8,16]}})",
                                  16));
       },
       {"overlap"});

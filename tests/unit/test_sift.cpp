@@ -43,8 +43,7 @@ TEST(Sift, TopKMatchesSortWithTies) {
   torch::set_num_threads(1);
   torch::manual_seed(3);
   // Random values, and integer values with many ties (zeros included) and negative signs.
-  for (auto g : {torch::randn({13, 17}), torch::randint(-3, 4, {9, 11}).to(torch::kFloat32),
-                 torch::zeros({5, 6})}) {
+  for (auto g : {torch::randn({13, 17}), torch::randint(-3, 4, {9, 11}).to(torch::kFloat32), torch::zeros({5, 6})}) {
     for (int64_t k : {int64_t(1), int64_t(7), g.numel() / 2, g.numel()}) {
       auto idx = select_top_k(g, k, std::nullopt, nullptr, 0);
       EXPECT_EQ(idx.numel(), k);
@@ -144,12 +143,16 @@ TEST(Sift, SparseStepsOnlyTheMask) {
     for (auto j : idx) m[j] = 1;
     masks.push_back(m.reshape(g.sizes()));
   }
-  auto dense = run_steps([](const std::vector<OptimParam>& op) { return std::make_unique<AdamW>(op, options()); }, masks);
+  auto dense =
+      run_steps([](const std::vector<OptimParam>& op) { return std::make_unique<AdamW>(op, options()); }, masks);
   for (size_t i = 0; i < 3; ++i) EXPECT_NEAR(dense.norms[i], sift.norms[i], 1e-12);
   for (size_t i = 0; i < base.size(); ++i) {
     auto on = masks[i].to(torch::kBool);
     EXPECT_TRUE(torch::equal(sift.params[i].detach().masked_select(~on), base[i].masked_select(~on))) << i;
-    const double d = (sift.params[i].detach().masked_select(on) - dense.params[i].detach().masked_select(on)).abs().max().item<double>();
+    const double d = (sift.params[i].detach().masked_select(on) - dense.params[i].detach().masked_select(on))
+                         .abs()
+                         .max()
+                         .item<double>();
     EXPECT_LE(d, 1e-6) << i;
   }
 }
@@ -194,7 +197,8 @@ TEST(Sift, ArmedHooksKeepOnlyMaskedGradients) {
   opts.weight_decay = 0;
   auto sp = least_squares_params();
   std::vector<SiftParam> sift_params;
-  for (size_t i = 0; i < sp.size(); ++i) sift_params.push_back({{"p" + std::to_string(i), sp[i], true}, std::nullopt, sp[i].numel()});
+  for (size_t i = 0; i < sp.size(); ++i)
+    sift_params.push_back({{"p" + std::to_string(i), sp[i], true}, std::nullopt, sp[i].numel()});
   SparseAdamW sift(sift_params, rho, opts, nullptr, 0, nullptr);
   int dense_after_arm = 0;
   auto trained = train_least_squares(sift, sp, [&](int step, const std::vector<torch::Tensor>& ps) {
@@ -219,7 +223,8 @@ TEST(Sift, ArmedHooksKeepOnlyMaskedGradients) {
   auto reference = train_least_squares(dense, rp, [](int, const std::vector<torch::Tensor>&) {});
   for (size_t i = 0; i < sp.size(); ++i) {
     auto on = masks[i].to(torch::kBool);
-    const double d = (trained[i].detach().masked_select(on) - reference[i].detach().masked_select(on)).abs().max().item<double>();
+    const double d =
+        (trained[i].detach().masked_select(on) - reference[i].detach().masked_select(on)).abs().max().item<double>();
     EXPECT_LE(d, 1e-6) << i;
   }
   // The gradient the sums over replicas see is the masked one.
@@ -231,7 +236,8 @@ TEST(Sift, ArmedHooksKeepOnlyMaskedGradients) {
 TEST(Sift, SelectionGroupsSplitByBytes) {
   std::vector<torch::Tensor> ts = {torch::zeros({100}), torch::zeros({10}), torch::zeros({50}), torch::zeros({40})};
   std::vector<SiftParam> sp;
-  for (size_t i = 0; i < ts.size(); ++i) sp.push_back({{"t" + std::to_string(i), ts[i], true}, std::nullopt, ts[i].numel()});
+  for (size_t i = 0; i < ts.size(); ++i)
+    sp.push_back({{"t" + std::to_string(i), ts[i], true}, std::nullopt, ts[i].numel()});
   SparseAdamW sift(sp, 0.1, options(), nullptr, 0, nullptr);
   auto groups = sift.selection_groups(4, {"t3"});
   ASSERT_EQ(groups.size(), 4u);

@@ -36,8 +36,9 @@ TEST(Tasks, BadLinesNameFileAndLine) {
                           {"task.jsonl:1", "gold"});
   test::expect_user_error([&] { read_task(write(dir, "{\"context\": \"c\", \"choices\": [\" a\"]}\n")); },
                           {"needs context, choices and gold"});
-  test::expect_user_error([&] { read_task(write(dir, "{\"text\": \"a\"}\n{\"context\": \"c\", \"answers\": [\"x\"]}\n")); },
-                          {"task.jsonl:2", "generation line in a text task"});
+  test::expect_user_error(
+      [&] { read_task(write(dir, "{\"text\": \"a\"}\n{\"context\": \"c\", \"answers\": [\"x\"]}\n")); },
+      {"task.jsonl:2", "generation line in a text task"});
   test::expect_user_error([&] { read_task(write(dir, "\n\n")); }, {"no examples"});
   test::expect_user_error([&] { read_task(dir / "absent.jsonl"); }, {"absent.jsonl", "cannot open"});
 }

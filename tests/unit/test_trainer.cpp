@@ -156,14 +156,15 @@ TEST(Trainer, ReadsPreparedMultipleChoiceAndTruncates) {
   std::ofstream(task + "/manifest.json") << R"({"kind": "multiple_choice", "shards": ["shard-00000.jsonl"]})";
   std::ofstream(task + "/shard-00000.jsonl")
       << R"({"index": 0, "hash": "0000000000000001", "tokens": [4, 5, 6, 7, 8], "context": [4, 5, 6],)"
-      << R"( "continuations": [[9], [7, 8]], "gold": 1, "choice_chars": [2, 4]})" << "\n";
+      << R"( "continuations": [[9], [7, 8]], "gold": 1, "choice_chars": [2, 4]})"
+      << "\n";
   CheckpointReader ckpt(fixture("models/opt_preln"));
   ModelConfig cfg = ckpt.config();
   auto data = read_train_data(task, cfg, nullptr);
   ASSERT_EQ(data.examples.size(), 1u);
   EXPECT_EQ(data.kind, "multiple_choice");
   EXPECT_EQ(data.examples[0].loss_from, 3);  // the gold continuation [7, 8]
-  cfg.max_positions = 4;                      // longer inputs keep their last tokens
+  cfg.max_positions = 4;                     // longer inputs keep their last tokens
   auto cut = read_train_data(task, cfg, nullptr);
   EXPECT_EQ(cut.examples[0].tokens, (std::vector<int64_t>{5, 6, 7, 8}));
   EXPECT_EQ(cut.examples[0].loss_from, 2);
