@@ -4,7 +4,8 @@
   pipeline.py BINARY demo CONFIG.ini WORK
       The README's main job on the demo model: every stage's output is there, the CRaSh table
       is printed and written, the plots exist, Plug-in beats Full zero-shot on the held-out
-      task for every emulator, and a second run skips every stage (a crashed pipeline resumes).
+      task for every emulator, the best CRaSh plug-in (remove or share) beats the uniform
+      (Offsite-Tuning) plug-in, and a second run skips every stage (a crashed pipeline resumes).
   pipeline.py BINARY grid FIXTURES NP TP PP
       The pipeline on a tiny fixture model on an MPI grid equals the one-rank run: the same
       clusters and the same evaluation numbers of every stage (within 1e-5).
@@ -68,6 +69,12 @@ def demo(binary, config, work):
             if row["metric"] == "perplexity":  # held-out text: reported, lower is better, not the demo's claim
                 continue
             check(plug > full, f"{task} {m}: plug-in {plug:.4f} does not beat full zero-shot {full:.4f}")
+        if row["metric"] != "perplexity":
+            # CRaSh's claim: its best plug-in (remove or share) beats the uniform (Offsite-Tuning) one.
+            best = max(("remove", "share"), key=lambda m: row[m]["plugin"])
+            check(row[best]["plugin"] > row["uniform"]["plugin"],
+                  f"{task}: best CRaSh plug-in ({best} {row[best]['plugin']:.4f}) does not beat uniform "
+                  f"{row['uniform']['plugin']:.4f}")
     # A second run finds every stage's output and does nothing but print the table again.
     r, seconds = run([binary, "pipeline", "--config", config, "--work", work, "--plot"])
     check(r.stdout.count("CRaSh results") == 1, "second run prints the table")
