@@ -252,7 +252,12 @@ int pipeline_run(const po::variables_map& vm) {
     else if (fs::exists(trained))
       train_args.push_back("--overwrite");
     const std::string tuned = (fs::path(trained) / "model").string();
-    stage.run("train", tuned, train_args, true);
+    // train writes model/ at every new best validation loss, so model/ alone does not say the
+    // fine-tuning finished: the stage is done once this marker, written after it returns, exists.
+    const std::string finished = (fs::path(trained) / "finished").string();
+    stage.run("train", finished, train_args, true);
+    if (World::get().rank() == 0 && !fs::exists(finished))
+      write_atomic(finished, fmt::format("{} steps of {}\n", vm["steps"].as<int64_t>(), mode));
     evaluate(tuned, mode + "-emulator-fine-tuned");
     stage.run("plugin", plugged, {"--model", model, "--emulator", tuned, "--out", plugged}, false);
     evaluate(plugged, mode + "-plugin");

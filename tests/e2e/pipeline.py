@@ -6,12 +6,16 @@
       is printed and written, the plots exist, Plug-in beats Full zero-shot on the held-out
       task for every emulator, the best CRaSh plug-in (remove or share) beats the uniform
       (Offsite-Tuning) plug-in, and a second run skips every stage (a crashed pipeline resumes).
+  pipeline.py BINARY resume_train FIXTURES
+      A pipeline whose fine-tuning stopped after it had saved a best model resumes the fine-tuning (not skips it)
+      and ends with the uninterrupted run's numbers.
   pipeline.py BINARY grid FIXTURES NP TP PP
       The pipeline on a tiny fixture model on an MPI grid equals the one-rank run: the same
       clusters and the same evaluation numbers of every stage (within 1e-5).
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -117,10 +121,58 @@ def grid_runs(binary, model, task, tmp, np_, tp, pp):
     check(worst <= 1e-5, f"evaluation numbers differ by {worst:.3g}")
 
 
+def resume_train(binary, fixtures):
+    """A fine-tuning interrupted after it saved a best model (validation every 2 steps) is resumed, not skipped."""
+    model = os.path.join(fixtures, "eval", "model")
+    with tempfile.TemporaryDirectory() as tmp:
+        task = os.path.join(tmp, "pairs.jsonl")
+        words = ["cat", "house", "tree", "river", "stone", "bird", "cloud", "road", "apple", "light", "sea", "hill"]
+        with open(task, "w") as f:
+            for i in range(24):
+                a, b = words[i % len(words)], words[(i * 5 + 1) % len(words)]
+                f.write(json.dumps({"context": f"Which comes first, {a} or {b}?\nAnswer:", "choices": [f" {a}", f" {b}"],
+                                    "gold": i % 2}) + "\n")
+        ref, cut = os.path.join(tmp, "ref"), os.path.join(tmp, "cut")
+        steps = ["--steps", "8", "--warmup", "1", "--batch-size", "4", "--lr", "1e-3", "--seed", "7", "--save-every", "2"]
+        base = [binary, "pipeline", "--model", model, "--train-task", task, "--valid-task", task, "--eval-task", task,
+                "--num-examples", "16", "--adapters", "1,1", "--k", "1", "--modes", "uniform", "--eval-every", "2",
+                "--threads", "1"] + steps
+        run(base + ["--work", ref])
+        # The same work folder as a pipeline killed at step 4 of fine-tuning leaves it: the stages before train
+        # complete, train/ holding checkpoints of steps 2 and 4 and the best model so far.
+        shutil.copytree(ref, cut)
+        for rel in ["uniform/train", "uniform/plugin", "eval/uniform-emulator-fine-tuned.json", "eval/uniform-plugin.json",
+                    "crash_table.md", "crash_table.json"]:
+            p = os.path.join(cut, rel)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+        prepared = os.path.join(cut, "prepared", "pairs")
+        run([binary, "train", "--model", os.path.join(cut, "uniform", "emulator"), "--data", prepared, "--val-data",
+             prepared, "--eval-every", "2", "--out", os.path.join(cut, "uniform", "train"), "--stop-after", "4",
+             "--threads", "1"] + steps)
+        check(os.path.isdir(os.path.join(cut, "uniform", "train", "model")), "the cut fine-tuning saved a best model")
+        r, _ = run(base + ["--work", cut])
+        log = r.stdout + r.stderr
+        check(re.search(r"pipeline: train -> \S+\n", log) and not re.search(r"pipeline: train -> \S+ exists, skipped", log),
+              "the second run runs the train stage again")
+        with open(os.path.join(ref, "uniform", "train", "model", "model.safetensors"), "rb") as a, \
+                open(os.path.join(cut, "uniform", "train", "model", "model.safetensors"), "rb") as b:
+            check(a.read() == b.read(), "the resumed fine-tuning's best model equals the uninterrupted run's, byte for byte")
+        a = results(os.path.join(ref, "eval", "uniform-plugin.json"))
+        b = results(os.path.join(cut, "eval", "uniform-plugin.json"))
+        worst = max(abs(a[t][k] - b[t][k]) for t in a for k in a[t])
+        print(f"resumed fine-tuning vs uninterrupted: largest difference of plug-in evaluation numbers {worst:.3g}")
+        check(worst <= 1e-6, f"the resumed pipeline's plug-in numbers equal the uninterrupted run's ({worst:.3g})")
+        with open(os.path.join(cut, "uniform", "train", "train_log.jsonl")) as f:
+            last = max(json.loads(line).get("step", 0) for line in f if line.strip())
+        check(last == 8, f"the resumed fine-tuning reached step 8 (log ends at {last})")
+
+
 def main():
     binary, mode = sys.argv[1], sys.argv[2]
     if mode == "demo":
         demo(binary, sys.argv[3], sys.argv[4])
+    elif mode == "resume_train":
+        resume_train(binary, sys.argv[3])
     else:
         grid(binary, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
     print(f"{'FAILED' if failures else 'passed'}: {len(failures)} failure(s)")
