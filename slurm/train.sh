@@ -11,8 +11,9 @@ source "${CRASH_SLURM_DIR:-$(dirname "$0")}/common.sh"
 mode=${CRASH_MODE:?set CRASH_MODE to uniform, remove or share}
 require train-task
 out=$WORK/$mode/train
-# A requeued run (SLURM_RESTART_COUNT > 0) always resumes, even if a best model was saved.
-[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] || skip_if_done "$out/model"
+# model/ is written at every new best validation loss: only the marker written below says training
+# finished (as in the pipeline job). A requeued run (SLURM_RESTART_COUNT > 0) always resumes.
+[ "${SLURM_RESTART_COUNT:-0}" -gt 0 ] || skip_if_done "$out/finished"
 emulator=$WORK/$mode/emulator
 preflight "$WORK/$mode" "$emulator"
 args=(--model "$emulator" --data "$(prepared "$(cfg train-task)")" --out "$out" --steps "$(cfg steps 200)"
@@ -34,4 +35,5 @@ if [ $rc -eq 3 ]; then
   scontrol requeue "$SLURM_JOB_ID" || die "scontrol requeue $SLURM_JOB_ID failed; resubmit train.sh to resume"
   exit 0
 fi
+[ $rc -ne 0 ] || echo "$(cfg steps 200) steps of $mode" > "$out/finished"
 exit $rc
