@@ -12,6 +12,7 @@
 #include "jobs/job_model.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
+#include "parallel/log.h"
 #include "parallel/world.h"
 
 namespace fs = std::filesystem;
@@ -65,7 +66,11 @@ int eval_run(const po::variables_map& vm) {
   for (const auto& task : tasks) results.push_back(evaluate_task(model, task, options, job_model.tokenizer()));
 
   if (World::get().rank() != 0) return 0;
-  std::cout << results_table(results) << std::flush;
+  // Under the pipeline the table belongs to the stage's log; the pipeline prints its own.
+  if (logging_to_file())
+    spdlog::info("results:\n{}", results_table(results));
+  else
+    std::cout << results_table(results) << std::flush;
   nlohmann::json j = {{"model", model_dir},
                       {"grid", grid->describe()},
                       {"dtype", vm["dtype"].as<std::string>()},

@@ -3,9 +3,13 @@
 //   emulate -> eval (emulator zero-shot) -> train -> eval (fine-tuned) -> plugin -> eval (plug-in)
 // and the CRaSh table. Every stage is the job of the same name; a stage whose complete output
 // exists is skipped (outputs appear only when complete), so a crashed pipeline resumes.
+// The terminal gets one line per stage; each stage's full log is WORK/logs/STAGE.log.
+#include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -16,6 +20,9 @@
 #include "framework/json_fields.h"
 #include "jobs/job.h"
 #include "parallel/errors.h"
+#include "parallel/grid.h"
+#include "parallel/log.h"
+#include "parallel/progress.h"
 #include "parallel/world.h"
 
 namespace crash {
@@ -54,17 +61,28 @@ void pipeline_options(po::options_description& o) {
 namespace {
 
 // Runs the job `name` with `args` (plus the grid and common options of the pipeline), unless
-// `output` exists already.
+// `output` exists already. Each stage prints one line on rank 0 (its time and the peak memory of
+// the busiest rank), logs in full to WORK/logs/LABEL.log and appends its record (settings, time,
+// memory) to WORK/logs/stages.jsonl, which the report reads.
 class StageRunner {
  public:
-  StageRunner(const po::variables_map& vm) : vm_(vm) {}
+  StageRunner(const po::variables_map& vm, const fs::path& work)
+      : vm_(vm), logs_(work / "logs"), world_(ProcessGrid::create(GridSizes{})->world()) {
+    std::error_code ec;
+    fs::create_directories(logs_, ec);
+    if (ec) fail("{}: cannot create the log folder ({})", logs_.string(), ec.message());
+  }
 
-  void run(const std::string& name, const std::string& output, std::vector<std::string> args, bool grid) {
+  void run(const std::string& label, const std::string& name, const std::string& output, std::vector<std::string> args,
+           bool grid) {
+    const bool rank0 = world_->rank() == 0;
+    nlohmann::json record = {{"stage", label}, {"job", name}, {"output", output}, {"args", args}};
     if (fs::exists(output)) {
-      spdlog::info("pipeline: {} -> {} exists, skipped", name, output);
+      if (rank0) std::printf("pipeline: %-32s skipped (%s exists)\n", label.c_str(), output.c_str());
+      record["status"] = "skipped";
+      append(record);
       return;
     }
-    spdlog::info("pipeline: {} -> {}", name, output);
     const Job* job = nullptr;
     for (const auto& j : all_jobs())
       if (name == j.name) job = &j;
@@ -76,16 +94,57 @@ class StageRunner {
     if (grid) {
       const auto names = grid_option_names();
       inherited.insert(inherited.end(), names.begin(), names.end());
+      for (const auto& key : names)
+        if (vm_.count(key)) record["grid"][key] = option_text(vm_[key]);
     }
     for (const auto& key : inherited) {
       stage_vm.erase(key);
       stage_vm.emplace(key, vm_[key]);
     }
-    job->run(stage_vm);
+    std::string file_name = label;
+    std::replace(file_name.begin(), file_name.end(), ' ', '-');
+    const fs::path log = logs_ / (file_name + ".log");
+    std::fflush(stdout);
+    reset_peak_rss();
+    const auto t0 = std::chrono::steady_clock::now();
+    {
+      LogToFile to_file(rank0 ? log.string() : "");
+      spdlog::info("pipeline stage {}: crash-hpc {} {}", label, name, fmt::join(args, " "));
+      job->run(stage_vm);
+    }
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    auto peak = torch::tensor({static_cast<double>(peak_rss_since_reset())}, torch::kFloat64);
+    world_->allreduce(peak, ReduceOp::Max);
+    const double peak_bytes = peak.item<double>();
+    if (rank0) {
+      std::printf("pipeline: %-32s %9s  peak %6.0f MiB\n", label.c_str(), duration_text(seconds).c_str(),
+                  peak_bytes / (1 << 20));
+      std::fflush(stdout);
+    }
+    record.update({{"status", "ran"},
+                   {"seconds", seconds},
+                   {"peak_rss_bytes", static_cast<int64_t>(peak_bytes)},
+                   {"ranks", world_->size()},
+                   {"log", fs::relative(log, logs_.parent_path()).string()}});
+    append(record);
   }
 
  private:
+  static std::string option_text(const po::variable_value& v) {
+    if (const auto* i = boost::any_cast<int>(&v.value())) return std::to_string(*i);
+    if (const auto* s = boost::any_cast<std::string>(&v.value())) return *s;
+    return "(set)";
+  }
+  void append(const nlohmann::json& record) const {
+    if (world_->rank() != 0) return;
+    std::ofstream out(logs_ / "stages.jsonl", std::ios::app);
+    out << record.dump() << "\n";
+    if (!out) fail("{}: cannot append the stage record", (logs_ / "stages.jsonl").string());
+  }
+
   const po::variables_map& vm_;
+  fs::path logs_;
+  CommPtr world_;
 };
 
 std::string task_name(const std::string& path) { return fs::path(path).stem().string(); }
@@ -172,7 +231,7 @@ int pipeline_run(const po::variables_map& vm) {
   std::error_code ec;
   fs::create_directories(work / "prepared", ec);
   if (ec) fail("{}: cannot create the work folder ({})", work.string(), ec.message());
-  StageRunner stage(vm);
+  StageRunner stage(vm, work);
   auto str = [](auto v) { return std::to_string(v); };
 
   // Tokenize every task once.
@@ -180,10 +239,12 @@ int pipeline_run(const po::variables_map& vm) {
   std::vector<std::string> tasks = {train_task, collect_task};
   if (vm.count("valid-task")) tasks.push_back(vm["valid-task"].as<std::string>());
   tasks.insert(tasks.end(), eval_tasks.begin(), eval_tasks.end());
+  for (size_t i = 0; i < tasks.size(); ++i)  // each task once (the collection task is often the training task)
+    if (std::find(tasks.begin(), tasks.begin() + i, tasks[i]) != tasks.begin() + i) tasks.erase(tasks.begin() + i--);
   // Text is cut into windows the model can take (prepare's default, 512, may exceed its positions).
   const int64_t window = std::min<int64_t>(512, CheckpointReader(model).config().max_positions);
   for (const auto& t : tasks)
-    stage.run("prepare", prepared(t),
+    stage.run("prepare " + task_name(t), "prepare", prepared(t),
               {"--task", t, "--tokenizer", model, "--out", prepared(t), "--window", str(window)}, false);
 
   // Representations, similarity and clusters of the middle layers.
@@ -195,12 +256,12 @@ int pipeline_run(const po::variables_map& vm) {
                                            "--num-examples", str(vm["num-examples"].as<int64_t>()),
                                            "--pooling",      vm["pooling"].as<std::string>()};
   if (fs::exists(archive + ".partial")) collect_args.push_back("--resume");
-  stage.run("collect", archive, collect_args, true);
+  stage.run("collect", "collect", archive, collect_args, true);
   std::vector<std::string> plot;
   if (vm["plot"].as<bool>()) plot.push_back("--plot");
   std::vector<std::string> sim_args = {"--archive", archive, "--out", cka};
   sim_args.insert(sim_args.end(), plot.begin(), plot.end());
-  stage.run("similarity", cka, sim_args, false);
+  stage.run("similarity", "similarity", cka, sim_args, false);
   const int64_t L = CheckpointReader(model).config().num_layers;
   std::vector<std::string> cluster_args = {"--cka",    cka,
                                            "--k",      str(vm["k"].as<int64_t>()),
@@ -208,7 +269,7 @@ int pipeline_run(const po::variables_map& vm) {
                                            "--layers", fmt::format("{}:{}", bottom, L - top),
                                            "--out",    clusters};
   cluster_args.insert(cluster_args.end(), plot.begin(), plot.end());
-  stage.run("cluster", clusters, cluster_args, false);
+  stage.run("cluster", "cluster", clusters, cluster_args, false);
 
   // Evaluation of one model on every task: work/eval/<setting>.json.
   fs::create_directories(work / "eval", ec);
@@ -218,7 +279,7 @@ int pipeline_run(const po::variables_map& vm) {
                                      "--batch-size",   str(vm["eval-batch-size"].as<int64_t>()),
                                      "--num-examples", str(vm["eval-examples"].as<int64_t>())};
     for (const auto& t : eval_tasks) args.insert(args.end(), {"--data", prepared(t)});
-    stage.run("eval", args[3], args, true);
+    stage.run("eval " + setting, "eval", args[3], args, true);
   };
   evaluate(model, "full");
 
@@ -227,7 +288,7 @@ int pipeline_run(const po::variables_map& vm) {
     fs::create_directories(dir, ec);
     const std::string emulator = (dir / "emulator").string(), trained = (dir / "train").string(),
                       plugged = (dir / "plugin").string();
-    stage.run("emulate", emulator,
+    stage.run("emulate " + mode, "emulate", emulator,
               {"--model", model, "--mode", mode, "--clusters", clusters, "--adapters", vm["adapters"].as<std::string>(),
                "--out", emulator},
               false);
@@ -255,11 +316,11 @@ int pipeline_run(const po::variables_map& vm) {
     // train writes model/ at every new best validation loss, so model/ alone does not say the
     // fine-tuning finished: the stage is done once this marker, written after it returns, exists.
     const std::string finished = (fs::path(trained) / "finished").string();
-    stage.run("train", finished, train_args, true);
+    stage.run("train " + mode, "train", finished, train_args, true);
     if (World::get().rank() == 0 && !fs::exists(finished))
       write_atomic(finished, fmt::format("{} steps of {}\n", vm["steps"].as<int64_t>(), mode));
     evaluate(tuned, mode + "-emulator-fine-tuned");
-    stage.run("plugin", plugged, {"--model", model, "--emulator", tuned, "--out", plugged}, false);
+    stage.run("plugin " + mode, "plugin", plugged, {"--model", model, "--emulator", tuned, "--out", plugged}, false);
     evaluate(plugged, mode + "-plugin");
   }
   write_crash_table(work, modes, eval_tasks);

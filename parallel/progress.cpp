@@ -9,6 +9,7 @@
 #include <cstdlib>
 
 #include "parallel/errors.h"
+#include "parallel/log.h"
 #include "parallel/world.h"
 
 namespace crash {
@@ -124,7 +125,14 @@ void Progress::finish() {
   if (!settings_.show || total_ <= 0) return;
   if (shown_done_ != done_) show();
   if (open_line_) {
-    settings_.sink("\n");
+    // Under a pipeline stage the terminal keeps one line per stage: the finished line goes to
+    // the stage's log file and is cleared here.
+    if (logging_to_file()) {
+      settings_.sink("\r\033[K");
+      spdlog::info("{}", line());
+    } else {
+      settings_.sink("\n");
+    }
     open_line_ = false;
   }
 }

@@ -152,7 +152,7 @@ def resume_train(binary, fixtures):
         check(os.path.isdir(os.path.join(cut, "uniform", "train", "model")), "the cut fine-tuning saved a best model")
         r, _ = run(base + ["--work", cut])
         log = r.stdout + r.stderr
-        check(re.search(r"pipeline: train -> \S+\n", log) and not re.search(r"pipeline: train -> \S+ exists, skipped", log),
+        check(re.search(r"pipeline: train uniform +\S+ +peak", log) and not re.search(r"pipeline: train uniform +skipped", log),
               "the second run runs the train stage again")
         with open(os.path.join(ref, "uniform", "train", "model", "model.safetensors"), "rb") as a, \
                 open(os.path.join(cut, "uniform", "train", "model", "model.safetensors"), "rb") as b:
