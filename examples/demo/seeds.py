@@ -4,13 +4,15 @@
     python3 examples/demo/seeds.py [--seeds 1234,1,2] [--work /tmp/demo-seeds] [--binary build/crash-hpc]
 
 Runs `crash-hpc pipeline --config examples/demo/pipeline.ini --seed S` once per seed (each in WORK/seed-S; a run
-whose table exists is reused, so an interrupted sweep resumes), then prints a Markdown table: per task, emulator
+whose table exists is reused, so an interrupted sweep resumes; the stages the seed does not change, up to the
+emulators' zero-shot evaluation, are copied from the first seed's run), then prints a Markdown table: per task, emulator
 and column, the mean and the sample standard deviation over the seeds, and each seed's value. Needs Debian's
 python3 only. The seed drives the fine-tuning (data order); collection, CKA and clustering do not depend on it.
 """
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -21,8 +23,27 @@ COLUMNS = [("full-zero-shot", "Full zero-shot"), ("emulator-zero-shot", "Emulato
            ("emulator-fine-tuned", "Emulator fine-tuned"), ("plugin", "Plug-in")]
 
 
-def run_seed(binary, config, work, seed):
+def reuse_seed_independent(first, work):
+    """Copies what --seed does not change (every stage before fine-tuning) from the first seed's run."""
+    if not os.path.exists(os.path.join(first, "crash_table.json")) or os.path.exists(work):
+        return
+    os.makedirs(os.path.join(work, "eval"))
+    for rel in ["prepared", "activations.h5", "cka.h5", "cka.json", "clusters.h5", "clusters.json", "eval/full.json"]:
+        src = os.path.join(first, rel)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(work, rel))
+        elif os.path.exists(src):
+            shutil.copy2(src, os.path.join(work, rel))
+    for mode in ("uniform", "remove", "share"):
+        if os.path.isdir(os.path.join(first, mode, "emulator")):
+            shutil.copytree(os.path.join(first, mode, "emulator"), os.path.join(work, mode, "emulator"))
+            shutil.copy2(os.path.join(first, "eval", f"{mode}-emulator-zero-shot.json"), os.path.join(work, "eval"))
+
+
+def run_seed(binary, config, work, seed, first=None):
     table = os.path.join(work, "crash_table.json")
+    if first:
+        reuse_seed_independent(first, work)
     if not os.path.exists(table):
         t0 = time.time()
         cmd = [binary, "pipeline", "--config", config, "--work", work, "--seed", str(seed)]
@@ -50,7 +71,9 @@ def main():
     seeds = [int(s) for s in a.seeds.split(",") if s]
     if len(seeds) < 2:
         sys.exit("--seeds: give at least two seeds")
-    tables = {s: run_seed(a.binary, a.config, os.path.join(a.work, f"seed-{s}"), s) for s in seeds}
+    first = os.path.join(a.work, f"seed-{seeds[0]}")
+    tables = {s: run_seed(a.binary, a.config, os.path.join(a.work, f"seed-{s}"), s, first if s != seeds[0] else None)
+              for s in seeds}
     first = tables[seeds[0]]
     print(f"Mean ± sample standard deviation over seeds {', '.join(map(str, seeds))} "
           f"(per-seed values in brackets, in that order).\n")
