@@ -62,6 +62,36 @@ struct Timer {
   double seconds() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
 };
 
+// Per row of a batch: the sum of the target tokens' log-probabilities and whether each target
+// is the argmax of its position (lm-eval's is_greedy: argmax of the float32 log-softmax, the
+// first of equal maxima), from the full logits on the last stage; [n, 2] on every rank.
+torch::Tensor greedy_scores(DistributedLM& model, const torch::Tensor& ids, const torch::Tensor& mask,
+                            const torch::Tensor& targets, int64_t n) {
+  auto out = torch::zeros({n, 2}, torch::kFloat64);
+  auto result = model.forward(ids, mask, micro_batches(model, n), false, true);
+  if (model.grid().last_stage()) {
+    auto lp = torch::log_softmax(result.logits.to(torch::kFloat32), -1);
+    auto best = lp.argmax(-1);
+    auto o_a = out.accessor<double, 2>();
+    auto t_a = targets.accessor<int64_t, 2>();
+    auto b_a = best.accessor<int64_t, 2>();
+    for (int64_t i = 0; i < n; ++i) {
+      double sum = 0;
+      bool all = true;
+      for (int64_t t = 0; t < targets.size(1); ++t) {
+        if (t_a[i][t] == kIgnore) continue;
+        sum += lp[i][t][t_a[i][t]].item<double>();
+        all = all && b_a[i][t] == t_a[i][t];
+      }
+      o_a[i][0] = sum;
+      o_a[i][1] = all ? 1.0 : 0.0;
+    }
+  }
+  if (model.grid().pp() > 1)
+    on_device(model, out, [&](torch::Tensor& d) { model.grid().pp_group()->broadcast(d, model.grid().pp() - 1); });
+  return out;
+}
+
 TaskResult multiple_choice(DistributedLM& model, const PreparedTask& task, const EvalOptions& o) {
   const ModelConfig& c = model.stage().config();
   const int64_t max_length = c.max_positions;
@@ -97,6 +127,8 @@ TaskResult multiple_choice(DistributedLM& model, const PreparedTask& task, const
   const auto& grid = model.grid();
   auto ll = torch::zeros({R}, torch::kFloat64);
   auto ll_a = ll.accessor<double, 1>();
+  auto greedy = torch::zeros({R}, torch::kFloat64);  // 1 where the choice is the greedy continuation
+  auto greedy_a = greedy.accessor<double, 1>();
   Progress progress(task_name(task) + " (multiple choice)", batches, "batches");
   for (int64_t b = 0; b < batches; ++b) {
     if (b % grid.dp() != grid.dp_rank()) continue;
@@ -114,22 +146,39 @@ TaskResult multiple_choice(DistributedLM& model, const PreparedTask& task, const
       const int64_t L = static_cast<int64_t>(r.input.size());
       for (int64_t j = 0; j < r.scored; ++j) t_a[i][L - r.scored + j] = cont[cont.size() - r.scored + j];
     }
-    auto lp = model.token_logprobs(batch.ids, batch.mask, targets, micro_batches(model, n), kIgnore).sum(1);
-    auto lp_a = lp.accessor<double, 1>();
-    for (int64_t i = 0; i < n; ++i) ll_a[static_cast<int64_t>(order[first + i])] = lp_a[i];
+    if (task.multiple_target) {
+      // lm-eval's exact_match needs to know whether every continuation token is the argmax
+      // (is_greedy), so these tasks take the full logits; their prompts are short.
+      auto scored = greedy_scores(model, batch.ids, batch.mask, targets, n);
+      auto s_a = scored.accessor<double, 2>();
+      for (int64_t i = 0; i < n; ++i) {
+        ll_a[static_cast<int64_t>(order[first + i])] = s_a[i][0];
+        greedy_a[static_cast<int64_t>(order[first + i])] = s_a[i][1];
+      }
+    } else {
+      auto lp = model.token_logprobs(batch.ids, batch.mask, targets, micro_batches(model, n), kIgnore).sum(1);
+      auto lp_a = lp.accessor<double, 1>();
+      for (int64_t i = 0; i < n; ++i) ll_a[static_cast<int64_t>(order[first + i])] = lp_a[i];
+    }
     progress.update(b + 1);  // b counts the batches of every replica
   }
   gather_dp(model, ll);
+  if (task.multiple_target) gather_dp(model, greedy);
   progress.finish();
   ll_a = ll.accessor<double, 1>();
+  greedy_a = greedy.accessor<double, 1>();
 
   TaskResult result;
-  std::vector<double> acc, acc_norm;
+  std::vector<double> acc, acc_norm, exact;
   int64_t q = 0;
   for (const auto& ex : task.examples) {
     const size_t K = ex.continuations.size();
     std::vector<double> scores(K);
-    for (size_t k = 0; k < K; ++k) scores[k] = ll_a[q++];
+    std::vector<bool> is_greedy(K);
+    for (size_t k = 0; k < K; ++k, ++q) {
+      scores[k] = ll_a[q];
+      is_greedy[k] = greedy_a[q] > 0.5;
+    }
     // np.argmax: the first of equal maxima.
     size_t pred = 0, pred_norm = 0;
     for (size_t k = 1; k < K; ++k) {
@@ -138,13 +187,34 @@ TaskResult multiple_choice(DistributedLM& model, const PreparedTask& task, const
           scores[pred_norm] / static_cast<double>(ex.choice_chars[pred_norm]))
         pred_norm = k;
     }
-    acc.push_back(static_cast<int64_t>(pred) == ex.gold ? 1.0 : 0.0);
-    acc_norm.push_back(static_cast<int64_t>(pred_norm) == ex.gold ? 1.0 : 0.0);
-    result.details.push_back(
-        {{"index", ex.index}, {"gold", ex.gold}, {"logliks", scores}, {"pred", pred}, {"pred_norm", pred_norm}});
+    auto is_gold = [&](size_t k) {
+      return std::find(ex.golds.begin(), ex.golds.end(), static_cast<int64_t>(k)) != ex.golds.end();
+    };
+    acc.push_back(is_gold(pred) ? 1.0 : 0.0);
+    acc_norm.push_back(is_gold(pred_norm) ? 1.0 : 0.0);
+    nlohmann::json d = {{"index", ex.index}, {"logliks", scores}, {"pred", pred}, {"pred_norm", pred_norm}};
+    if (task.multiple_target) {
+      // lm-eval: exact_match = any gold choice is the greedy continuation.
+      bool hit = false;
+      for (auto g : ex.golds) hit = hit || is_greedy[static_cast<size_t>(g)];
+      exact.push_back(hit ? 1.0 : 0.0);
+      d["gold"] = ex.golds;
+      d["greedy"] = is_greedy;
+      d["exact_match"] = hit ? 1 : 0;
+    } else {
+      d["gold"] = ex.gold;
+      d["acc"] = static_cast<int>(acc.back());
+      d["acc_norm"] = static_cast<int>(acc_norm.back());
+    }
+    result.details.push_back(std::move(d));
   }
   auto mean = [](const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0) / v.size(); };
-  result.metrics = {{"acc", mean(acc), mean_stderr(acc)}, {"acc_norm", mean(acc_norm), mean_stderr(acc_norm)}};
+  // What lm-eval reports: acc and acc_norm for one gold, exact_match alone for several
+  // (WebQuestions' metric list).
+  if (task.multiple_target)
+    result.metrics = {{"exact_match", mean(exact), mean_stderr(exact)}};
+  else
+    result.metrics = {{"acc", mean(acc), mean_stderr(acc)}, {"acc_norm", mean(acc_norm), mean_stderr(acc_norm)}};
   return result;
 }
 

@@ -1,8 +1,12 @@
 // Evaluation with lm-eval's semantics (lm-evaluation-harness 0.4, HFLM), on any grid:
 //   multiple choice  per choice the sum of the continuation tokens' log-probabilities given the
 //                    context; acc = argmax sum == gold, acc_norm = argmax sum / choice characters
-//                    == gold; stderr = sample standard deviation (ddof 1) / sqrt(n)
-//   generation       greedy decoding until EOS, a newline or max_new_tokens, decoded with the
+//                    == gold; stderr = sample standard deviation (ddof 1) / sqrt(n).
+//                    Several golds (lm-eval's multiple targets, WebQuestions): exact_match = any
+//                    gold choice is the greedy continuation (every token the argmax), the only
+//                    metric lm-eval reports for them
+//   generation       (free generation, not lm-eval's WebQuestions) greedy decoding until EOS, a newline or
+//   max_new_tokens, decoded with the
 //                    model's tokenizer and cut at the first newline; exact_match against any
 //                    answer after normalisation (normalize_answer)
 //   text             token-level perplexity over every non-first token of each window
@@ -37,7 +41,9 @@ struct TaskResult {
   int64_t num_examples = 0;
   std::vector<Metric> metrics;
   // One object per example, in the task's order: multiple choice {index, gold, logliks, pred,
-  // pred_norm}, generation {index, generation, exact_match}, text {index, tokens, nll}.
+  // pred_norm, acc, acc_norm}, with several golds {index, gold: [...], logliks, greedy: [...],
+  // pred, pred_norm, exact_match}, generation {index, generation, exact_match}, text {index,
+  // tokens, nll}.
   std::vector<nlohmann::json> details;
 
   nlohmann::json to_json() const;  // {task, kind, num_examples, metrics: {name: {value, stderr}}}

@@ -93,7 +93,7 @@ nlohmann::json prepare_task(const std::string& task_path, const std::string& tok
         j["tokens"] = tokens;
         j["context"] = ctx;
         j["continuations"] = conts;
-        j["gold"] = e.gold;
+        j["gold"] = task.multiple_target ? nlohmann::json(e.golds) : nlohmann::json(e.gold);
         j["choice_chars"] = chars;
       } else if (task.kind == TaskKind::Generation) {
         auto ctx = tok.encode(e.context, true);

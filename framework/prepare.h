@@ -4,8 +4,9 @@
 //   {"index": i, "hash": "<16 hex>", "tokens": [...], ...}
 // `tokens` is what collection runs on: the context and the gold continuation (multiple
 // choice), the context (generation), or one window of text (language modelling). Multiple
-// choice lines add "context", "continuations" (split as lm-eval splits them), "gold" and
-// "choice_chars" (each choice's length in characters, for acc_norm).
+// choice lines add "context", "continuations" (split as lm-eval splits them), "gold" (an
+// index, or the task's list of gold indices) and "choice_chars" (each choice's length in
+// characters, for acc_norm).
 #pragma once
 #include <cstdint>
 #include <nlohmann/json.hpp>

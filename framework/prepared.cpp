@@ -54,9 +54,14 @@ PreparedExample parse_line(const nlohmann::json& j, const std::string& kind, int
       fail("{}: missing field \"continuations\" (a list of token-id lists)", where);
     for (size_t c = 0; c < j["continuations"].size(); ++c)
       e.continuations.push_back(ids_of(j["continuations"][c], "continuations", vocab_size, where));
-    e.gold = json_field<int64_t>(j, "gold", where);
-    if (e.gold < 0 || e.gold >= static_cast<int64_t>(e.continuations.size()))
-      fail("{}: \"gold\" {} is not a choice index [0, {})", where, e.gold, e.continuations.size());
+    if (!j.contains("gold")) fail("{}: missing field \"gold\"", where);
+    e.golds = j["gold"].is_array() ? json_field<std::vector<int64_t>>(j, "gold", where)
+                                   : std::vector<int64_t>{json_field<int64_t>(j, "gold", where)};
+    if (e.golds.empty()) fail("{}: \"gold\" lists no choice", where);
+    for (auto g : e.golds)
+      if (g < 0 || g >= static_cast<int64_t>(e.continuations.size()))
+        fail("{}: \"gold\" {} is not a choice index [0, {})", where, g, e.continuations.size());
+    e.gold = e.golds.front();
     e.choice_chars = json_field<std::vector<int64_t>>(j, "choice_chars", where);
     if (e.choice_chars.size() != e.continuations.size())
       fail("{}: \"choice_chars\" has {} entries for {} choices", where, e.choice_chars.size(), e.continuations.size());
@@ -88,7 +93,14 @@ PreparedTask read_prepared(const std::string& dir, int64_t limit, int64_t vocab_
       if (limit >= 0 && static_cast<int64_t>(task.examples.size()) >= limit) return task;
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
       const std::string where = fmt::format("{}:{}", path, lineno);
-      task.examples.push_back(parse_line(parse_json_line(line, where), task.kind, vocab_size, where));
+      auto j = parse_json_line(line, where);
+      const bool listed = j.is_object() && j.contains("gold") && j["gold"].is_array();
+      if (task.examples.empty())
+        task.multiple_target = listed;
+      else if (listed != task.multiple_target)
+        fail("{}: \"gold\" is {} here but {} on the first line", where, listed ? "a list" : "one index",
+             task.multiple_target ? "a list" : "one index");
+      task.examples.push_back(parse_line(j, task.kind, vocab_size, where));
     }
   }
   if (task.examples.empty()) fail("{}: no examples", dir);

@@ -16,14 +16,16 @@ struct PreparedExample {
   std::vector<int64_t> tokens;
   std::vector<int64_t> context;                     // multiple choice, generation
   std::vector<std::vector<int64_t>> continuations;  // multiple choice, one per choice
-  int64_t gold = -1;
-  std::vector<int64_t> choice_chars;  // multiple choice: each choice's length in characters
-  std::vector<std::string> answers;   // generation
+  int64_t gold = -1;                                // the (first) gold choice: `tokens` end with its continuation
+  std::vector<int64_t> golds;                       // every gold choice ({gold} unless the task lists several)
+  std::vector<int64_t> choice_chars;                // multiple choice: each choice's length in characters
+  std::vector<std::string> answers;                 // generation
 };
 
 struct PreparedTask {
   std::string dir;
-  std::string kind;  // "multiple_choice", "generation" or "text" (task_kind_name)
+  std::string kind;              // "multiple_choice", "generation" or "text" (task_kind_name)
+  bool multiple_target = false;  // multiple choice with "gold" lists (Task::multiple_target)
   nlohmann::json manifest;
   std::vector<PreparedExample> examples;
 };

@@ -34,6 +34,28 @@ std::string string_field(const nlohmann::json& j, const char* key, const std::st
   return j.at(key).get<std::string>();
 }
 
+// "gold": one choice index, or a non-empty list of distinct ones.
+std::vector<int64_t> golds(const nlohmann::json& g, size_t choices, const std::string& where) {
+  std::vector<int64_t> out;
+  if (g.is_number_integer()) {
+    out.push_back(g.get<int64_t>());
+  } else if (g.is_array() && !g.empty()) {
+    for (const auto& x : g) {
+      if (!x.is_number_integer()) fail("{}: \"gold\" must list choice indices, got {}", where, x.dump());
+      out.push_back(x.get<int64_t>());
+    }
+  } else {
+    fail("{}: \"gold\" must be a choice index or a non-empty list of them, got {}", where, g.dump());
+  }
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i] < 0 || out[i] >= static_cast<int64_t>(choices))
+      fail("{}: \"gold\" {} is not the index of one of the {} choices", where, out[i], choices);
+    for (size_t k = 0; k < i; ++k)
+      if (out[k] == out[i]) fail("{}: \"gold\" lists choice {} twice", where, out[i]);
+  }
+  return out;
+}
+
 }  // namespace
 
 Task read_task(const std::string& path, int64_t limit) {
@@ -57,6 +79,7 @@ Task parse_task(std::istream& in, const std::string& path, int64_t limit) {
       if (key != "context" && key != "choices" && key != "gold" && key != "answers" && key != "text" && key != "meta")
         fail("{}: unknown field \"{}\" (expected context, choices, gold, answers, text or meta)", where, key);
     TaskKind kind;
+    bool listed = false;  // "gold" given as a list
     TaskExample ex;
     ex.index = static_cast<int64_t>(task.examples.size());
     if (j.contains("choices")) {
@@ -65,10 +88,9 @@ Task parse_task(std::istream& in, const std::string& path, int64_t limit) {
         fail("{}: a multiple-choice line needs context, choices and gold", where);
       ex.context = string_field(j, "context", where);
       ex.choices = strings(j, "choices", where);
-      if (!j["gold"].is_number_integer()) fail("{}: \"gold\" must be an integer", where);
-      ex.gold = j["gold"].get<int64_t>();
-      if (ex.gold < 0 || ex.gold >= static_cast<int64_t>(ex.choices.size()))
-        fail("{}: \"gold\" {} is not the index of one of the {} choices", where, ex.gold, ex.choices.size());
+      ex.golds = golds(j["gold"], ex.choices.size(), where);
+      ex.gold = ex.golds.front();
+      listed = j["gold"].is_array();
     } else if (j.contains("answers")) {
       kind = TaskKind::Generation;
       if (!j.contains("context")) fail("{}: a generation line needs context and answers", where);
@@ -82,9 +104,14 @@ Task parse_task(std::istream& in, const std::string& path, int64_t limit) {
     }
     if (!kind_known) {
       task.kind = kind;
+      task.multiple_target = listed;
       kind_known = true;
     } else if (kind != task.kind) {
       fail("{}: a {} line in a {} task", where, task_kind_name(kind), task_kind_name(task.kind));
+    } else if (listed != task.multiple_target) {
+      // lm-eval too decides from the first document whether a task has several targets.
+      fail("{}: \"gold\" is {} here but {} on the first line (give one index on every line or a list on every line)",
+           where, listed ? "a list" : "one index", task.multiple_target ? "a list" : "one index");
     }
     task.examples.push_back(std::move(ex));
   }

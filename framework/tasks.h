@@ -1,5 +1,6 @@
 // Task data in JSON Lines (docs/architecture.md section 5), one example a line:
-//   multiple choice  {"context": ..., "choices": [...], "gold": i}
+//   multiple choice  {"context": ..., "choices": [...], "gold": i}, or "gold": [i, j, ...] for
+//                    several accepted choices (lm-eval's multiple targets, e.g. WebQuestions)
 //   generation       {"context": ..., "answers": [...]}
 //   language model   {"text": ...}
 // Prompts are already rendered with lm-eval's templates (see docs/tasks.md and
@@ -19,7 +20,8 @@ struct TaskExample {
   int64_t index = 0;  // position among the file's examples: the stable id other files join on
   std::string context;
   std::vector<std::string> choices;  // multiple choice
-  int64_t gold = -1;
+  int64_t gold = -1;                 // the (first) gold choice
+  std::vector<int64_t> golds;        // every gold choice: {gold} unless "gold" is a list
   std::vector<std::string> answers;  // generation
   std::string text;                  // language model
 };
@@ -27,6 +29,9 @@ struct TaskExample {
 struct Task {
   std::string path;
   TaskKind kind = TaskKind::Text;
+  // Multiple choice whose lines give "gold" as a list (all lines alike): scored by lm-eval's
+  // multiple-target rules (exact_match: any gold choice is the greedy continuation).
+  bool multiple_target = false;
   std::vector<TaskExample> examples;
 };
 

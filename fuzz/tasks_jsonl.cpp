@@ -12,10 +12,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::istringstream in(std::string(reinterpret_cast<const char*>(data), size));
   try {
     const crash::Task task = crash::parse_task(in, "fuzz.jsonl");
-    for (const auto& ex : task.examples)
-      if (task.kind == crash::TaskKind::MultipleChoice &&
-          (ex.gold < 0 || ex.gold >= static_cast<int64_t>(ex.choices.size())))
-        std::abort();
+    for (const auto& ex : task.examples) {
+      if (task.kind != crash::TaskKind::MultipleChoice) continue;
+      if (ex.golds.empty() || ex.gold != ex.golds.front()) std::abort();
+      for (auto g : ex.golds)
+        if (g < 0 || g >= static_cast<int64_t>(ex.choices.size())) std::abort();
+    }
   } catch (const crash::UserError&) {
   }
   return 0;

@@ -3,9 +3,16 @@
 tests/fixtures/eval/generate.py with lm-eval's HFLM).
 
 usage: eval_matches_lm_eval.py CRASH_HPC FIXTURES [NP TP PP]
-Prepares the fixture's three tasks, runs eval on NP ranks (mpirun when NP > 1) with --tp/--pp, and
-checks: every choice's log-likelihood within 1e-4 of lm-eval's, the predictions and acc/acc_norm
-(and their stderr) equal, every generation and exact_match equal, perplexity within 1e-6 relative.
+Prepares the fixture's tasks, runs eval on NP ranks (mpirun when NP > 1) with --tp/--pp, and checks
+against lm-eval:
+  mc     every choice's log-likelihood within 1e-4, the predictions and acc/acc_norm (and stderr) equal
+  webqs  (lm-eval's own webqs task: several gold aliases) every choice's log-likelihood within 1e-4,
+         every choice's is_greedy equal, each example's exact_match equal, exact_match (and stderr)
+         the only metric, equal
+  race   (lm-eval's own race task: one article a document) every choice's log-likelihood within 1e-4,
+         each example's acc equal, acc (and stderr) equal
+and against HF directly: every generation and exact_match equal (greedy decoding, lm-eval's
+generate_until settings), perplexity of prepare's windows within 1e-6 relative.
 """
 import json
 import math
@@ -37,12 +44,13 @@ def main():
     with open(os.path.join(here, "expected.json")) as f:
         exp = json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in ("mc", "gen", "lm"):
+        names = ("mc", "gen", "lm", "webqs", "race")
+        for name in names:
             run([crash, "prepare", "--task", os.path.join(here, f"{name}.jsonl"), "--tokenizer", model, "--out",
                  os.path.join(tmp, name), "--window", str(exp["window"])])
         out, details = os.path.join(tmp, "results.json"), os.path.join(tmp, "details.jsonl")
-        cmd = [crash, "eval", "--model", model, "--data", os.path.join(tmp, "mc"), "--data", os.path.join(tmp, "gen"),
-               "--data", os.path.join(tmp, "lm"), "--out", out, "--details", details, "--batch-size", "3",
+        data = [x for name in names for x in ("--data", os.path.join(tmp, name))]
+        cmd = [crash, "eval", "--model", model] + data + ["--out", out, "--details", details, "--batch-size", "3",
                "--max-new-tokens", str(exp["max_new_tokens"]), "--tp", str(tp), "--pp", str(pp), "--threads", "1"]
         if np_ > 1:
             cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS=1",
@@ -68,6 +76,26 @@ def main():
         check(abs(m[k]["value"] - exp["mc"][k]) < 1e-12, f"{k} {m[k]['value']} vs lm-eval {exp['mc'][k]}")
         check(abs(m[k]["stderr"] - exp["mc"][k + "_stderr"]) < 1e-12, f"{k} stderr")
     check(res["mc"]["kind"] == "multiple_choice" and res["mc"]["num_examples"] == len(mc), "mc kind and count")
+
+    # lm-eval's own tasks: per choice log-likelihood, per example score, the metrics it reports.
+    for name, score in (("webqs", "exact_match"), ("race", "acc")):
+        e = exp[name]
+        rows = [d for d in det if d["task"] == name]
+        check(len(rows) == len(e["logliks"]), f"{name}: one detail line per document")
+        for d, ll, sc in zip(rows, e["logliks"], e["scores"]):
+            check(len(d["logliks"]) == len(ll), f"{name} example {d['index']}: number of choices")
+            diff = max(abs(a - b) for a, b in zip(d["logliks"], ll))
+            check(diff <= TOL_LL, f"{name} example {d['index']}: log-likelihoods differ from lm-eval's by {diff:.3g}")
+            worst = max(worst, diff)
+            check(d[score] == sc[score], f"{name} example {d['index']}: {score} {d[score]} vs lm-eval {sc[score]}")
+        if name == "webqs":
+            for d, g in zip(rows, e["greedy"]):
+                check(d["greedy"] == g, f"webqs example {d['index']}: is_greedy {d['greedy']} vs lm-eval {g}")
+        m = res[name]["metrics"]
+        check(sorted(m) == e["metrics"] if name == "webqs" else score in m, f"{name}: metrics {sorted(m)}")
+        check(abs(m[score]["value"] - e[score]) < 1e-12, f"{name}: {score} {m[score]['value']} vs lm-eval {e[score]}")
+        check(abs(m[score]["stderr"] - e[score + "_stderr"]) < 1e-12, f"{name}: {score} stderr")
+        check(res[name]["kind"] == "multiple_choice" and res[name]["num_examples"] == len(rows), f"{name} kind, count")
 
     # Generation.
     gen = [d for d in det if d["task"] == "gen"]

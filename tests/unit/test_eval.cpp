@@ -87,6 +87,35 @@ TEST(Eval, MultipleChoiceMatchesLmEvalOnOneRank) {
   }
 }
 
+// lm-eval's webqs: several gold aliases, exact_match = one of them is the greedy continuation.
+TEST(Eval, MultipleTargetsScoreExactMatchAsLmEval) {
+  torch::set_num_threads(1);
+  test::TempDir tmp;
+  const auto model_dir = test::fixture("eval/model");
+  prepare_task(test::fixture("eval/webqs.jsonl"), model_dir, tmp / "webqs", PrepareOptions{});
+  const auto expected = read_json_file(test::fixture("eval/expected.json"))["webqs"];
+  CheckpointReader ckpt(model_dir);
+  auto task = read_prepared(tmp / "webqs", -1, ckpt.config().vocab_size);
+  EXPECT_TRUE(task.multiple_target);
+  DistributedLM model(ckpt, ProcessGrid::create({1, 1}));
+  EvalOptions o;
+  o.batch_size = 3;
+  auto r = evaluate_task(model, task, o);
+  ASSERT_EQ(r.details.size(), expected["logliks"].size());
+  for (size_t e = 0; e < r.details.size(); ++e) {
+    const auto mine = r.details[e]["logliks"].get<std::vector<double>>();
+    const auto ref = expected["logliks"][e].get<std::vector<double>>();
+    ASSERT_EQ(mine.size(), ref.size());
+    for (size_t k = 0; k < mine.size(); ++k) EXPECT_NEAR(mine[k], ref[k], 1e-4) << "example " << e << " choice " << k;
+    EXPECT_EQ(r.details[e]["greedy"], expected["greedy"][e]) << "example " << e;
+    EXPECT_EQ(r.details[e]["exact_match"].get<double>(), expected["scores"][e]["exact_match"].get<double>());
+  }
+  ASSERT_EQ(r.metrics.size(), 1u);  // lm-eval reports exact_match alone for webqs
+  EXPECT_EQ(r.metrics[0].name, "exact_match");
+  EXPECT_DOUBLE_EQ(r.metrics[0].value, expected["exact_match"].get<double>());
+  EXPECT_NEAR(r.metrics[0].stderr_, expected["exact_match_stderr"].get<double>(), 1e-12);
+}
+
 TEST(Eval, BadInputIsAUserError) {
   test::TempDir tmp;
   const auto model_dir = test::fixture("eval/model");
