@@ -75,12 +75,13 @@ torch::Tensor greedy_scores(DistributedLM& model, const torch::Tensor& ids, cons
     auto o_a = out.accessor<double, 2>();
     auto t_a = targets.accessor<int64_t, 2>();
     auto b_a = best.accessor<int64_t, 2>();
+    auto lp_a = lp.accessor<float, 3>();
     for (int64_t i = 0; i < n; ++i) {
       double sum = 0;
       bool all = true;
       for (int64_t t = 0; t < targets.size(1); ++t) {
         if (t_a[i][t] == kIgnore) continue;
-        sum += lp[i][t][t_a[i][t]].item<double>();
+        sum += lp_a[i][t][t_a[i][t]];
         all = all && b_a[i][t] == t_a[i][t];
       }
       o_a[i][0] = sum;

@@ -5,8 +5,8 @@
 //                    Several golds (lm-eval's multiple targets, WebQuestions): exact_match = any
 //                    gold choice is the greedy continuation (every token the argmax), the only
 //                    metric lm-eval reports for them
-//   generation       (free generation, not lm-eval's WebQuestions) greedy decoding until EOS, a newline or
-//   max_new_tokens, decoded with the
+//   generation       (free generation, not lm-eval's WebQuestions) greedy decoding until EOS, a
+//                    newline or max_new_tokens, decoded with the
 //                    model's tokenizer and cut at the first newline; exact_match against any
 //                    answer after normalisation (normalize_answer)
 //   text             token-level perplexity over every non-first token of each window

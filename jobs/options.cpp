@@ -32,7 +32,9 @@ const std::vector<Job>& all_jobs() {
       {"emulate", "a CRaSh emulator (uniform, remove or share layers) as an HF folder with crash_plan.json",
        emulate_options, emulate_run},
       {"plugin", "the full model with an emulator's tuned adapter layers plugged back in", plugin_options, plugin_run},
-      {"eval", "lm-eval-style evaluation: multiple choice (acc, acc_norm), generation (exact match), perplexity",
+      {"eval",
+       "lm-eval-style evaluation: multiple choice (acc, acc_norm; several golds: exact_match), generation (exact "
+       "match), perplexity",
        eval_options, eval_run},
       {"pipeline", "the CRaSh study end to end: collect, similarity, cluster, emulate, train, plug in, evaluate",
        pipeline_options, pipeline_run},

@@ -46,7 +46,10 @@ TEST(LogToFile, SendsTheFullLogToTheFileAndOnlyWarningsToTheConsole) {
   EXPECT_NE(text.find("info: stage detail 42"), std::string::npos) << text;
   EXPECT_NE(text.find("warning: stage warning"), std::string::npos) << text;
   EXPECT_EQ(text.find("after the stage"), std::string::npos) << text;
-  { LogToFile nothing(""); EXPECT_FALSE(logging_to_file()); }
+  {
+    LogToFile nothing("");
+    EXPECT_FALSE(logging_to_file());
+  }
   std::filesystem::remove_all(dir);
 }
 
