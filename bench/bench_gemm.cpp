@@ -29,7 +29,8 @@ using Clock = std::chrono::steady_clock;
 double best_rate(const std::function<void()>& fn, double flops, int repeats, double min_seconds = 0.2) {
   const auto w0 = Clock::now();
   fn();  // kernel selection, packing, page faults
-  if (std::chrono::duration<double>(Clock::now() - w0).count() > min_seconds) repeats = 1;  // slow: one call says enough
+  if (std::chrono::duration<double>(Clock::now() - w0).count() > min_seconds)
+    repeats = 1;  // slow: one call says enough
   double best = 0;
   for (int r = 0; r < repeats; ++r) {
     int n = 0;
@@ -93,7 +94,7 @@ int main(int argc, char** argv) {
   namespace po = boost::program_options;
   po::options_description o("bench_gemm");
   o.add_options()("threads", po::value<int>()->default_value(2), "")("rows", po::value<int64_t>()->default_value(1024),
-                                                                    "rows of x (tokens of a pass)")(
+                                                                     "rows of x (tokens of a pass)")(
       "dtypes", po::value<std::string>()->default_value("float32,bfloat16"), "comma-separated")(
       "repeats", po::value<int>()->default_value(3), "timed groups per kernel");
   po::variables_map vm;
@@ -155,8 +156,8 @@ int main(int argc, char** argv) {
         rows, repeats);
 #ifdef CRASH_HAVE_DNNL
     try {
-      r["oneDNN matmul"] = onednn_rate(rows, type == torch::kFloat32 ? dnnl::memory::data_type::f32
-                                                                     : dnnl::memory::data_type::bf16, repeats);
+      r["oneDNN matmul"] = onednn_rate(
+          rows, type == torch::kFloat32 ? dnnl::memory::data_type::f32 : dnnl::memory::data_type::bf16, repeats);
     } catch (const dnnl::error& e) {  // no kernel for this type on this CPU
       r["oneDNN matmul"] = nullptr;
     }
