@@ -19,7 +19,7 @@ Printed: both sides' configuration, the machine's GEMM rate in this run (crash-h
 oneDNN, the venv's torch with MKL and oneDNN; the best is the machine's rate), each side's rate on
 the decoder's FLOPs (real tokens, no padding) and its fraction of the GEMM rate, the ratio, and
 how far the two archives agree. Goals: crash-hpc >= 0.90 of the GEMM rate and >= 1.1x HF.
-  python bench/collect.py [--examples 256] [--repeats 2] [--allocators tcmalloc,glibc] [--dtypes float32,bfloat16]
+  python bench/collect.py [--examples 128] [--repeats 2] [--allocators tcmalloc,glibc] [--dtypes float32,bfloat16]
 """
 import json
 import os
@@ -78,7 +78,7 @@ def hf_worker(a):
 
 def main():
     ap = arguments(batch=32, seq=128, allocators="tcmalloc,glibc", dtypes="float32,bfloat16", doc=__doc__)
-    ap.add_argument("--examples", type=int, default=256)
+    ap.add_argument("--examples", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each side; the best counts")
     ap.add_argument("--gemm-rows", type=int, default=1024, help="rows of the GEMM probe (tokens of a pass)")
     ap.add_argument("--model")
