@@ -2,7 +2,7 @@
 """SFSD calibration throughput: crash-hpc decompose vs the same statistics in PyTorch, side by side.
 
 The work: every decoder Linear's output sums and sums of outer products, in float64, over the
-tokens of --examples calibration examples of --tokens random token ids (no padding), --batch rows
+tokens of --examples calibration examples of --seq random token ids (no padding), --batch rows
 a pass, on a random OPT-125m-shaped model (72 Linears; the model runs in float32).
 - crash-hpc decompose --ratio 0.5: only its calibration is timed (its "calibration: N tokens in
   S s" line); the bench stops the job once that line is out (the decomposition that follows is
@@ -16,7 +16,7 @@ Printed: both sides' configuration, the machine's float32 and float64 GEMM rates
 side's tokens/s, GFLOP/s on the work's FLOPs (the decoder's forward in float32 and the float64
 products 2 out^2 per token and Linear) and its fraction of the physical limit: the time those
 FLOPs take at the two GEMM rates over the time taken. Goal: >= 1.0x PyTorch.
-  python bench/decompose.py [--examples 64] [--tokens 128] [--batch 8] [--allocators tcmalloc]
+  python bench/decompose.py [--examples 64] [--seq 128] [--batch 8] [--allocators tcmalloc]
 """
 import json
 import os
