@@ -1,5 +1,5 @@
 // Write bandwidth of the activation archive: random rows written block by block as the collect
-// job writes them, then fsync; prints one JSON line on rank 0. Compared with dd by bench/collect.sh.
+// job writes them, then fsync; prints one JSON line on rank 0. Compared with write(2) by bench/archive.py.
 #include <boost/program_options.hpp>
 #include <fcntl.h>
 #include <torch/torch.h>
@@ -61,9 +61,9 @@ int main(int argc, char** argv) {
   }
   grid->world()->barrier();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  const double bytes =
-      static_cast<double>(spec.num_examples) * spec.widths.size() * spec.widths[0] * (spec.dtype == "float16" ? 2 : 4);
+  const int64_t bytes =
+      spec.num_examples * static_cast<int64_t>(spec.widths.size()) * spec.widths[0] * (spec.dtype == "float16" ? 2 : 4);
   if (world.rank() == 0)
-    std::cout << "{\"bytes\": " << bytes << ", \"seconds\": " << secs << ", \"gb_per_s\": " << bytes / secs / 1e9 << "}"
-              << std::endl;
+    std::cout << "{\"bytes\": " << bytes << ", \"seconds\": " << secs
+              << ", \"gb_per_s\": " << static_cast<double>(bytes) / secs / 1e9 << "}" << std::endl;
 }

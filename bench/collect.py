@@ -1,106 +1,170 @@
 #!/usr/bin/env python3
-"""Collection throughput and archive bandwidth, side by side in one run (not part of CI).
+"""Collection throughput: crash-hpc collect vs the HF loop a careful user writes, side by side.
 
-1. crash-hpc collect vs a plain HF transformers loop (output_hidden_states=True, mean pooling,
-   h5py datasets), same random OPT-125m-shaped model, same examples, same threads; both timed
-   end to end (model load included), alternating, each side's best of --repeats runs.
-   Goal: >= 2x the HF loop.
-2. The archive's write bandwidth (bench_archive, fsync included) vs dd with fdatasync to the
-   same folder. Goal: >= 80% of dd.
-Needs torch and transformers from PyPI:  python bench/collect.py [--threads 2] [--dir /tmp/crash-bench]
+Both sides pool every layer's hidden states (mean over each example's tokens) of the same random
+OPT-125m-shaped model on the same examples (random token ids, lengths from --seq/2 to --seq) and
+store them as float32 [N, 768] per layer in HDF5:
+- crash-hpc collect --block-size B (its default of 4 length-sorted, packed passes per block);
+- HF: the base model (transformers' AutoModel, no LM head), output_hidden_states=True, examples
+  sorted by length into batches of B, right-padded, torch.inference_mode(), the mean pooled in
+  float32, h5py datasets written once.
+Same threads, same compute type (--dtypes: float32 and bfloat16, HF's dtype=torch.bfloat16),
+and the same allocator on both sides (--allocators: both under tcmalloc through LD_PRELOAD, then
+both with glibc's malloc: crash-hpc-glibc, the same program built without tcmalloc).
+Each side runs in its own process, alternating, --repeats times; each side's best run counts.
+Timed: the collection itself (crash-hpc: its progress line, from the first block to the last
+write; HF: from the first batch to the closed file); model loading is printed apart.
+
+Printed: both sides' configuration, the machine's GEMM rate in this run (crash-hpc's LibTorch and
+oneDNN, the venv's torch with MKL and oneDNN; the best is the machine's rate), each side's rate on
+the decoder's FLOPs (real tokens, no padding) and its fraction of the GEMM rate, the ratio, and
+how far the two archives agree. Goals: crash-hpc >= 0.90 of the GEMM rate and >= 1.1x HF.
+  python bench/collect.py [--examples 128] [--repeats 2] [--allocators tcmalloc,glibc] [--dtypes float32,bfloat16]
 """
 import json
 import os
 import re
 import subprocess
+import sys
 import time
 
-import h5py
 import numpy as np
-import torch
-from common import ROOT, arguments, make_model, write_tokens
-from transformers import OPTForCausalLM
+from common import (arguments, cpu_name, decoder_flops, gemm_rates, libtorch_description, make_model, merge_best,
+                    model_path, parse_lists, print_gemm, process_allocator, program, rate_line, reference_description,
+                    run_json, side_env, worker_cmd, write_tokens)
+
+PROGRESS = re.compile(r"collect: (\d+)/(\d+) examples in \S+, ([0-9.e+-]+) examples/s")
+
+
+def hf_worker(a):
+    """The reference side, in its own process: prints one JSON line."""
+    import h5py
+    import torch
+    from transformers import AutoModel
+    torch.set_num_threads(a.threads)
+    with open(a.data) as f:
+        seqs = [json.loads(line)["tokens"] for line in f][:a.examples]
+    t0 = time.perf_counter()
+    model = AutoModel.from_pretrained(a.model, dtype=getattr(torch, a.dtypes[0])).eval()
+    load = time.perf_counter() - t0
+    n = len(seqs)
+    order = sorted(range(n), key=lambda i: len(seqs[i]))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 1
+    t0 = time.perf_counter()
+    pooled = None
+    with torch.inference_mode():
+        for b in range(0, n, a.batch):
+            idx = order[b:b + a.batch]
+            T = max(len(seqs[i]) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                mask[r, :len(seqs[i])] = 1
+            hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
+            if pooled is None:
+                pooled = [np.empty((n, h.shape[-1]), dtype=np.float32) for h in hs]
+            m = mask.unsqueeze(-1).float()
+            rows = torch.tensor(idx)
+            for l, h in enumerate(hs):
+                pooled[l][rows.numpy()] = ((h.float() * m).sum(1) / m.sum(1)).numpy()
+    with h5py.File(a.out, "w") as h5:
+        for l, p in enumerate(pooled):
+            h5.create_dataset(f"layers/{l}", data=p)
+    loop = time.perf_counter() - t0
+    print(json.dumps({"load_s": load, "loop_s": loop, "examples": n, "allocator": process_allocator(),
+                      "threads": torch.get_num_threads(), "attention": model.config._attn_implementation}))
 
 
 def main():
-    ap = arguments(batch=32, seq=128)
-    ap.add_argument("--examples", type=int, default=512)
-    ap.add_argument("--dir", default="/tmp/crash-bench")
-    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each side")
-    a = ap.parse_args()
-    os.makedirs(a.dir, exist_ok=True)
-    model_dir = os.path.join(a.dir, "opt-125m-hf")
-    make_model(model_dir)
+    ap = arguments(batch=32, seq=128, allocators="tcmalloc,glibc", dtypes="float32,bfloat16", doc=__doc__)
+    ap.add_argument("--examples", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2, help="alternating runs of each side; the best counts")
+    ap.add_argument("--gemm-rows", type=int, default=1024, help="rows of the GEMM probe (tokens of a pass)")
+    ap.add_argument("--model")
+    ap.add_argument("--data")
+    ap.add_argument("--out")
+    a = parse_lists(ap.parse_args())
+    if a.worker == "hf":
+        return hf_worker(a)
+
+    model = model_path(a.dir)
+    make_model(model)
     rng = np.random.default_rng(0)
-    data = os.path.join(a.dir, "collect.jsonl")
     seqs = [rng.integers(4, 50000, rng.integers(a.seq // 2, a.seq + 1)).tolist() for _ in range(a.examples)]
+    data = os.path.join(a.dir, "collect.jsonl")
     write_tokens(data, seqs)
+    lengths = [len(s) for s in seqs]
+    flops = decoder_flops(lengths)
+    ours_h5, hf_h5 = os.path.join(a.dir, "collect.h5"), os.path.join(a.dir, "collect-hf.h5")
 
-    out = os.path.join(a.dir, "collect.h5")
+    first = a.allocators[0]
+    rates, ours_gemm, hf_gemm = gemm_rates(a, first, a.dtypes, a.gemm_rows)
+    print(f"CPU: {cpu_name()}; {a.threads} threads on both sides")
+    print(f"crash-hpc: {libtorch_description(program(a, first, 'crash-hpc'), ours_gemm)}")
+    print(f"reference: {reference_description(hf_gemm)}")
+    print(f"model: random OPT-125m shape (12 layers, d 768, ffn 3072), {a.examples} examples of "
+          f"{min(lengths)}-{max(lengths)} tokens ({sum(lengths)} tokens), mean pooling, float32 archive")
+    print(f"crash-hpc: collect --block-size {a.batch} (4 length-sorted packed passes a block); "
+          f"HF: AutoModel (no LM head), length-sorted batches of {a.batch}, right padding, inference_mode")
+    print(f"decoder FLOPs on the real tokens: {flops / 1e12:.3f} TFLOP a run\n")
+    best = print_gemm(rates, a.gemm_rows, a.threads)
 
-    def ours_once():
-        t = time.perf_counter()
-        subprocess.run([os.path.join(ROOT, "build", "crash-hpc"), "collect", "--model", model_dir, "--data", data,
-                        "--out", out, "--num-examples", str(a.examples), "--block-size", str(a.batch),
-                        "--threads", str(a.threads), "--overwrite", "--log-level", "warn"], check=True)
-        return a.examples / (time.perf_counter() - t)
+    results = {}
+    for dtype in a.dtypes:
+        for alloc in a.allocators:
+            env = side_env(alloc, a.threads)
+            crash = program(a, alloc, "crash-hpc")
+            ours, hf, ours_wall, hf_load = [], [], [], []
+            hf_alloc = None
+            for _ in range(a.repeats):
+                t = time.perf_counter()
+                r = subprocess.run([crash, "collect", "--model", model, "--data", data, "--out", ours_h5, "--num-examples",
+                                    str(a.examples), "--block-size", str(a.batch), "--threads", str(a.threads),
+                                    "--dtype", dtype, "--overwrite", "--log-level", "info"],
+                                   env=env, capture_output=True, text=True)
+                ours_wall.append(time.perf_counter() - t)
+                if r.returncode != 0:
+                    sys.exit(f"crash-hpc collect failed ({r.returncode}):\n{r.stderr[-3000:]}")
+                m = PROGRESS.findall(r.stdout + r.stderr)
+                if not m:
+                    sys.exit("crash-hpc collect printed no final progress line:\n" + (r.stdout + r.stderr)[-3000:])
+                ours.append(a.examples / float(m[-1][2]))
+                j, _ = run_json(worker_cmd("collect.py", a, "--worker", "hf", "--model", model, "--data", data, "--out",
+                                           hf_h5, "--examples", a.examples, "--batch", a.batch, "--dtypes", dtype),
+                                env, "HF side")
+                hf.append(j["loop_s"])
+                hf_load.append(j["load_s"])
+                hf_alloc = j["allocator"]
+            import h5py
+            with h5py.File(ours_h5, "r") as x, h5py.File(hf_h5, "r") as y:
+                diff = max(float(np.abs(x[f"layers/{l}"][()] - y[f"layers/{l}"][()]).max() /
+                                 max(1e-30, float(np.abs(y[f"layers/{l}"][()]).max()))) for l in range(13))
+            o, h = min(ours), min(hf)
+            results[(dtype, alloc)] = (o, h)
+            print(f"\ncollect, {dtype}, allocator: crash-hpc {alloc} "
+                  f"({'LD_PRELOAD' if alloc == 'tcmalloc' else 'crash-hpc-glibc, nothing preloaded'}), "
+                  f"HF {hf_alloc}; GEMM rate {best[dtype]:.1f} GFLOP/s")
+            print(rate_line("crash-hpc collect", a.examples, o, flops, best[dtype], "examples/s") +
+                  f"  (runs {', '.join(f'{x:.2f}' for x in ours)} s; whole process {min(ours_wall):.2f} s)")
+            print(rate_line("HF AutoModel + h5py", a.examples, h, flops, best[dtype], "examples/s") +
+                  f"  (runs {', '.join(f'{x:.2f}' for x in hf)} s; model load {min(hf_load):.2f} s)")
+            print(f"  ratio crash-hpc / HF: {h / o:.2f} (goal >= 1.1); crash-hpc at {flops / o / 1e9 / best[dtype]:.2f} "
+                  f"of the GEMM rate (goal >= 0.90); archives agree to {diff:.1e} of the largest value")
 
-    def hf_once():
-        torch.set_num_threads(a.threads)
-        t = time.perf_counter()
-        model = OPTForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        with h5py.File(os.path.join(a.dir, "hf.h5"), "w") as h5, torch.inference_mode():
-            sets = None
-            for b in range(0, a.examples, a.batch):
-                rows = seqs[b:b + a.batch]
-                T = max(len(r) for r in rows)
-                ids = torch.full((len(rows), T), 1)
-                mask = torch.zeros((len(rows), T), dtype=torch.long)
-                for i, r in enumerate(rows):
-                    ids[i, :len(r)] = torch.tensor(r)
-                    mask[i, :len(r)] = 1
-                hs = model(input_ids=ids, attention_mask=mask, output_hidden_states=True, use_cache=False).hidden_states
-                if sets is None:
-                    sets = [h5.create_dataset(f"layers/{l}", (a.examples, h.shape[-1]), dtype="f4") for l, h in enumerate(hs)]
-                m = mask.unsqueeze(-1).float()
-                for l, h in enumerate(hs):
-                    sets[l][b:b + len(rows)] = ((h * m).sum(1) / m.sum(1)).numpy()
-        return a.examples / (time.perf_counter() - t)
+    # The machine's rate again at the end: the best of both measurements is the physical limit.
+    end_rates, _, _ = gemm_rates(a, first, a.dtypes, a.gemm_rows)
+    end_best = {d: max(r.values()) for d, r in end_rates.items()}
+    if any(end_best[d] > best[d] * 1.05 for d in a.dtypes):
+        print("\nnote: the GEMM rate measured at the end is higher than at the start: "
+              + ", ".join(f"{d} {end_best[d]:.1f} GFLOP/s" for d in a.dtypes) + " (the machine was busier at first)")
+    best = merge_best(best, end_best)
+    print("\nsummary (ratio crash-hpc / HF; crash-hpc's fraction of the best GEMM rate of the run):")
+    for (dtype, alloc), (o, h) in results.items():
+        g = best[dtype]
+        print(f"  {dtype:9s} {alloc:9s} ratio {h / o:5.2f}   crash-hpc {flops / o / 1e9 / g:.2f}, HF {flops / h / 1e9 / g:.2f} "
+              f"of the GEMM rate {g:.1f} GFLOP/s")
 
-    # Alternating runs; each side's best, since this machine's speed drifts from minute to minute.
-    ours_runs, hf_runs = [], []
-    for _ in range(a.repeats):
-        ours_runs.append(ours_once())
-        hf_runs.append(hf_once())
-    ours, hf = max(ours_runs), max(hf_runs)
-    with h5py.File(out, "r") as x, h5py.File(os.path.join(a.dir, "hf.h5"), "r") as y:
-        diff = max(float(np.abs(x[f"layers/{l}"][()] - y[f"layers/{l}"][()]).max()) for l in range(13))
-    # The ratio depends on the CPU: the reference's BLAS (MKL in the PyPI wheel) is faster on some.
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "unknown CPU")
-    print(f"collect, OPT-125m shape, {a.examples} examples of <= {a.seq} tokens, {a.threads} threads of {cpu}")
-    runs = lambda r: ", ".join(f"{x:.1f}" for x in r)
-    print(f"  crash-hpc collect: {ours:8.1f} examples/s (best of {runs(ours_runs)})")
-    print(f"  HF transformers {torch.__version__} + h5py loop: {hf:8.1f} examples/s (best of {runs(hf_runs)})")
-    print(f"  ratio: {ours / hf:.2f} (goal >= 2); archives agree to {diff:.1e}")
-
-    # Alternating runs, each after a sync so that neither pays for the other's write-back.
-    arch, dd_file = os.path.join(a.dir, "bandwidth.h5"), os.path.join(a.dir, "dd.bin")
-    ours_bw, dd_bw = [], []
-    for _ in range(3):
-        subprocess.run(["sync"], check=True)
-        r = json.loads(subprocess.run([os.path.join(ROOT, "build", "bench", "bench_archive"), "--out", arch],
-                                      check=True, capture_output=True, text=True).stdout.splitlines()[-1])
-        ours_bw.append(r["gb_per_s"])
-        os.remove(arch)
-        subprocess.run(["sync"], check=True)
-        count = int(r["bytes"] // (4 << 20))
-        d = subprocess.run(["dd", "if=/dev/zero", f"of={dd_file}", "bs=4M", f"count={count}", "conv=fdatasync"],
-                           capture_output=True, text=True).stderr
-        dd_bw.append(count * (4 << 20) / float(re.search(r"copied, ([0-9.]+) s", d).group(1)) / 1e9)
-        os.remove(dd_file)
-    o, d = float(np.median(ours_bw)), float(np.median(dd_bw))
-    print(f"archive write ({r['bytes'] / 1e9:.1f} GB, fsync included), median of 3: {o:.2f} GB/s; "
-          f"dd (fdatasync): {d:.2f} GB/s; ratio {o / d:.2f} (goal >= 0.8)")
 
 if __name__ == "__main__":
     main()

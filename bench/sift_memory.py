@@ -48,7 +48,8 @@ def train(binary, model, data, out, steps, batch, threads, extra):
 
 
 def main():
-    ap = arguments(batch=4, seq=64, model="/tmp/crash-bench/opt-125m-random-fp32", binary="crash-hpc")
+    ap = arguments(batch=4, seq=64, model="/tmp/crash-bench/opt-125m-random-fp32", binary="crash-hpc",
+                   two_sides=False)
     ap.add_argument("--rho", type=float, default=0.05)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--maker", default=os.path.join(ROOT, "build", "bench", "make_random_checkpoint"))

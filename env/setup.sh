@@ -5,7 +5,7 @@ set -euo pipefail
 
 packages=(
   build-essential cmake ninja-build ccache pkg-config git
-  libtorch-dev libopenblas0-openmp libgoogle-perftools-dev libdnnl-dev
+  libtorch-dev libopenblas0-openmp libgoogle-perftools-dev libtcmalloc-minimal4 libdnnl-dev
   libopenmpi-dev openmpi-bin
   libhdf5-openmpi-dev hdf5-tools
   libboost-program-options-dev
