@@ -36,6 +36,9 @@ void read_opt(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
   c.activation = json_field_or<std::string>(j, "activation_function", "relu", src);
   c.norm_eps = 1e-5;  // OPT uses nn.LayerNorm's default
   c.tie_word_embeddings = json_field_or<bool>(j, "tie_word_embeddings", true, src);
+  c.dropout = json_field_or<double>(j, "dropout", 0.1, src);  // OPTConfig's default
+  c.attention_dropout = json_field_or<double>(j, "attention_dropout", 0.0, src);
+  c.activation_dropout = json_field_or<double>(j, "activation_dropout", 0.0, src);
   c.pad_token_id = json_field_or<int64_t>(j, "pad_token_id", 1, src);
   c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", 2, src);
   c.eos_token_id = json_field_or<int64_t>(j, "eos_token_id", 2, src);
@@ -84,6 +87,7 @@ void read_llama(ModelConfig& c, const nlohmann::json& j, const std::string& src)
       fail("{}: rope type '{}' is not supported (expected 'llama3' or 'default')", where, type);
     }
   }
+  c.attention_dropout = json_field_or<double>(j, "attention_dropout", 0.0, src);
   c.pad_token_id = json_field_or<int64_t>(j, "pad_token_id", -1, src);
   c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", 1, src);
   c.eos_token_id = j.contains("eos_token_id") && j.at("eos_token_id").is_array()
@@ -143,6 +147,10 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& s
       c.sfsd_ranks[name] = r.get<int64_t>();
     }
   }
+  for (const auto& [key, rate] : {std::pair<const char*, double>{"dropout", c.dropout},
+                                  {"attention_dropout", c.attention_dropout},
+                                  {"activation_dropout", c.activation_dropout}})
+    if (!(rate >= 0 && rate < 1)) fail("{}: field '{}' is {}, not a dropout rate in [0, 1)", src, key, rate);
   static const char* kActivations[] = {"relu", "gelu", "gelu_new", "gelu_pytorch_tanh", "silu", "swish"};
   bool known = false;
   for (const char* a : kActivations) known = known || c.activation == a;

@@ -48,6 +48,14 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   std::optional<RopeScaling> rope_scaling;
 
+  // Dropout rates of training (HF semantics; framework/models/dropout.h): OPT `dropout` on the
+  // attention and MLP outputs before each residual add (HF's default 0.1 when absent), and
+  // `attention_dropout` on attention probabilities (both families). OPT's `activation_dropout`
+  // is read and checked, but HF's OPT never applies it, so neither does this.
+  double dropout = 0.0;
+  double attention_dropout = 0.0;
+  double activation_dropout = 0.0;
+
   int64_t pad_token_id = -1;
   int64_t bos_token_id = -1;
   int64_t eos_token_id = -1;

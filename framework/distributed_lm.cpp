@@ -79,8 +79,9 @@ torch::Device DistributedLM::device() const {
 namespace {
 
 struct MicroBatches {
-  std::vector<torch::Tensor> ids, mask, positions;  // packed: ids and positions [1, N]
-  std::vector<TokenPacking> packing;                // packed passes only
+  std::vector<torch::Tensor> ids, mask, positions;       // packed: ids and positions [1, N]
+  std::vector<TokenPacking> packing;                     // packed passes only
+  std::vector<std::shared_ptr<DropoutContext>> dropout;  // training passes with dropout only
   MicroBatches(const CausalLM& model, const torch::Tensor& ids_all, const torch::Tensor& mask_all, int n,
                bool packed = false) {
     if (n < 1 || ids_all.size(0) % n != 0) fail("{} rows do not split into {} micro-batches", ids_all.size(0), n);
@@ -95,7 +96,10 @@ struct MicroBatches {
     }
   }
   AttentionContext context(const CausalLM& m, int i) const {
-    return packing.empty() ? m.attention_context(mask[i], positions[i]) : m.attention_context(packing[i], positions[i]);
+    auto ctx =
+        packing.empty() ? m.attention_context(mask[i], positions[i]) : m.attention_context(packing[i], positions[i]);
+    if (!dropout.empty()) ctx.dropout = dropout[static_cast<size_t>(i)];
+    return ctx;
   }
 };
 
@@ -199,11 +203,22 @@ std::vector<torch::Tensor> micro_targets(const MicroBatches& mb, const torch::Te
 
 double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
                                        bool sync, const torch::Tensor& labels, double total_tokens,
-                                       const Distillation* kd) {
+                                       const Distillation* kd, const Dropout* dropout) {
   CausalLM& m = *stage_;
   if (labels.defined() && labels.sizes() != ids.sizes())
     fail("labels of shape {} do not match the batch's {}", fmt::join(labels.sizes(), "x"), fmt::join(ids.sizes(), "x"));
   MicroBatches mb(m, ids, mask, micro_batches);
+  if (dropout && (dropout->hidden > 0 || dropout->attention > 0)) {
+    const int64_t rows = ids.size(0) / micro_batches;
+    for (int i = 0; i < micro_batches; ++i) {
+      auto d = DropoutContext::padded(mb.mask[static_cast<size_t>(i)], dropout->first_slot + i * rows);
+      d->hidden = dropout->hidden;
+      d->attention = dropout->attention;
+      d->seed = dropout->seed;
+      d->step = dropout->step;
+      mb.dropout.push_back(std::move(d));
+    }
+  }
   auto targets = micro_targets(mb, labels, micro_batches);
   // The loss is a mean over every target token of the global batch, whatever the grid.
   double total = total_tokens;

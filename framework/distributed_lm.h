@@ -74,8 +74,17 @@ class DistributedLM {
     torch::Tensor teacher_logits;  // [B, T, vocab] of this rank's rows, needed on the last stage
     double alpha = 0.5, temperature = 2.0;
   };
+  // Training-time dropout of one pass (framework/models/dropout.h): the rates, and the key the
+  // masks derive from. This rank's row r has slot first_slot + r in the step's global batch, so
+  // every grid draws the masks of the one-rank run. Null or zero rates: no dropout.
+  struct Dropout {
+    double hidden = 0, attention = 0;
+    uint64_t seed = 0;
+    int64_t step = 0, first_slot = 0;
+  };
   double forward_backward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches, bool sync = true,
-                          const torch::Tensor& labels = {}, double total_tokens = 0, const Distillation* kd = nullptr);
+                          const torch::Tensor& labels = {}, double total_tokens = 0, const Distillation* kd = nullptr,
+                          const Dropout* dropout = nullptr);
 
   // The same loss without gradients. `tokens` (if given) receives the global target count, so
   // that several batches can be averaged by token.

@@ -102,10 +102,14 @@ std::vector<int64_t> epoch_order(int64_t n, uint64_t seed, int64_t epoch) {
   return order;
 }
 
+std::pair<double, double> train_dropout(const TrainOptions& o, const ModelConfig& cfg) {
+  return {o.dropout.value_or(cfg.dropout), cfg.attention_dropout};
+}
+
 namespace {
 
 // Options that shape the loss sequence: a checkpoint resumes only with the same ones.
-nlohmann::json schedule_options(const TrainOptions& o) {
+nlohmann::json schedule_options(const TrainOptions& o, const ModelConfig& cfg) {
   nlohmann::json j = {{"steps", o.steps},
                       {"batch_size", o.batch_size},
                       {"grad_accum", o.grad_accum},
@@ -124,6 +128,12 @@ nlohmann::json schedule_options(const TrainOptions& o) {
                       {"kd_temperature", o.kd_temperature}};
   // Only SIFT runs carry the key, so dense checkpoints written before it still resume.
   if (o.sparse_increment > 0) j["sparse_increment"] = o.sparse_increment;
+  // Likewise only runs with dropout carry its rates.
+  const auto [hidden, attention] = train_dropout(o, cfg);
+  if (hidden > 0 || attention > 0) {
+    j["dropout"] = hidden;
+    j["attention_dropout"] = attention;
+  }
   return j;
 }
 
@@ -137,6 +147,7 @@ void check_options(const TrainOptions& o, int world_size) {
   if (o.weight_decay < 0) fail("--weight-decay must not be negative, got {}", o.weight_decay);
   if (o.eval_every < 0 || o.save_every < 0) fail("--eval-every and --save-every must not be negative");
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
+  if (o.dropout && !(*o.dropout >= 0 && *o.dropout < 1)) fail("--dropout must be in [0, 1), got {}", *o.dropout);
   if (o.sparse_increment < 0 || o.sparse_increment > 1 || std::isnan(o.sparse_increment))
     fail("--sparse-increment must be in (0, 1], got {}", o.sparse_increment);
   if (!o.save_increments.empty() && o.sparse_increment <= 0)
@@ -249,7 +260,7 @@ TrainSummary train(const TrainOptions& o) {
     manifest = read_train_manifest(*resume_from);
     const std::string mpath = *resume_from + "/manifest.json";
     const auto& t = manifest["trainer"];
-    const auto want = schedule_options(o);
+    const auto want = schedule_options(o, cfg);
     for (const auto& [key, value] : want.items())
       if (!t["options"].contains(key) || t["options"][key] != value)
         fail("{}: written with {} = {}, but this run has {} (resume with the same options)", mpath, key,
@@ -327,6 +338,11 @@ TrainSummary train(const TrainOptions& o) {
                                                                                 : "model.embed_tokens.weight")
                                                    : "";
 
+  const auto rates = train_dropout(o, cfg);
+  const double hidden_dropout = rates.first, attention_dropout = rates.second;
+  spdlog::info("dropout {} on residual branches, {} on attention probabilities{}", hidden_dropout, attention_dropout,
+               o.dropout ? " (--dropout)" : " (config.json)");
+
   // SIFT's reductions act on the masked entries it keeps once the mask exists.
   if (sift) model.set_gradient_source([sift](const torch::Tensor& p) { return sift->gradient_of(p); });
 
@@ -387,7 +403,7 @@ TrainSummary train(const TrainOptions& o) {
 
   auto trainer_state = [&](int64_t step) {
     return nlohmann::json{
-        {"step", step},           {"options", schedule_options(o)},
+        {"step", step},           {"options", schedule_options(o, cfg)},
         {"data", o.data},         {"data_hash", fmt::format("{:016x}", data.hash)},
         {"data_examples", N},     {"data_position", step * B},
         {"epoch", step * B / N},  {"order", "mt19937_64(seed * 1000003 + epoch) Fisher-Yates per epoch"},
@@ -418,6 +434,12 @@ TrainSummary train(const TrainOptions& o) {
       const auto first = rows.begin() + k * (B / K) + grid->dp_rank() * per_rank;
       return make_batch(data, std::vector<int64_t>(first, first + per_rank), length, pad);
     };
+    // Pass k's rows hold the step's slots from k * (B / K) + dp_rank * per_rank on: the
+    // dropout masks follow the example's slot, not the rank that runs it.
+    auto dropout_of = [&](int64_t k) {
+      return DistributedLM::Dropout{hidden_dropout, attention_dropout, o.seed, step,
+                                    k * (B / K) + grid->dp_rank() * per_rank};
+    };
     if (sift && !sift->selected()) {
       // The mask, from the first micro-batch's gradient, in passes that each compute the dense
       // gradients of a part of the parameters only (the rest frozen for that pass).
@@ -427,7 +449,9 @@ TrainSummary train(const TrainOptions& o) {
       for (const auto& group : groups) {
         for (const auto& p : ps) p.param.requires_grad_(false);
         for (size_t i : group) ps[i].param.requires_grad_(true);
-        model.forward_backward(first.ids, first.mask, o.micro_batches, true, first.labels, std::max(1.0, targets));
+        const auto drop = dropout_of(0);
+        model.forward_backward(first.ids, first.mask, o.micro_batches, true, first.labels, std::max(1.0, targets),
+                               nullptr, &drop);
         sift->select(group);
       }
       for (const auto& p : ps) p.param.requires_grad_(true);
@@ -441,8 +465,9 @@ TrainSummary train(const TrainOptions& o) {
       if (teacher)
         kd = DistributedLM::Distillation{teacher->forward(batch.ids, batch.mask, o.micro_batches, false).logits,
                                          o.kd_alpha, o.kd_temperature};
+      const auto drop = dropout_of(k);
       loss += model.forward_backward(batch.ids, batch.mask, o.micro_batches, k == K - 1, batch.labels,
-                                     std::max(1.0, targets), kd ? &*kd : nullptr);
+                                     std::max(1.0, targets), kd ? &*kd : nullptr, &drop);
     }
     const double norm = optimizer->clip_gradients(o.clip, norm_groups);
     const double lr = linear_schedule(o.lr, step, o.warmup, o.steps);
@@ -458,7 +483,9 @@ TrainSummary train(const TrainOptions& o) {
                {"grad_norm", norm},
                {"tokens", tokens},
                {"tokens_per_s", tokens / seconds},
-               {"seconds", seconds}});
+               {"seconds", seconds},
+               {"dropout", hidden_dropout},
+               {"attention_dropout", attention_dropout}});
     spdlog::info("step {}/{}: loss {:.4f}, lr {:.3g}, grad norm {:.3f}, {:.0f} tokens/s, {} left", step + 1, o.steps,
                  loss, lr, norm, tokens / seconds, duration_text(elapsed / ran * (o.steps - step - 1)));
 

@@ -6,7 +6,9 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "framework/config.h"
@@ -25,7 +27,10 @@ struct TrainOptions {
   int64_t warmup = 0;
   double weight_decay = 0.0, clip = 1.0;
   double beta1 = 0.9, beta2 = 0.999, eps = 1e-8;
-  uint64_t seed = 0;
+  uint64_t seed = 0;  // data order and dropout masks
+  // Residual-branch dropout (the config's `dropout`, which this replaces when set); attention
+  // probabilities take the config's `attention_dropout`. Training passes only.
+  std::optional<double> dropout;
   int64_t eval_every = 0;  // 0: validate only at the end (when --val-data is given)
   int64_t save_every = 0;  // 0: a checkpoint only at the end
   int keep_checkpoints = 2;
@@ -79,6 +84,9 @@ struct TrainSummary {
   int64_t steps = 0;
   double last_loss = 0, best_val = 0, tokens_per_second = 0;
 };
+
+// The dropout rates a run trains with: {residual branches, attention probabilities}.
+std::pair<double, double> train_dropout(const TrainOptions& options, const ModelConfig& config);
 
 // Runs the whole training (collective over the world); throws UserError on bad input.
 TrainSummary train(const TrainOptions& options);

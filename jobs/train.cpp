@@ -25,8 +25,12 @@ void train_options(po::options_description& o) {
       "weight-decay", po::value<double>()->default_value(0.0), "AdamW decoupled weight decay")(
       "clip", po::value<double>()->default_value(1.0), "clip the global gradient norm to this (0: no clipping)")(
       "adam-eps", po::value<double>()->default_value(1e-8), "AdamW epsilon")(
-      "seed", po::value<uint64_t>()->default_value(0), "data order seed")(
-      "eval-every", po::value<int64_t>()->default_value(0), "validate every N steps (and at the end)")(
+      "seed", po::value<uint64_t>()->default_value(0), "seed of the data order and the dropout masks")(
+      "dropout", po::value<double>(),
+      "dropout rate P in [0, 1) of the residual branches (attention and MLP outputs), replacing config.json's "
+      "`dropout`; attention probabilities keep its `attention_dropout`. Training passes only; masks depend on "
+      "--seed, the step and the example, not on the grid")("eval-every", po::value<int64_t>()->default_value(0),
+                                                           "validate every N steps (and at the end)")(
       "save-every", po::value<int64_t>()->default_value(0), "checkpoint every N steps (and at the end)")(
       "keep-checkpoints", po::value<int>()->default_value(2), "newest checkpoints kept")(
       "train-all", po::bool_switch(), "train every parameter, not only the emulator's adapter layers")(
@@ -62,6 +66,10 @@ int train_run(const po::variables_map& vm) {
   t.clip = vm["clip"].as<double>();
   t.eps = vm["adam-eps"].as<double>();
   t.seed = vm["seed"].as<uint64_t>();
+  if (vm.count("dropout")) {
+    t.dropout = vm["dropout"].as<double>();
+    if (!(*t.dropout >= 0 && *t.dropout < 1)) fail("--dropout must be in [0, 1), got {}", *t.dropout);
+  }
   t.eval_every = vm["eval-every"].as<int64_t>();
   t.save_every = vm["save-every"].as<int64_t>();
   t.keep_checkpoints = vm["keep-checkpoints"].as<int>();

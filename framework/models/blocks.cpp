@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "framework/models/dropout.h"
 #include "framework/models/packed_attention.h"
 #include "parallel/errors.h"
 
@@ -39,6 +40,7 @@ SelfAttentionImpl::SelfAttentionImpl(const AttentionShape& s) : head_dim_(s.head
   const int T = tp->size(), r = tp->rank();
   const int64_t D = s.head_dim;
   heads_ = s.heads / T;
+  first_head_ = r * heads_;
   q_proj = register_module("q_proj", column_linear(s.hidden, s.heads * D, s.qkv_bias, tp));
   if (s.kv_heads % T == 0) {
     kv_heads_ = s.kv_heads / T;
@@ -65,7 +67,8 @@ torch::Tensor rotate_half(const torch::Tensor& x) {
 }
 }  // namespace
 
-torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache) {
+torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache,
+                                         int64_t layer) {
   const int64_t B = h.size(0), T = h.size(1), H = heads_, KV = kv_heads_, D = head_dim_;
   auto q = q_proj->forward(h).view({B, T, H, D}).transpose(1, 2);
   auto k = k_proj->forward(h).view({B, T, KV, D}).transpose(1, 2);
@@ -77,7 +80,7 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
   }
   if (ctx.packed()) {
     if (cache) fail("attention: a packed pass keeps no key/value cache");
-    return out_proj->forward(packed_attention(q, k, v, ctx));
+    return out_proj->forward(packed_attention(q, k, v, ctx, layer, first_head_));
   }
   if (cache) {
     if (cache->k.defined()) {
@@ -101,6 +104,7 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
         ctx.bias;
   }
   auto probs = torch::softmax(scores, -1).to(v.scalar_type());
+  if (ctx.dropout_attention()) probs = attention_probs_dropout(probs, ctx, layer, first_head_);
   auto out = torch::bmm(probs.view({B * KV, rep * T, Tk}), v.reshape({B * KV, Tk, D})).view({B, H, T, D});
   return out_proj->forward(out.transpose(1, 2).reshape({B, T, H * D}));
 }

@@ -39,13 +39,15 @@ struct AttentionShape {
 class SelfAttentionImpl : public torch::nn::Module {
  public:
   explicit SelfAttentionImpl(const AttentionShape& shape);
-  torch::Tensor forward(const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache);
+  // `layer`: the model's layer number (a dropout key).
+  torch::Tensor forward(const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache, int64_t layer);
 
   ColumnParallelLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr};
   RowParallelLinear out_proj{nullptr};
 
  private:
   int64_t heads_, kv_heads_, head_dim_;  // this rank's
+  int64_t first_head_;                   // the model's number of this rank's first query head
   bool rotary_;
 };
 TORCH_MODULE(SelfAttention);

@@ -42,6 +42,27 @@ struct TokenPacking {
   torch::Tensor pack(const torch::Tensor& padded) const;
 };
 
+// Training-time dropout at Hugging Face's sites (framework/models/dropout.h). Every mask is drawn
+// from a counter-based key of (seed, step, the row's slot in the step's global batch, layer,
+// site, head) over the row's real tokens only, so it does not depend on the grid, padding,
+// micro-batching or the DP split.
+struct DropoutContext {
+  double hidden = 0;     // OPT `dropout`: attention and MLP outputs before each residual add
+  double attention = 0;  // `attention_dropout`: attention probabilities
+  uint64_t seed = 0;
+  int64_t step = 0;
+  std::vector<int64_t> slots;  // each row's slot in the step's global batch
+  // The real tokens: row b's are [row_offsets[b], row_offsets[b + 1]) in order; a padded pass
+  // ([B, T, ..]) finds token i at flattened position token_position[i], a packed one ([1, N, ..])
+  // at i (token_position empty).
+  std::vector<int64_t> row_offsets, token_position;
+  int64_t padded_length = 0;  // T of a padded pass
+
+  bool active() const { return hidden > 0 || attention > 0; }
+  // For a padded pass with attention mask [B, T] whose rows hold slots first_slot, first_slot + 1, ..
+  static std::shared_ptr<DropoutContext> padded(const torch::Tensor& mask, int64_t first_slot);
+};
+
 // What attention needs besides the hidden states; built once per forward step.
 struct AttentionContext {
   // Padded: additive [B, 1, Tq, Tk], 0 where allowed, the dtype's lowest value elsewhere.
@@ -50,6 +71,9 @@ struct AttentionContext {
   torch::Tensor cos, sin;  // rotary tables [B, Tq, head_dim] ([1, N, head_dim] packed); undefined for learned positions
   std::vector<int64_t> row_offsets;  // packed passes (hidden states [1, N, d]): TokenPacking::row_offsets
   bool packed() const { return !row_offsets.empty(); }
+  std::shared_ptr<const DropoutContext> dropout;  // training passes only; null: deterministic
+  bool dropout_hidden() const { return dropout && dropout->hidden > 0; }
+  bool dropout_attention() const { return dropout && dropout->attention > 0; }
 };
 
 // Keys and values of one layer for incremental decoding: [B, kv_heads, T, head_dim].

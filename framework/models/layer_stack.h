@@ -15,7 +15,7 @@ namespace crash {
 struct Holder : torch::nn::Module {};
 
 // A CausalLM whose layers are `Layer`s, each built as Layer(config, tp) and run as
-// forward(h, ctx, cache).
+// forward(h, ctx, cache, layer) (layer: the slot's number, which keys dropout masks).
 template <class Layer>
 class LayerStackLM : public CausalLM {
  public:
@@ -23,7 +23,7 @@ class LayerStackLM : public CausalLM {
 
   torch::Tensor run_layer(int64_t layer, const torch::Tensor& h, const AttentionContext& ctx,
                           LayerCache* cache) override {
-    return layers_.at(static_cast<size_t>(layer - first_))->forward(h, ctx, cache);
+    return layers_.at(static_cast<size_t>(layer - first_))->forward(h, ctx, cache, layer);
   }
 
  protected:

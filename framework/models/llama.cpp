@@ -2,6 +2,7 @@
 // grouped-query attention, SwiGLU MLP, tied or untied embeddings.
 #include "framework/models/blocks.h"
 #include "framework/models/decoder.h"
+#include "framework/models/dropout.h"
 #include "framework/models/layer_stack.h"
 
 namespace crash {
@@ -41,9 +42,15 @@ class LlamaLayer : public torch::nn::Module {
     input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.norm_eps));
     post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.norm_eps));
   }
-  torch::Tensor forward(const torch::Tensor& h_in, const AttentionContext& ctx, LayerCache* cache) {
-    auto h = self_attn->forward(input_layernorm->forward(h_in), ctx, cache).add_(h_in);
-    return mlp->forward(post_attention_layernorm->forward(h)).add_(h);
+  // HF's LlamaDecoderLayer drops only attention probabilities (`attention_dropout`); residual
+  // dropout runs only when the trainer asks for it (train --dropout), at OPT's sites.
+  torch::Tensor forward(const torch::Tensor& h_in, const AttentionContext& ctx, LayerCache* cache, int64_t layer) {
+    auto a = self_attn->forward(input_layernorm->forward(h_in), ctx, cache, layer);
+    if (ctx.dropout_hidden()) a = residual_dropout(a, ctx, layer, DropoutSite::AttentionOutput);
+    auto h = a.add_(h_in);
+    auto f = mlp->forward(post_attention_layernorm->forward(h));
+    if (ctx.dropout_hidden()) f = residual_dropout(f, ctx, layer, DropoutSite::MlpOutput);
+    return f.add_(h);
   }
   SelfAttention self_attn{nullptr};
   std::shared_ptr<LlamaMLP> mlp;

@@ -2,6 +2,7 @@
 // OPT-350m, after) each block, ReLU MLP, optional project_in/project_out.
 #include "framework/models/blocks.h"
 #include "framework/models/decoder.h"
+#include "framework/models/dropout.h"
 #include "framework/models/layer_stack.h"
 
 namespace crash {
@@ -30,14 +31,21 @@ class OptLayer : public torch::nn::Module {
     final_layer_norm = register_module("final_layer_norm", layer_norm(c));
   }
 
-  torch::Tensor forward(torch::Tensor h, const AttentionContext& ctx, LayerCache* cache) {
+  // HF's OPTDecoderLayer: `dropout` on the attention and fc2 outputs before their residual adds,
+  // `attention_dropout` inside attention; HF applies neither `activation_dropout` nor any
+  // dropout to the embeddings, and neither does this.
+  torch::Tensor forward(torch::Tensor h, const AttentionContext& ctx, LayerCache* cache, int64_t layer) {
     auto residual = h;
     if (pre_norm_) h = self_attn_layer_norm->forward(h);
-    h = self_attn->forward(h, ctx, cache).add_(residual);
+    h = self_attn->forward(h, ctx, cache, layer);
+    if (ctx.dropout_hidden()) h = residual_dropout(h, ctx, layer, DropoutSite::AttentionOutput);
+    h = h.add_(residual);
     if (!pre_norm_) h = self_attn_layer_norm->forward(h);
     residual = h;
     if (pre_norm_) h = final_layer_norm->forward(h);
-    h = fc2->forward(activation(act_, fc1->forward(h))).add_(residual);
+    h = fc2->forward(activation(act_, fc1->forward(h)));
+    if (ctx.dropout_hidden()) h = residual_dropout(h, ctx, layer, DropoutSite::MlpOutput);
+    h = h.add_(residual);
     if (!pre_norm_) h = final_layer_norm->forward(h);
     return h;
   }

@@ -3,12 +3,13 @@
 #include <cmath>
 #include <vector>
 
+#include "framework/models/dropout.h"
 #include "framework/models/onednn.h"
 
 namespace crash {
 
 torch::Tensor packed_attention_reference(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                                         const AttentionContext& ctx) {
+                                         const AttentionContext& ctx, int64_t layer, int64_t first_head) {
   const int64_t H = q.size(1), KV = k.size(1), N = q.size(2), D = q.size(3), rep = H / KV;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   std::vector<torch::Tensor> rows;
@@ -26,6 +27,9 @@ torch::Tensor packed_attention_reference(const torch::Tensor& q, const torch::Te
     else
       scores = torch::matmul(qb, kb.transpose(1, 2)).to(torch::kFloat32) * scale + causal;
     auto probs = torch::softmax(scores, -1).to(v.scalar_type());
+    if (ctx.dropout_attention())  // [KV, rep * L, L] is [H, L, L] head by head
+      probs = packed_row_probs_dropout(probs.view({H, L, L}), ctx, static_cast<int64_t>(b), layer, first_head)
+                  .view({KV, rep * L, L});
     rows.push_back(torch::bmm(probs, vb).view({H, L, D}).transpose(0, 1));  // [L, H, D]
   }
   if (rows.empty()) return torch::zeros({1, N, H * D}, q.options());
@@ -33,9 +37,10 @@ torch::Tensor packed_attention_reference(const torch::Tensor& q, const torch::Te
 }
 
 torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
-                               const AttentionContext& ctx) {
-  if (auto out = onednn_packed_attention(q, k, v, ctx)) return *out;
-  return packed_attention_reference(q, k, v, ctx);
+                               const AttentionContext& ctx, int64_t layer, int64_t first_head) {
+  if (!ctx.dropout_attention())
+    if (auto out = onednn_packed_attention(q, k, v, ctx)) return *out;
+  return packed_attention_reference(q, k, v, ctx, layer, first_head);
 }
 
 }  // namespace crash

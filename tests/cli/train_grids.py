@@ -8,6 +8,9 @@ task written in prepare's format (loss on the gold continuation only).
   train_grids.py CRASH_HPC FIXTURES reshard  a TP2xDP2 checkpoint resumed on PP2 and on 1 rank
                                              continues the uninterrupted curve
   train_grids.py CRASH_HPC FIXTURES bad      bad input: one line, exit code 2
+  train_grids.py CRASH_HPC FIXTURES dropout  --dropout 0.1 and attention_dropout 0.1: TP2, PP2, DP2, TP2xPP2,
+                                             micro-batches and accumulation give 1 rank's losses and weights;
+                                             --dropout 0 is today's run; resume is exact; bad rates refused
   train_grids.py CRASH_HPC FIXTURES sift     SIFT (--sparse-increment): RHO=1 equals dense AdamW, exactly k
                                              entries train, the same mask on DP2/TP2/TP2xPP2, resume,
                                              increments and merge, bad input
@@ -171,6 +174,59 @@ try:
         for name in ["pp2", "tp2pp2"]:
             d = float(np.abs(logits[name] - logits["one"]).max())
             check(d <= TOL, f"forward on {name}'s saved model: logits max diff {d:.3g} from 1 rank's")
+
+    elif MODE == "dropout":
+        # The emulator with attention_dropout 0.1 in its config; --dropout 0.1 on the residual branches.
+        emu_d = os.path.join(work, "emu_dropout")
+        shutil.copytree(emu, emu_d)
+        with open(os.path.join(emu_d, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["attention_dropout"] = 0.1
+        with open(os.path.join(emu_d, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        dcommon = [emu_d if a == emu else a for a in common]
+        args = dcommon + ["--val-data", val, "--steps", "8", "--eval-every", "4", "--dropout", "0.1"]
+        run(args + ["--out", out("one"), "--micro-batches", "2"])
+        ref = losses(out("one"))
+        check(len(ref) == 8 + 2, f"1 rank: 8 steps and 2 validations logged ({len(ref)} lines)")
+        log = [json.loads(l) for l in open(out("one/train_log.jsonl"))]
+        check(all(j["dropout"] == 0.1 and j["attention_dropout"] == 0.1 for j in log if "loss" in j),
+              "the log records dropout 0.1 and attention_dropout 0.1 on every step")
+        src, one = model_tensors(emu_d), model_tensors(out("one/model"))
+        # k_proj.bias is left out: softmax ignores it, so its gradient is rounding noise that Adam
+        # normalises into steps that differ between grids.
+        real = [n for n in src if not n.endswith("k_proj.bias")]
+        for name, np_, grid in [("tp2", 2, ["--tp", "2", "--micro-batches", "2"]), ("pp2", 2, ["--pp", "2", "--micro-batches", "2"]),
+                                ("dp2", 2, []), ("tp2pp2", 4, ["--tp", "2", "--pp", "2"]), ("accum", 1, ["--grad-accum", "2"])]:
+            run(args + ["--out", out(name)] + grid, np_)
+            compare(ref, losses(out(name)), f"dropout, {name} vs 1 rank")
+            w = model_tensors(out(name + "/model"))
+            d = max(float(np.abs(w[n] - one[n]).max()) for n in real)
+            check(d <= TOL, f"dropout, {name} vs 1 rank: final weights max diff {d:.3g}")
+
+        # Dropout changes the run; --dropout 0 on a config with none is today's run, bit for bit.
+        nodrop = common + ["--val-data", val, "--steps", "8", "--eval-every", "4"]
+        run(nodrop + ["--out", out("plain")])
+        run(nodrop + ["--out", out("zero"), "--dropout", "0"])
+        plain = losses(out("plain"))
+        check(abs(plain[0][2] - ref[0][2]) > 1e-4, f"dropout changes the first loss ({ref[0][2]:.6f} vs {plain[0][2]:.6f})")
+        compare(plain, losses(out("zero")), "--dropout 0 vs no --dropout", exact=True)
+
+        # Resume: the masks follow the step, so a cut run continues exactly; another rate is refused.
+        rargs = args + ["--save-every", "2"]
+        run(rargs + ["--out", out("full")])
+        run(rargs + ["--out", out("cut"), "--stop-after", "3"])
+        run(rargs + ["--out", out("cut"), "--resume"])
+        compare(losses(out("full")), losses(out("cut")), "dropout, resumed from step 2", exact=True)
+        other = [("0.2" if prev == "--dropout" else a) for prev, a in zip([""] + rargs, rargs)]
+        p = run(other + ["--out", out("cut"), "--resume"], 1, expect=2)
+        check("dropout" in p.stderr, "resume with another --dropout refused")
+
+        for bad in ["1", "-0.1", "1.5", "nan"]:
+            p = run(common + ["--steps", "2", "--dropout", bad, "--out", out("x")], 1, expect=2)
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            check(len(lines) == 1 and "--dropout" in lines[0], f"--dropout {bad}: {lines[-1] if lines else ''}")
+        check(not os.path.exists(out("x")), "no output left behind by the failures")
 
     elif MODE == "resume":
         args = common + ["--steps", "6", "--save-every", "2", "--train-all"]
