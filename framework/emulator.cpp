@@ -97,6 +97,10 @@ std::vector<std::string> write_plugin_folder(const CheckpointReader& full, const
   if (static_cast<int64_t>(plan.slots.size()) != emulator.config().num_layers)
     fail("{}: crash_plan.json has {} slots but config.json {} layers", emulator.dir(), plan.slots.size(),
          emulator.config().num_layers);
+  // Older OPT files lack the "model." prefix that a trained emulator's tensors have.
+  auto in_emulator = [&](const std::string& name) {
+    return emulator.contains(name) || !emulator.contains("model." + name) ? name : "model." + name;
+  };
   auto check_shape = [&](const std::string& from, const std::string& name) {
     if (!emulator.contains(from)) fail("{}: has no tensor '{}' to plug into '{}'", emulator.dir(), from, name);
     if (emulator.info(from).shape != full.info(name).shape)
@@ -116,7 +120,7 @@ std::vector<std::string> write_plugin_folder(const CheckpointReader& full, const
     auto layer = by_layer.find(slot.source);
     if (layer == by_layer.end()) continue;
     for (const auto& name : layer->second) {
-      const std::string from = rename_layer(name, static_cast<int64_t>(s));
+      const std::string from = in_emulator(rename_layer(name, static_cast<int64_t>(s)));
       check_shape(from, name);
       if (!unchanged(emulator.view(from), full.view(name)))
         fail(
@@ -130,10 +134,12 @@ std::vector<std::string> write_plugin_folder(const CheckpointReader& full, const
   std::map<std::string, std::string> outside;  // full-model name -> emulator name
   for (const auto& name : emulator.names()) {
     if (layer_of_parameter(name)) continue;
-    if (!full.contains(name))
+    std::string to = name;
+    if (!full.contains(to) && name.rfind("model.", 0) == 0) to = name.substr(6);
+    if (!full.contains(to))
       fail("{}: tensor '{}' has no counterpart in {} to carry it into", emulator.dir(), name, full.dir());
-    check_shape(name, name);
-    outside[name] = name;
+    check_shape(name, to);
+    outside[to] = name;
   }
   const std::string embedding = c.family == Family::OPT ? (full.contains("model.decoder.embed_tokens.weight")
                                                                ? "model.decoder.embed_tokens.weight"
@@ -141,8 +147,8 @@ std::vector<std::string> write_plugin_folder(const CheckpointReader& full, const
                                                         : "model.embed_tokens.weight";
   // A tied head is the embedding: a stored copy of it follows the (possibly trained) embedding.
   if (c.tie_word_embeddings && full.contains("lm_head.weight") && outside.count(embedding)) {
-    check_shape(embedding, "lm_head.weight");
-    outside["lm_head.weight"] = embedding;
+    check_shape(outside[embedding], "lm_head.weight");
+    outside["lm_head.weight"] = outside[embedding];
   }
   std::vector<std::pair<std::string, torch::Tensor>> tensors;
   std::vector<std::string> carried;
@@ -160,7 +166,7 @@ std::vector<std::string> write_plugin_folder(const CheckpointReader& full, const
       tensors.emplace_back(name, full.view(name));
       continue;
     }
-    const std::string from = rename_layer(name, it->second);
+    const std::string from = in_emulator(rename_layer(name, it->second));
     check_shape(from, name);
     tensors.emplace_back(name, emulator.view(from).to(full.view(name).scalar_type()));
   }

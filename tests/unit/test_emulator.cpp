@@ -1,6 +1,7 @@
 // CRaSh emulator plans, emulator folders (uniform, remove, share) and plug-in, checked by
 // running the full model's own layers in the order the plan says; the plug-in carries trained
 // embeddings, final norm and head, and refuses trained frozen slots.
+#include <algorithm>
 #include <functional>
 #include <optional>
 #include <set>
@@ -189,7 +190,7 @@ TEST(EmulatorFolder, PluginCopiesTrainedSlotsBack) {
 // into the full model (a tied head with its embedding), and records them in crash_plugin.json.
 TEST(EmulatorFolder, PluginCarriesTrainedEmbeddingsNormAndHead) {
   torch::InferenceMode guard;
-  for (std::string model : {"opt_preln", "llama_gqa", "llama_mha_tied"}) {
+  for (std::string model : {"opt_preln", "opt_postln_proj", "llama_gqa", "llama_mha_tied"}) {
     SCOPED_TRACE(model);
     TempDir tmp;
     CheckpointReader full(fixture("models/" + model));
@@ -231,6 +232,37 @@ TEST(EmulatorFolder, PluginCarriesTrainedEmbeddingsNormAndHead) {
       EXPECT_LT((m->head(h) - want).abs().max().item<double>(), 1e-5);
     }
   }
+}
+
+// An older OPT file names its tensors without "model.", a trained emulator (saved by train)
+// with it: the plug-in matches the two.
+TEST(EmulatorFolder, PluginMatchesOptNamesWithoutModelPrefix) {
+  torch::InferenceMode guard;
+  TempDir tmp;
+  CheckpointReader fixture_ckpt(fixture("models/opt_preln"));
+  std::vector<std::pair<std::string, torch::Tensor>> old_names, tuned;
+  for (const auto& n : fixture_ckpt.names()) old_names.emplace_back(n.substr(6), fixture_ckpt.view(n));
+  save_hf_folder(tmp / "old", fixture_ckpt.config(), old_names);
+  CheckpointReader full(tmp / "old");
+  auto plan = plan_uniform(4, 1, 1, 1);
+  write_emulator_folder(full, plan, tmp / "emu");
+  CheckpointReader emu(tmp / "emu");
+  for (const auto& n : emu.names()) {
+    auto l = layer_of_parameter(n);
+    const bool trained = !l || plan.slots[static_cast<size_t>(*l)].train;
+    tuned.emplace_back("model." + n, trained ? emu.view(n) + 0.5 : emu.view(n).clone());
+  }
+  SaveOptions o;
+  o.copy_files = {tmp / "emu/crash_plan.json"};
+  save_hf_folder(tmp / "tuned", emu.config(), tuned, o);
+  const auto carried = write_plugin_folder(full, CheckpointReader(tmp / "tuned"), plan, tmp / "plugged");
+  EXPECT_NE(std::find(carried.begin(), carried.end(), "decoder.embed_tokens.weight"), carried.end());
+  CheckpointReader plugged(tmp / "plugged");
+  EXPECT_TRUE(
+      torch::equal(plugged.view("decoder.embed_tokens.weight"), full.view("decoder.embed_tokens.weight") + 0.5));
+  EXPECT_TRUE(
+      torch::equal(plugged.view("decoder.layers.3.fc1.weight"), full.view("decoder.layers.3.fc1.weight") + 0.5));
+  EXPECT_TRUE(torch::equal(plugged.view("decoder.layers.1.fc1.weight"), full.view("decoder.layers.1.fc1.weight")));
 }
 
 // A frozen (middle) slot that differs from its source layer was trained (train --train-all):
