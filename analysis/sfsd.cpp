@@ -179,11 +179,24 @@ SfsdFactors sfsd_factors(const torch::Tensor& weight, const torch::Tensor& bias,
 
 bool rank_saves(int64_t rank, const LinearInfo& m) { return rank * (m.in + m.out) < m.in * m.out; }
 
-std::map<std::string, int64_t> ratio_ranks(const std::vector<LinearInfo>& linears, double ratio) {
+int64_t unit_rank(const LinearInfo& m, double fraction, RankUnit unit) {
+  double r = 0;
+  if (unit == RankUnit::kRatio) {
+    // The epsilon keeps f min(in, out) that is an integer in exact arithmetic from rounding up.
+    r = std::ceil(fraction * static_cast<double>(std::min(m.in, m.out)) - 1e-9);
+  } else {
+    const double kappa = static_cast<double>(m.in) * static_cast<double>(m.out) / static_cast<double>(m.in + m.out);
+    r = std::floor(kappa * fraction);
+  }
+  return std::max<int64_t>(1, static_cast<int64_t>(r));
+}
+
+const char* rank_unit_name(RankUnit unit) { return unit == RankUnit::kRatio ? "ratio" : "budget"; }
+
+std::map<std::string, int64_t> fixed_ranks(const std::vector<LinearInfo>& linears, double fraction, RankUnit unit) {
   std::map<std::string, int64_t> ranks;
   for (const auto& m : linears) {
-    const int64_t r = std::max<int64_t>(
-        1, static_cast<int64_t>(std::ceil(ratio * static_cast<double>(std::min(m.in, m.out)) - 1e-9)));
+    const int64_t r = unit_rank(m, fraction, unit);
     if (rank_saves(r, m)) ranks[m.name] = r;
   }
   return ranks;
@@ -191,7 +204,7 @@ std::map<std::string, int64_t> ratio_ranks(const std::vector<LinearInfo>& linear
 
 std::map<std::string, int64_t> greedy_ranks(
     const std::vector<LinearInfo>& linears, const std::vector<double>& fractions,
-    const std::function<bool(const std::map<std::string, int64_t>& ranks)>& accept) {
+    const std::function<bool(const std::map<std::string, int64_t>& ranks)>& accept, RankUnit unit) {
   std::vector<double> sorted = fractions;
   std::sort(sorted.begin(), sorted.end());
   std::map<std::string, int64_t> ranks;
@@ -199,8 +212,7 @@ std::map<std::string, int64_t> greedy_ranks(
     const LinearInfo& m = *it;
     std::vector<int64_t> candidates;
     for (double f : sorted) {
-      const int64_t r =
-          std::max<int64_t>(1, static_cast<int64_t>(std::ceil(f * static_cast<double>(std::min(m.in, m.out)) - 1e-9)));
+      const int64_t r = unit_rank(m, f, unit);
       if (rank_saves(r, m) && (candidates.empty() || candidates.back() != r)) candidates.push_back(r);
     }
     for (int64_t r : candidates) {

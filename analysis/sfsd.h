@@ -69,18 +69,31 @@ SfsdFactors sfsd_factors(const torch::Tensor& weight, const torch::Tensor& bias,
 
 // Whether a rank saves parameters: r (in + out) < in out.
 bool rank_saves(int64_t rank, const LinearInfo& m);
-// --ratio F: each module keeps ceil(F min(in, out)) directions; modules where that does not save
-// parameters are left out (stay dense).
-std::map<std::string, int64_t> ratio_ranks(const std::vector<LinearInfo>& linears, double ratio);
+
+// How a fraction f in (0, 1] becomes a module's rank (at least 1):
+//   kRatio  (--ratio, and --candidates by default): ceil(f min(in, out)), a fraction of the
+//           module's full rank;
+//   kBudget (--budget, SFSD's budget): int(f in out / (in + out)), so the two factors hold about
+//           f x the weight's in x out parameters (the reference's int(kappa x budget)).
+enum class RankUnit { kRatio, kBudget };
+int64_t unit_rank(const LinearInfo& m, double fraction, RankUnit unit);
+const char* rank_unit_name(RankUnit unit);  // "ratio" or "budget"
+
+// --ratio F / --budget B: every module at unit_rank(m, F, unit); modules where that does not
+// save parameters are left out (stay dense).
+std::map<std::string, int64_t> fixed_ranks(const std::vector<LinearInfo>& linears, double fraction, RankUnit unit);
+inline std::map<std::string, int64_t> ratio_ranks(const std::vector<LinearInfo>& linears, double ratio) {
+  return fixed_ranks(linears, ratio, RankUnit::kRatio);
+}
 
 // --search greedy (the paper's surgical search): from the top of the network down, each module
-// tries its candidate ranks (ceil(f min(in, out)) for each fraction f, small to large, those
+// tries its candidate ranks (unit_rank(m, f, unit) for each fraction f, small to large, those
 // that save parameters) with the modules already decided at their ranks and the rest dense;
 // the smallest rank `accept` takes is kept, else the module stays dense. `accept` evaluates a
 // whole rank plan (on every rank of the grid alike: it may be collective).
 std::map<std::string, int64_t> greedy_ranks(
     const std::vector<LinearInfo>& linears, const std::vector<double>& fractions,
-    const std::function<bool(const std::map<std::string, int64_t>& ranks)>& accept);
+    const std::function<bool(const std::map<std::string, int64_t>& ranks)>& accept, RankUnit unit = RankUnit::kRatio);
 
 // The tensors of the factored model: the checkpoint's, with each module of `ranks` replaced by
 // its factors, in `factor_dtype` (default: the checkpoint tensor's dtype).

@@ -24,8 +24,8 @@ ctest --test-dir "$root/build-fuzz" --output-on-failure -j "$jobs"
 # ---- faults: the unit tests under AddressSanitizer and UndefinedBehaviorSanitizer ----
 # build-asan (cmake/sanitize.cmake): every library at -O1 with both sanitizers; unit_tests and
 # crash-hpc built, the `unit` label run (gtest, and the single-process cli tests of bad and
-# hostile input, HF and lm-eval references). LeakSanitizer is on, with the one-time
-# allocations of OpenMPI and LibTorch suppressed (env/lsan.supp).
+# hostile input, HF and lm-eval references). LeakSanitizer is on; env/lsan.supp may name
+# one-time allocations of OpenMPI or LibTorch by function, never a whole library.
 if [ ! -f "$root/build-asan/CMakeCache.txt" ]; then
   cmake -S "$root" -B "$root/build-asan" "${generator[@]}" -DCMAKE_BUILD_TYPE=Debug -DCRASH_SANITIZE=ON
 fi

@@ -62,9 +62,12 @@ class CheckpointReader;
 void write_emulator_folder(const CheckpointReader& full, const EmulatorPlan& plan, const std::string& out);
 
 // The full model with the emulator's trained slots copied back into the layers they came
-// from (CRaSh plug-in), written as an HF folder. Checks that the emulator was made from a
-// model of this shape.
-void write_plugin_folder(const CheckpointReader& full, const CheckpointReader& emulator, const EmulatorPlan& plan,
-                         const std::string& out);
+// from (CRaSh plug-in), written as an HF folder. The emulator's embeddings, final norm and
+// head (trained by train --train-all) replace the full model's (a stored tied head follows the
+// embedding). UserError when the emulator was made from a model of another shape, or when a
+// frozen slot's tensor differs from the layer it came from (training the plug-in would drop).
+// Returns the names of the full model's tensors outside the layers that it changed.
+std::vector<std::string> write_plugin_folder(const CheckpointReader& full, const CheckpointReader& emulator,
+                                             const EmulatorPlan& plan, const std::string& out);
 
 }  // namespace crash

@@ -1,6 +1,6 @@
 // decompose: SFSD feature-space low-rank decomposition (analysis/sfsd.h), on any grid.
-// Calibrates every decoder Linear's output statistics, picks ranks (--ratio or --search
-// greedy), writes the factored model as an HF folder with sfsd_ranks.json, and reports
+// Calibrates every decoder Linear's output statistics, picks ranks (--ratio, --budget or
+// --search greedy), writes the factored model as an HF folder with sfsd_ranks.json, and reports
 // parameters, FLOPs per token and metrics before and after (log and sfsd_report.json).
 #include <spdlog/spdlog.h>
 
@@ -30,14 +30,18 @@ void decompose_options(po::options_description& o) {
                                                            "output model folder")(
       "num-examples", po::value<int64_t>()->default_value(512), "calibration examples, mixed from the tasks")(
       "tokens", po::value<int64_t>()->default_value(128), "first tokens of each calibration example")(
-      "ratio", po::value<double>(), "keep this fraction of each module's rank, in (0, 1]")(
+      "ratio", po::value<double>(), "keep ceil(F min(in, out)) directions of each module, F in (0, 1]")(
+      "budget", po::value<double>(),
+      "SFSD's budget B in (0, 1]: keep int(B in out / (in + out)) directions, about B x the weight's parameters")(
       "search", po::value<std::string>()->default_value(""), "rank search: greedy")(
       "val-data", po::value<std::string>()->default_value(""), "greedy search: prepared validation task")(
       "val-examples", po::value<int64_t>()->default_value(-1), "greedy search: first N validation examples")(
       "tolerance", po::value<double>()->default_value(0.02),
       "greedy search: largest metric loss accepted (accuracy points as a fraction, or relative perplexity)")(
       "candidates", po::value<std::string>()->default_value("0.05,0.1,0.2,0.3,0.5,0.7"),
-      "greedy search: candidate fractions of each module's rank, tried small to large")(
+      "greedy search: candidate fractions, tried small to large (each a --ratio or a --budget, see --candidate-unit)")(
+      "candidate-unit", po::value<std::string>()->default_value("ratio"),
+      "greedy search: the candidates are ratios (ceil(f min(in, out))) or budgets (int(f in out / (in + out)))")(
       "eval-data", po::value<std::vector<std::string>>()->composing(),
       "prepared task evaluated before and after (repeatable, optional)")(
       "batch-size", po::value<int64_t>()->default_value(8), "rows per forward pass")(
@@ -75,16 +79,21 @@ int decompose_run(const po::variables_map& vm) {
   const int64_t tokens = vm["tokens"].as<int64_t>();
   const int64_t batch = vm["batch-size"].as<int64_t>();
   const std::string search = vm["search"].as<std::string>();
-  const bool has_ratio = vm.count("ratio") != 0;
+  const bool has_ratio = vm.count("ratio") != 0, has_budget = vm.count("budget") != 0;
   const double ratio = has_ratio ? vm["ratio"].as<double>() : 0.0;
+  const double budget = has_budget ? vm["budget"].as<double>() : 0.0;
   const auto eval_dirs =
       vm.count("eval-data") ? vm["eval-data"].as<std::vector<std::string>>() : std::vector<std::string>{};
   if (num_examples <= 0) fail("--num-examples must be positive, got {}", num_examples);
   if (tokens < 2) fail("--tokens must be at least 2, got {}", tokens);
   if (batch <= 0) fail("--batch-size must be positive, got {}", batch);
-  if (has_ratio && !search.empty()) fail("--ratio and --search exclude each other: give one");
-  if (!has_ratio && search.empty()) fail("give --ratio F (fixed fraction of each module's rank) or --search greedy");
+  if (has_ratio && has_budget) fail("--ratio and --budget exclude each other: give one");
+  if ((has_ratio || has_budget) && !search.empty())
+    fail("{} and --search exclude each other: give one", has_ratio ? "--ratio" : "--budget");
+  if (!has_ratio && !has_budget && search.empty())
+    fail("give --ratio F (fraction of each module's rank), --budget B (SFSD's parameter budget) or --search greedy");
   if (has_ratio && !(ratio > 0.0 && ratio <= 1.0)) fail("--ratio must be in (0, 1], got {}", ratio);
+  if (has_budget && !(budget > 0.0 && budget <= 1.0)) fail("--budget must be in (0, 1], got {}", budget);
   if (!search.empty() && search != "greedy") fail("--search: unknown method '{}' (expected greedy)", search);
   const bool greedy = search == "greedy";
   const auto val_dir = vm["val-data"].as<std::string>();
@@ -92,6 +101,10 @@ int decompose_run(const po::variables_map& vm) {
   if (greedy && val_dir.empty()) fail("--search greedy needs --val-data (a prepared validation task)");
   if (greedy && !(tolerance >= 0.0)) fail("--tolerance must be non-negative, got {}", tolerance);
   const auto fractions = greedy ? parse_fractions(vm["candidates"].as<std::string>()) : std::vector<double>{};
+  const std::string unit_text = vm["candidate-unit"].as<std::string>();
+  if (unit_text != "ratio" && unit_text != "budget")
+    fail("--candidate-unit: unknown unit '{}' (expected ratio or budget)", unit_text);
+  const RankUnit candidate_unit = unit_text == "budget" ? RankUnit::kBudget : RankUnit::kRatio;
   if (fs::exists(out_dir) && !vm["overwrite"].as<bool>())
     fail("{}: output exists (pass --overwrite to replace it)", out_dir);
 
@@ -168,19 +181,22 @@ int decompose_run(const po::variables_map& vm) {
     spdlog::info("greedy search: reference {} {:.6g}, tolerance {}", larger_better ? "metric" : "perplexity", reference,
                  tolerance);
     const std::string candidate = out_dir + ".sfsd-candidate";
-    ranks = greedy_ranks(linears, fractions, [&](const std::map<std::string, int64_t>& plan) {
-      write_plan(candidate, plan);
-      const double value = headline_metric(evaluate_all(candidate, grid, choice, val_task, batch).at(0)).value;
-      const bool ok = within_tolerance(value, reference, larger_better, tolerance);
-      const auto summary = sfsd_summary(ckpt, linears, plan);
-      spdlog::info("  {} modules factored, decoder parameters {}: metric {:.6g} -> {}", plan.size(),
-                   summary.decoder_params_after, value, ok ? "accepted" : "rejected");
-      search_log.push_back({{"ranks", plan}, {"metric", value}, {"accepted", ok}});
-      return ok;
-    });
+    ranks = greedy_ranks(
+        linears, fractions,
+        [&](const std::map<std::string, int64_t>& plan) {
+          write_plan(candidate, plan);
+          const double value = headline_metric(evaluate_all(candidate, grid, choice, val_task, batch).at(0)).value;
+          const bool ok = within_tolerance(value, reference, larger_better, tolerance);
+          const auto summary = sfsd_summary(ckpt, linears, plan);
+          spdlog::info("  {} modules factored, decoder parameters {}: metric {:.6g} -> {}", plan.size(),
+                       summary.decoder_params_after, value, ok ? "accepted" : "rejected");
+          search_log.push_back({{"ranks", plan}, {"metric", value}, {"accepted", ok}});
+          return ok;
+        },
+        candidate_unit);
     if (grid->rank() == 0) fs::remove_all(candidate);
   } else {
-    ranks = ratio_ranks(linears, ratio);
+    ranks = has_ratio ? fixed_ranks(linears, ratio, RankUnit::kRatio) : fixed_ranks(linears, budget, RankUnit::kBudget);
   }
   const auto summary = sfsd_summary(ckpt, linears, ranks);
   write_plan(out_dir, ranks);
@@ -194,27 +210,32 @@ int decompose_run(const po::variables_map& vm) {
   for (size_t i = 0; i < before.size(); ++i)
     spdlog::info("{}: before {} after {}", before[i]["task"].get<std::string>(), before[i]["metrics"].dump(),
                  after[i]["metrics"].dump());
-  nlohmann::json report = {{"model", model_dir},
-                           {"out", out_dir},
-                           {"grid", grid->describe()},
-                           {"method", greedy ? "greedy" : "ratio"},
-                           {"ratio", greedy ? nlohmann::json(nullptr) : nlohmann::json(ratio)},
-                           {"tolerance", greedy ? nlohmann::json(tolerance) : nlohmann::json(nullptr)},
-                           {"search", search_log},
-                           {"num_examples", examples.size()},
-                           {"tokens", tokens},
-                           {"calibration_tokens", stats.empty() ? 0.0 : stats.begin()->second.count},
-                           {"factored_modules", ranks.size()},
-                           {"params_before", summary.params_before},
-                           {"params_after", summary.params_after},
-                           {"decoder_params_before", summary.decoder_params_before},
-                           {"decoder_params_after", summary.decoder_params_after},
-                           {"decoder_compression", 1.0 - dec_kept},
-                           {"flops_per_token_before", summary.flops_before},
-                           {"flops_per_token_after", summary.flops_after},
-                           {"metrics_before", before},
-                           {"metrics_after", after},
-                           {"tool_version", kVersion}};
+  nlohmann::json report = {
+      {"model", model_dir},
+      {"out", out_dir},
+      {"grid", grid->describe()},
+      {"method", greedy      ? "greedy"
+                 : has_ratio ? "ratio"
+                             : "budget"},
+      {"ratio", has_ratio ? nlohmann::json(ratio) : nlohmann::json(nullptr)},
+      {"budget", has_budget ? nlohmann::json(budget) : nlohmann::json(nullptr)},
+      {"candidate_unit", greedy ? nlohmann::json(rank_unit_name(candidate_unit)) : nlohmann::json(nullptr)},
+      {"tolerance", greedy ? nlohmann::json(tolerance) : nlohmann::json(nullptr)},
+      {"search", search_log},
+      {"num_examples", examples.size()},
+      {"tokens", tokens},
+      {"calibration_tokens", stats.empty() ? 0.0 : stats.begin()->second.count},
+      {"factored_modules", ranks.size()},
+      {"params_before", summary.params_before},
+      {"params_after", summary.params_after},
+      {"decoder_params_before", summary.decoder_params_before},
+      {"decoder_params_after", summary.decoder_params_after},
+      {"decoder_compression", 1.0 - dec_kept},
+      {"flops_per_token_before", summary.flops_before},
+      {"flops_per_token_after", summary.flops_after},
+      {"metrics_before", before},
+      {"metrics_after", after},
+      {"tool_version", kVersion}};
   write_atomic((fs::path(out_dir) / "sfsd_report.json").string(), report.dump(2) + "\n");
   spdlog::info("wrote {}", out_dir);
   return 0;

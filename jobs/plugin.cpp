@@ -1,4 +1,5 @@
-// plugin: the full model with an emulator's tuned adapter layers copied back in (CRaSh plug-in).
+// plugin: the full model with an emulator's tuned adapter layers copied back in (CRaSh plug-in),
+// and its embeddings, final norm and head when they were trained too (train --train-all).
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
@@ -27,9 +28,10 @@ int plugin_run(const po::variables_map& vm) {
     CheckpointReader emulator(emu_dir);
     auto plan = read_plan(emu_dir);
     if (!plan) fail("{}: no crash_plan.json (not an emulator made by the emulate job)", emu_dir);
-    write_plugin_folder(full, emulator, *plan, out);
+    const auto carried = write_plugin_folder(full, emulator, *plan, out);
     spdlog::info("plugged {} tuned layers of {} into {} -> {}", plan->trainable_slots().size(), emu_dir, full.dir(),
                  out);
+    if (!carried.empty()) spdlog::info("carried the emulator's trained {} as well", fmt::join(carried, ", "));
   });
 }
 

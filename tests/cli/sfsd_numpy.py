@@ -7,7 +7,8 @@ Prepares the eval fixture's multiple-choice task, decomposes the fixture model (
 from the embeddings and the first layer norm), the output mean and covariance over the
 calibration tokens, the top-r eigenvectors and the factors: B A = P W, B B^T = P and
 b' = P b + (I - P) mu (P = V_r V_r^T: independent of the eigenvectors' signs) within 1e-8.
-Checks sfsd_ranks.json and sfsd_report.json, and that bad inputs exit 2. With NP > 1 the run is
+Checks sfsd_ranks.json and sfsd_report.json, --budget's and the budget candidates' ranks
+(int(b in out / (in + out))), and that bad inputs exit 2. With NP > 1 the run is
 on NP ranks (mpirun) with --tp/--pp and must give the same factors.
 """
 import json
@@ -169,6 +170,38 @@ def main():
                 check(not accepted or accepted[-1]["ranks"] == got, "greedy: result is the last accepted plan")
                 check(all(s["metric"] >= acc0 - 1e-12 for s in accepted), "greedy: accepted plans keep the metric")
 
+        # --budget B keeps int(B in out / (in + out)) directions (modules that would not save stay
+        # dense); the greedy search with --candidate-unit budget tries those ranks, so tolerance 1
+        # takes each module's smallest.
+        def budget_rank(m, b):
+            return max(1, int(m["in"] * m["out"] / (m["in"] + m["out"]) * b))
+
+        def saves(m, r):
+            return r * (m["in"] + m["out"]) < m["in"] * m["out"]
+
+        for args, want_of in [
+            (["--budget", "0.6"], lambda m: budget_rank(m, 0.6)),
+            (["--search", "greedy", "--val-data", data, "--tolerance", "1", "--candidate-unit", "budget",
+              "--candidates", "0.7,0.3"], lambda m: budget_rank(m, 0.3)),
+        ]:
+            g = os.path.join(tmp, "budget_" + args[1])
+            cmd = [crash, "decompose", "--model", model, "--data", data, "--out", g, "--tokens", str(TOKENS),
+                   "--threads", "1", "--tp", str(tp), "--pp", str(pp)] + args
+            if np_ > 1:
+                cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x",
+                       "OMP_NUM_THREADS=1", "-np", str(np_)] + cmd
+            run(cmd, env=env)
+            with open(os.path.join(g, "config.json")) as f:
+                got = json.load(f)["crash_sfsd_ranks"]
+            with open(os.path.join(g, "sfsd_report.json")) as f:
+                rep = json.load(f)
+            want = {n: want_of(m) for n, m in ranks.items() if saves(m, want_of(m))}
+            check(want and got == want, f"{args}: ranks {got} vs {want}")
+            if args[0] == "--budget":
+                check(rep["method"] == "budget" and rep["budget"] == 0.6 and rep["ratio"] is None, "budget report")
+            else:
+                check(rep["candidate_unit"] == "budget", "greedy report: candidate unit")
+
         # Bad inputs: exit 2 with one line naming the problem.
         base = [crash, "decompose", "--model", model, "--data", data, "--threads", "1"]
         for args, words in [
@@ -176,6 +209,12 @@ def main():
             (["--out", os.path.join(tmp, "x"), "--ratio", "1.5"], "--ratio"),
             (["--out", os.path.join(tmp, "x")], "--ratio"),
             (["--out", os.path.join(tmp, "x"), "--ratio", "0.5", "--search", "greedy"], "exclude"),
+            (["--out", os.path.join(tmp, "x"), "--ratio", "0.5", "--budget", "0.5"], "exclude"),
+            (["--out", os.path.join(tmp, "x"), "--budget", "0.5", "--search", "greedy"], "exclude"),
+            (["--out", os.path.join(tmp, "x"), "--budget", "0"], "--budget"),
+            (["--out", os.path.join(tmp, "x"), "--budget", "1.5"], "--budget"),
+            (["--out", os.path.join(tmp, "x"), "--search", "greedy", "--val-data", data, "--candidate-unit", "rank"],
+             "--candidate-unit"),
             (["--out", os.path.join(tmp, "x"), "--search", "beam"], "--search"),
             (["--out", os.path.join(tmp, "x"), "--search", "greedy"], "--val-data"),
             (["--out", os.path.join(tmp, "x"), "--search", "greedy", "--val-data", data, "--candidates", "0.5,2"],

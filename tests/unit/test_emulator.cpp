@@ -1,9 +1,14 @@
 // CRaSh emulator plans, emulator folders (uniform, remove, share) and plug-in, checked by
-// running the full model's own layers in the order the plan says.
+// running the full model's own layers in the order the plan says; the plug-in carries trained
+// embeddings, final norm and head, and refuses trained frozen slots.
+#include <algorithm>
+#include <functional>
+#include <optional>
 #include <set>
 
 #include "framework/checkpoint.h"
 #include "framework/emulator.h"
+#include "framework/json_fields.h"
 #include "framework/models/decoder.h"
 #include "tests/unit/test_util.h"
 
@@ -136,27 +141,35 @@ TEST(EmulatorFolder, UniformRemoveShareOnOptAndLlama) {
   }
 }
 
+// Writes the emulator of `plan` from `full` to DIR/emu and a "tuned" copy to DIR/tuned whose
+// tensors are `change`d (name, tensor -> new tensor), in `dtype` (default: as stored).
+void write_tuned(const CheckpointReader& full, const EmulatorPlan& plan, const TempDir& dir,
+                 const std::function<torch::Tensor(const std::string&, torch::Tensor)>& change,
+                 std::optional<torch::ScalarType> dtype = std::nullopt) {
+  write_emulator_folder(full, plan, dir / "emu");
+  CheckpointReader emu(dir / "emu");
+  std::vector<std::pair<std::string, torch::Tensor>> tensors;
+  for (const auto& n : emu.names()) {
+    auto t = change(n, emu.view(n).clone());
+    tensors.emplace_back(n, dtype ? t.to(*dtype) : t);
+  }
+  SaveOptions o;
+  o.copy_files = {dir / "emu/crash_plan.json"};
+  save_hf_folder(dir / "tuned", emu.config(), tensors, o);
+}
+
 TEST(EmulatorFolder, PluginCopiesTrainedSlotsBack) {
   torch::InferenceMode guard;
   TempDir tmp;
   CheckpointReader full(fixture("models/opt_preln"));
   auto plan = plan_share(4, 1, 1, {{1, 2}});
-  write_emulator_folder(full, plan, tmp / "emu");
-  // "Tune" the emulator: new values for the adapters (slots 0 and 3), written as an HF folder.
-  std::vector<std::pair<std::string, torch::Tensor>> tensors;
-  {
-    CheckpointReader emu(tmp / "emu");
-    for (const auto& n : emu.names()) {
-      auto t = emu.view(n).clone();
-      if (layer_of_parameter(n) && plan.slots[static_cast<size_t>(*layer_of_parameter(n))].train) t.add_(1.0);
-      tensors.emplace_back(n, t);
-    }
-    SaveOptions o;
-    o.copy_files = {tmp / "emu/crash_plan.json"};
-    save_hf_folder(tmp / "tuned", emu.config(), tensors, o);
-  }
+  // "Tune" the emulator: new values for the adapters (slots 0 and 3).
+  write_tuned(full, plan, tmp, [&](const std::string& n, torch::Tensor t) {
+    auto l = layer_of_parameter(n);
+    return l && plan.slots[static_cast<size_t>(*l)].train ? t + 1.0 : t;
+  });
   CheckpointReader tuned(tmp / "tuned");
-  write_plugin_folder(full, tuned, *read_plan(tmp / "tuned"), tmp / "plugged");
+  EXPECT_TRUE(write_plugin_folder(full, tuned, *read_plan(tmp / "tuned"), tmp / "plugged").empty());
   CheckpointReader plugged(tmp / "plugged");
   EXPECT_TRUE(plugged.config().shared_layers.empty());
   EXPECT_EQ(plugged.names(), full.names());
@@ -171,6 +184,118 @@ TEST(EmulatorFolder, PluginCopiesTrainedSlotsBack) {
         write_plugin_folder(CheckpointReader(fixture("models/llama_gqa")), tuned, *read_plan(tmp / "tuned"), tmp / "x");
       },
       {"llama_gqa", "opt model", "llama model"});
+}
+
+// train --train-all also trains the embeddings, final norm and head: the plug-in carries them
+// into the full model (a tied head with its embedding), and records them in crash_plugin.json.
+TEST(EmulatorFolder, PluginCarriesTrainedEmbeddingsNormAndHead) {
+  torch::InferenceMode guard;
+  for (std::string model : {"opt_preln", "opt_postln_proj", "llama_gqa", "llama_mha_tied"}) {
+    SCOPED_TRACE(model);
+    TempDir tmp;
+    CheckpointReader full(fixture("models/" + model));
+    auto plan = plan_uniform(4, 1, 1, 1);
+    std::set<std::string> changed;
+    write_tuned(full, plan, tmp, [&](const std::string& n, torch::Tensor t) {
+      auto l = layer_of_parameter(n);
+      if (l && !plan.slots[static_cast<size_t>(*l)].train) return t;  // frozen middle slot
+      if (!l) changed.insert(n);
+      return t * 1.5 + 0.25;
+    });
+    ASSERT_GE(changed.size(), 2u);  // at least the embedding and the final norm
+    CheckpointReader tuned(tmp / "tuned");
+    const auto carried = write_plugin_folder(full, tuned, *read_plan(tmp / "tuned"), tmp / "plugged");
+    CheckpointReader plugged(tmp / "plugged");
+    EXPECT_EQ(plugged.names(), full.names());
+    std::set<std::string> want_carried;
+    for (const auto& n : full.names()) {
+      auto l = layer_of_parameter(n);
+      const bool tuned_layer = l && (*l == 0 || *l == 3);
+      const bool outside = !l;
+      auto want = (tuned_layer || outside) ? full.view(n) * 1.5 + 0.25 : full.view(n);
+      EXPECT_TRUE(torch::equal(plugged.view(n), want)) << n;
+      if (outside) want_carried.insert(n);
+    }
+    EXPECT_EQ(std::set<std::string>(carried.begin(), carried.end()), want_carried);
+    auto record = read_json_file(tmp / "plugged/crash_plugin.json");
+    EXPECT_EQ(record["carried_tensors"].size(), want_carried.size());
+    // A tied model's head is the carried embedding.
+    if (full.config().tie_word_embeddings) {
+      auto m = load_model(plugged);
+      auto h = torch::randn({1, 2, full.config().hidden_size});
+      const std::string embed =
+          full.config().family == Family::OPT ? "model.decoder.embed_tokens.weight" : "model.embed_tokens.weight";
+      auto w = tuned.view(embed).to(torch::kFloat32);
+      if (full.config().family == Family::OPT && full.config().word_embed_proj_dim != full.config().hidden_size)
+        continue;  // the head runs project_out first
+      auto want = h.matmul(w.t());
+      EXPECT_LT((m->head(h) - want).abs().max().item<double>(), 1e-5);
+    }
+  }
+}
+
+// An older OPT file names its tensors without "model.", a trained emulator (saved by train)
+// with it: the plug-in matches the two.
+TEST(EmulatorFolder, PluginMatchesOptNamesWithoutModelPrefix) {
+  torch::InferenceMode guard;
+  TempDir tmp;
+  CheckpointReader fixture_ckpt(fixture("models/opt_preln"));
+  std::vector<std::pair<std::string, torch::Tensor>> old_names, tuned;
+  for (const auto& n : fixture_ckpt.names()) old_names.emplace_back(n.substr(6), fixture_ckpt.view(n));
+  save_hf_folder(tmp / "old", fixture_ckpt.config(), old_names);
+  CheckpointReader full(tmp / "old");
+  auto plan = plan_uniform(4, 1, 1, 1);
+  write_emulator_folder(full, plan, tmp / "emu");
+  CheckpointReader emu(tmp / "emu");
+  for (const auto& n : emu.names()) {
+    auto l = layer_of_parameter(n);
+    const bool trained = !l || plan.slots[static_cast<size_t>(*l)].train;
+    tuned.emplace_back("model." + n, trained ? emu.view(n) + 0.5 : emu.view(n).clone());
+  }
+  SaveOptions o;
+  o.copy_files = {tmp / "emu/crash_plan.json"};
+  save_hf_folder(tmp / "tuned", emu.config(), tuned, o);
+  const auto carried = write_plugin_folder(full, CheckpointReader(tmp / "tuned"), plan, tmp / "plugged");
+  EXPECT_NE(std::find(carried.begin(), carried.end(), "decoder.embed_tokens.weight"), carried.end());
+  CheckpointReader plugged(tmp / "plugged");
+  EXPECT_TRUE(
+      torch::equal(plugged.view("decoder.embed_tokens.weight"), full.view("decoder.embed_tokens.weight") + 0.5));
+  EXPECT_TRUE(
+      torch::equal(plugged.view("decoder.layers.3.fc1.weight"), full.view("decoder.layers.3.fc1.weight") + 0.5));
+  EXPECT_TRUE(torch::equal(plugged.view("decoder.layers.1.fc1.weight"), full.view("decoder.layers.1.fc1.weight")));
+}
+
+// A frozen (middle) slot that differs from its source layer was trained (train --train-all):
+// the plug-in would drop that, so it refuses, naming the tensor. A tuned emulator saved in
+// another dtype is not mistaken for a trained one.
+TEST(EmulatorFolder, PluginRefusesTrainedFrozenSlots) {
+  torch::InferenceMode guard;
+  CheckpointReader full(fixture("models/llama_gqa"));
+  auto plan = plan_remove(4, 1, 1, {{1, 2}});
+  {
+    TempDir tmp;
+    write_tuned(full, plan, tmp, [&](const std::string& n, torch::Tensor t) {
+      return n == "model.layers.1.mlp.up_proj.weight" ? t + 1e-3 : t;
+    });
+    CheckpointReader tuned(tmp / "tuned");
+    expect_user_error([&] { write_plugin_folder(full, tuned, *read_plan(tmp / "tuned"), tmp / "x"); },
+                      {"'model.layers.1.mlp.up_proj.weight'", "frozen slot 1", "--train-all"});
+    EXPECT_FALSE(std::filesystem::exists(tmp / "x"));
+  }
+  {
+    TempDir tmp;
+    write_tuned(
+        full, plan, tmp,
+        [&](const std::string& n, torch::Tensor t) { return layer_of_parameter(n) == 0 ? t * 2.0 : t; },
+        torch::kFloat64);
+    CheckpointReader tuned(tmp / "tuned");
+    EXPECT_TRUE(write_plugin_folder(full, tuned, *read_plan(tmp / "tuned"), tmp / "x").empty());
+    CheckpointReader plugged(tmp / "x");
+    EXPECT_TRUE(torch::equal(plugged.view("model.layers.0.mlp.up_proj.weight"),
+                             full.view("model.layers.0.mlp.up_proj.weight") * 2.0));
+    EXPECT_EQ(plugged.view("model.layers.0.mlp.up_proj.weight").scalar_type(),
+              full.view("model.layers.0.mlp.up_proj.weight").scalar_type());
+  }
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // SFSD (analysis/sfsd.h): factored models at full rank reproduce the original logits, a
 // factored folder's save/load round trip keeps the logits, the factors project each module's
-// outputs onto their main directions, and bad ranks are user errors.
+// outputs onto their main directions, --ratio and --budget give their formulas' ranks (--budget
+// B: about B x the parameters), and bad ranks are user errors.
 #include <torch/torch.h>
 
 #include <fstream>
@@ -126,7 +127,70 @@ TEST_P(Sfsd, DenseWhereFactorsWouldNotSaveParameters) {
   for (const auto& [name, r] : ratio_ranks(linears_, 0.1)) EXPECT_GE(r, 1) << name;
 }
 
+// --budget B: the factored pair of each module holds int(B in out / (in + out)) (in + out)
+// parameters, i.e. B x its in x out weights less under one rank's (in + out), in the folder written.
+TEST_P(Sfsd, BudgetKeepsBTimesTheWeightParameters) {
+  for (double b : {0.25, 0.5, 0.8}) {
+    SCOPED_TRACE(b);
+    auto ranks = fixed_ranks(linears_, b, RankUnit::kBudget);
+    ASSERT_EQ(ranks.size(), linears_.size());  // every fixture module saves parameters at these budgets
+    TempDir tmp;
+    save_hf_folder(tmp / "f", ckpt_->config(), factored_tensors(*ckpt_, linears_, stats_, ranks), {},
+                   {{"crash_sfsd_ranks", ranks}});
+    CheckpointReader factored(tmp / "f");
+    auto numel = [](const CheckpointReader& c, const std::string& name) {
+      int64_t n = 1;
+      for (auto d : c.info(name).shape) n *= d;
+      return n;
+    };
+    double before = 0, after = 0, slack = 0;
+    for (const auto& m : linears_) {
+      const int64_t dense = numel(*ckpt_, m.source + ".weight");
+      const int64_t pair = numel(factored, m.name + ".factor_a.weight") + numel(factored, m.name + ".factor_b.weight");
+      EXPECT_EQ(dense, m.in * m.out) << m.name;
+      EXPECT_LE(pair, b * dense + 1e-9) << m.name;
+      EXPECT_GT(pair, b * dense - (m.in + m.out)) << m.name;
+      before += dense;
+      after += pair;
+      slack += m.in + m.out;
+    }
+    EXPECT_LE(after, b * before + 1e-9);
+    EXPECT_GT(after, b * before - slack);
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, Sfsd, ::testing::Values("opt_preln", "llama_gqa"));
+
+TEST(SfsdRanks, RatioAndBudgetFormulas) {
+  auto linear = [](int64_t in, int64_t out) {
+    LinearInfo m;
+    m.in = in;
+    m.out = out;
+    return m;
+  };
+  // Budget: int(b in out / (in + out)). 4096 x 11008: in out / (in + out) = 2985.22..., x 0.3 = 895.57.
+  EXPECT_EQ(unit_rank(linear(4096, 4096), 0.5, RankUnit::kBudget), 1024);
+  EXPECT_EQ(unit_rank(linear(4096, 11008), 0.3, RankUnit::kBudget), 895);
+  EXPECT_EQ(unit_rank(linear(11008, 4096), 0.3, RankUnit::kBudget), 895);
+  EXPECT_EQ(unit_rank(linear(64, 172), 0.4, RankUnit::kBudget), 18);     // 46.64 x 0.4 = 18.66
+  EXPECT_EQ(unit_rank(linear(768, 3072), 0.2, RankUnit::kBudget), 122);  // 614.4 x 0.2 = 122.88
+  EXPECT_EQ(unit_rank(linear(8, 8), 0.01, RankUnit::kBudget), 1);        // int(0.04) = 0: at least 1
+  // Ratio: ceil(f min(in, out)).
+  EXPECT_EQ(unit_rank(linear(4096, 11008), 0.3, RankUnit::kRatio), 1229);  // 1228.8
+  EXPECT_EQ(unit_rank(linear(64, 172), 0.25, RankUnit::kRatio), 16);
+  EXPECT_EQ(unit_rank(linear(768, 3072), 0.2, RankUnit::kRatio), 154);  // 153.6
+  // Budget 1 keeps int(in out / (in + out)) directions: on a square matrix exactly its parameters,
+  // so the module stays dense.
+  const std::vector<LinearInfo> square = {linear(64, 64)};
+  EXPECT_TRUE(fixed_ranks(square, 1.0, RankUnit::kBudget).empty());
+  EXPECT_EQ(fixed_ranks(square, 0.5, RankUnit::kBudget).begin()->second, 16);
+  // The greedy search's candidates follow the unit: accepting everything gives the smallest.
+  auto accept_all = [](const std::map<std::string, int64_t>&) { return true; };
+  std::vector<LinearInfo> one = {linear(4096, 11008)};
+  one[0].name = "m";
+  EXPECT_EQ(greedy_ranks(one, {0.5, 0.3}, accept_all, RankUnit::kBudget).at("m"), 895);
+  EXPECT_EQ(greedy_ranks(one, {0.5, 0.3}, accept_all, RankUnit::kRatio).at("m"), 1229);
+}
 
 TEST(SfsdConfig, BadRanksAreUserErrors) {
   TempDir tmp;

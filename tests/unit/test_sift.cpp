@@ -1,13 +1,20 @@
 // SIFT's sparse optimiser: the top-k selection against a sort (ties to the lower index), the
 // shard-to-global index map, RHO = 1 against the dense AdamW bit for bit, and RHO < 1 against
-// the dense AdamW on masked gradients, with the entries outside the mask untouched.
+// the dense AdamW on masked gradients, with the entries outside the mask untouched; the
+// trainer's mask against torch::topk of a gradient computed independently on the same batch.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <algorithm>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <numeric>
 
+#include "framework/models/decoder.h"
+#include "framework/safetensors.h"
 #include "framework/sift.h"
+#include "framework/trainer.h"
+#include "test_util.h"
 
 using namespace crash;
 
@@ -256,4 +263,100 @@ TEST(Sift, SelectionGroupsSplitByBytes) {
   }
   for (size_t i = 0; i < ts.size(); ++i)
     EXPECT_EQ(as_vector(sift.indices(i)), reference_top_k(grads[i], sift_k(0.1, ts[i].numel()))) << i;
+}
+
+// The trainer's mask against an independent computation. One SIFT step of train() (float64,
+// one pass holding every example, two selection passes) on a fixture model; its saved
+// increments name each tensor's trained entries. Here the gradient of the summed target-token
+// loss is computed with the plain CausalLM, one example at a time without padding, and
+// torch::topk picks floor(rho numel) + 1 entries by |g| (rounded to fp32, as the selection
+// compares): the sets must be equal. Where the k-th and (k+1)-th |g| tie in fp32 (unseen
+// embedding rows have g = 0), the entries above the tie must all be chosen, and the rest of
+// the k from the tie, lowest flat index first.
+TEST(Sift, TrainerSelectsTheTopGradientEntriesOfTheFirstBatch) {
+  torch::set_num_threads(2);
+  test::TempDir tmp;
+  const std::string model_dir = test::fixture("models/opt_preln");
+  CheckpointReader ckpt(model_dir);
+  const int64_t V = ckpt.config().vocab_size;
+  torch::manual_seed(21);
+  std::vector<std::vector<int64_t>> examples;
+  {
+    std::ofstream f(tmp / "data.jsonl");
+    for (int i = 0; i < 4; ++i) {
+      auto t = torch::randint(3, V, {6 + i}, torch::kInt64);
+      examples.emplace_back(t.data_ptr<int64_t>(), t.data_ptr<int64_t>() + t.numel());
+      f << nlohmann::json{{"tokens", examples.back()}}.dump() << "\n";
+    }
+  }
+  const double rho = 0.03;
+  TrainOptions o;
+  o.model = model_dir;
+  o.data = tmp / "data.jsonl";
+  o.out = tmp / "run";
+  o.steps = 1;
+  o.batch_size = 4;  // the first (and only) micro-batch holds every example, in some order
+  o.lr = 1e-3;
+  o.train_all = true;
+  o.dtype = torch::kFloat64;
+  o.sparse_increment = rho;
+  o.sift_selection_passes = 2;
+  o.save_increments = tmp / "inc.safetensors";
+  train(o);
+  SafetensorsFile inc(tmp / "inc.safetensors");
+
+  // The reference gradient: sum over examples of the next-token cross-entropy (the trainer's
+  // mean differs by a positive factor, which keeps the order of |g|).
+  auto model = load_model(ckpt);
+  model->to(torch::kFloat64);
+  for (const auto& ex : examples) {
+    auto ids = torch::tensor(ex, torch::kInt64).unsqueeze(0);
+    auto logits = model->forward(ids, {}).logits.squeeze(0);
+    const int64_t n = ids.size(1);
+    torch::nn::functional::cross_entropy(logits.narrow(0, 0, n - 1), ids.squeeze(0).narrow(0, 1, n - 1),
+                                         torch::nn::functional::CrossEntropyFuncOptions().reduction(torch::kSum))
+        .backward();
+  }
+  double scale = 0;
+  for (const auto& item : model->named_parameters())
+    scale = std::max(scale, item.value().grad().abs().max().item<double>());
+  int64_t tensors = 0, exact = 0, no_signal = 0;
+  for (const auto& item : model->named_parameters()) {
+    const std::string& name = item.key();
+    SCOPED_TRACE(name);
+    if (name == "lm_head.weight" && ckpt.config().tie_word_embeddings) continue;  // the embedding
+    ASSERT_TRUE(inc.contains(name + ".sift_index"));
+    auto got = as_vector(inc.read(name + ".sift_index"));
+    auto g = item.value().grad().reshape({-1}).abs().to(torch::kFloat32);
+    const int64_t k = sift_k(rho, g.numel());
+    ASSERT_EQ(static_cast<int64_t>(got.size()), k);
+    ++tensors;
+    // The key projection's bias has a zero gradient in exact arithmetic (softmax ignores a
+    // shift shared by every key of a query): what both computations hold there is rounding
+    // noise, so its order is not compared.
+    if (item.value().grad().abs().max().item<double>() <= 1e-6 * scale) {  // the others: above 1e-2
+      EXPECT_NE(name.find("k_proj.bias"), std::string::npos);
+      ++no_signal;
+      continue;
+    }
+    auto [values, order] = torch::topk(g, std::min(k + 1, g.numel()));
+    const float kth = values[k - 1].item<float>();
+    const bool tie = k < g.numel() && values[k].item<float>() == kth;
+    std::vector<int64_t> want;
+    if (!tie) {
+      want = as_vector(order.narrow(0, 0, k));
+    } else {
+      want = as_vector((g > kth).nonzero().reshape({-1}));
+      const auto at_kth = as_vector((g == kth).nonzero().reshape({-1}));  // ascending
+      want.insert(want.end(), at_kth.begin(), at_kth.begin() + (k - static_cast<int64_t>(want.size())));
+    }
+    std::sort(want.begin(), want.end());
+    EXPECT_EQ(got, want);
+    exact += tie ? 0 : 1;
+  }
+  // Every trained tensor was seen (tied head: one tensor), all but the 4 layers' k_proj biases
+  // compared, most without any tie.
+  EXPECT_EQ(tensors, static_cast<int64_t>(inc.tensors().size()) / 2);
+  EXPECT_EQ(no_signal, ckpt.config().num_layers);
+  EXPECT_GT(exact, tensors / 2);
 }
