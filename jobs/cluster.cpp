@@ -64,9 +64,11 @@ int cluster_run(const po::variables_map& vm) {
   const int64_t k = vm["k"].as<int64_t>();
   const ClusterMethod method = parse_cluster_method(vm["method"].as<std::string>());
   if (h5_path == out_path) fail("--out {}: expected a .json name (/clusters goes to OUT with .h5)", out_path);
+  // A small serial job. Only rank 0 looks for existing outputs: another rank could look after
+  // rank 0 wrote them.
+  if (World::get().rank() != 0) return 0;
   for (const auto& p : {out_path, h5_path})
     if (!overwrite && std::filesystem::exists(p)) fail("{}: output exists (pass --overwrite to replace it)", p);
-  if (World::get().rank() != 0) return 0;  // a small serial job
 
   const CkaFile file = read_cka_file(cka_path);
   if (file.archives.size() > 1 || file.cka.size(0) != file.cka.size(1))

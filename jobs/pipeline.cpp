@@ -67,7 +67,7 @@ namespace {
 class StageRunner {
  public:
   StageRunner(const po::variables_map& vm, const fs::path& work)
-      : vm_(vm), logs_(work / "logs"), world_(ProcessGrid::create(GridSizes{})->world()) {
+      : vm_(vm), logs_(work / "logs"), world_(ProcessGrid::create(GridSizes{})->dp_group()) {
     std::error_code ec;
     fs::create_directories(logs_, ec);
     if (ec) fail("{}: cannot create the log folder ({})", logs_.string(), ec.message());
@@ -77,7 +77,11 @@ class StageRunner {
            bool grid) {
     const bool rank0 = world_->rank() == 0;
     nlohmann::json record = {{"stage", label}, {"job", name}, {"output", output}, {"args", args}};
-    if (fs::exists(output)) {
+    // Rank 0 decides for all: a serial stage of rank 0 (cluster) can write its output before a
+    // slower rank looks, which would then skip the stage the others run.
+    auto done = torch::tensor({fs::exists(output) ? 1.0 : 0.0}, torch::kFloat64);
+    world_->broadcast(done, 0);
+    if (done.item<double>() > 0.5) {
       if (rank0) std::printf("pipeline: %-32s skipped (%s exists)\n", label.c_str(), output.c_str());
       record["status"] = "skipped";
       append(record);
@@ -144,6 +148,9 @@ class StageRunner {
 
   const po::variables_map& vm_;
   fs::path logs_;
+  // All ranks, in a communicator of the pipeline's own (tp = pp = 1: the DP group is the world):
+  // its reductions can never be matched with a job's collectives on MPI_COMM_WORLD while rank 0
+  // still runs a serial stage (cluster, the writes of similarity).
   CommPtr world_;
 };
 
