@@ -9,7 +9,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python3}
 dir=${BENCH_DIR:-/tmp/crash-bench}
 mkdir -p "$dir"
-log=${LOG:-$dir/run_all$([ "${1:-}" = --smoke ] && echo -smoke).log}
+suffix=""
+[ "${1:-}" != --smoke ] || suffix=-smoke
+log=${LOG:-$dir/run_all$suffix.log}
 cd "$root"
 cmake --build build -j2 --target crash-hpc bench_forward bench_archive bench_gemm crash-hpc-glibc bench_forward_glibc \
   bench_gemm_glibc >/dev/null
