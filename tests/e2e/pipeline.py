@@ -85,17 +85,22 @@ def demo(binary, config, work):
     check("skipped" in r.stdout + r.stderr and seconds < 60, f"second run skips every stage ({seconds:.0f} s)")
 
 
+def write_pairs_task(folder):
+    """A short multiple-choice task that fits the eval fixture model's 64 positions."""
+    task = os.path.join(folder, "pairs.jsonl")
+    words = ["cat", "house", "tree", "river", "stone", "bird", "cloud", "road", "apple", "light", "sea", "hill"]
+    with open(task, "w") as f:
+        for i in range(24):
+            a, b = words[i % len(words)], words[(i * 5 + 1) % len(words)]
+            f.write(json.dumps({"context": f"Which comes first, {a} or {b}?\nAnswer:", "choices": [f" {a}", f" {b}"],
+                                "gold": i % 2}) + "\n")
+    return task
+
+
 def grid(binary, fixtures, np_, tp, pp):
     model = os.path.join(fixtures, "eval", "model")
     with tempfile.TemporaryDirectory() as tmp:
-        # A short multiple-choice task that fits the fixture model's 64 positions.
-        task = os.path.join(tmp, "pairs.jsonl")
-        words = ["cat", "house", "tree", "river", "stone", "bird", "cloud", "road", "apple", "light", "sea", "hill"]
-        with open(task, "w") as f:
-            for i in range(24):
-                a, b = words[i % len(words)], words[(i * 5 + 1) % len(words)]
-                f.write(json.dumps({"context": f"Which comes first, {a} or {b}?\nAnswer:", "choices": [f" {a}", f" {b}"],
-                                    "gold": i % 2}) + "\n")
+        task = write_pairs_task(tmp)
         grid_runs(binary, model, task, tmp, np_, tp, pp)
 
 
@@ -125,13 +130,7 @@ def resume_train(binary, fixtures):
     """A fine-tuning interrupted after it saved a best model (validation every 2 steps) is resumed, not skipped."""
     model = os.path.join(fixtures, "eval", "model")
     with tempfile.TemporaryDirectory() as tmp:
-        task = os.path.join(tmp, "pairs.jsonl")
-        words = ["cat", "house", "tree", "river", "stone", "bird", "cloud", "road", "apple", "light", "sea", "hill"]
-        with open(task, "w") as f:
-            for i in range(24):
-                a, b = words[i % len(words)], words[(i * 5 + 1) % len(words)]
-                f.write(json.dumps({"context": f"Which comes first, {a} or {b}?\nAnswer:", "choices": [f" {a}", f" {b}"],
-                                    "gold": i % 2}) + "\n")
+        task = write_pairs_task(tmp)
         ref, cut = os.path.join(tmp, "ref"), os.path.join(tmp, "cut")
         steps = ["--steps", "8", "--warmup", "1", "--batch-size", "4", "--lr", "1e-3", "--seed", "7", "--save-every", "2"]
         base = [binary, "pipeline", "--model", model, "--train-task", task, "--valid-task", task, "--eval-task", task,
