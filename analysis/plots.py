@@ -74,7 +74,7 @@ def cluster_colours(k):
     return [cmap(i % cmap.N) for i in range(k)]
 
 
-def plot_cka(f, out, clusters_path):
+def plot_cka(f, clusters_path):
     cka = f["cka"][()]
     attrs = dict(f.attrs)
     method = text(attrs.get("method", ""))
@@ -111,7 +111,7 @@ def plot_cka(f, out, clusters_path):
     return fig
 
 
-def plot_segments(data, out):
+def plot_segments(data):
     clusters, layers = data["clusters"], data.get("layers") or sorted(l for c in data["clusters"] for l in c)
     reps = set(data.get("representatives", []))
     colours = cluster_colours(len(clusters))
@@ -142,7 +142,7 @@ def plot_segments(data, out):
     return fig
 
 
-def plot_lens(f, out):
+def plot_lens(f):
     kl, js = f["kl"][()], f["js"][()]
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 5.0))
     for ax, m, title, cmap in ((axes[0], kl, "mean KL($p_i \\parallel p_j$)", "viridis"),
@@ -160,7 +160,7 @@ def plot_lens(f, out):
     return fig
 
 
-def plot_line(f, out):
+def plot_line(f):
     alpha, loss = f["alpha"][()], f["loss"][()]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     ax.plot(alpha, loss, marker="o", markersize=3.5, linewidth=1.6, color="tab:blue")
@@ -177,7 +177,7 @@ def plot_line(f, out):
     return fig
 
 
-def plot_plane(f, out):
+def plot_plane(f):
     a, b, loss = f["a"][()], f["b"][()], f["loss"][()]
     if loss.shape != (len(a), len(b)):
         fail(f"/loss has shape {loss.shape}, expected [len(a), len(b)] = {(len(a), len(b))}")
@@ -204,6 +204,27 @@ def plot_plane(f, out):
     return fig
 
 
+def figure_of(path, clusters=None):
+    """The figure of one crash-hpc output (the kind read from the file), as a matplotlib figure."""
+    with open(path, "rb") as f:
+        is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+    if not is_hdf5:
+        return plot_segments(read_clusters(path))
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "cka" in f:
+            return plot_cka(f, clusters)
+        if "kl" in f and "js" in f:
+            return plot_lens(f)
+        if "alpha" in f and "loss" in f:
+            return plot_line(f)
+        if "a" in f and "b" in f and "loss" in f:
+            return plot_plane(f)
+        fail(f"{path}: not a file this script plots (expected /cka, /kl and /js, /alpha and /loss, "
+             f"or /a, /b and /loss; found {sorted(f.keys())})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="a crash-hpc output: CKA, lens or landscape HDF5, or a clusters JSON")
@@ -215,25 +236,7 @@ def main():
     if args.clusters and not os.path.exists(args.clusters):
         fail(f"{args.clusters}: no such file")
 
-    with open(args.input, "rb") as f:
-        is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
-    if not is_hdf5:
-        fig = plot_segments(read_clusters(args.input), args.out)
-    else:
-        import h5py
-
-        with h5py.File(args.input, "r") as f:
-            if "cka" in f:
-                fig = plot_cka(f, args.out, args.clusters)
-            elif "kl" in f and "js" in f:
-                fig = plot_lens(f, args.out)
-            elif "alpha" in f and "loss" in f:
-                fig = plot_line(f, args.out)
-            elif "a" in f and "b" in f and "loss" in f:
-                fig = plot_plane(f, args.out)
-            else:
-                fail(f"{args.input}: not a file this script plots (expected /cka, /kl and /js, /alpha and /loss, "
-                     f"or /a, /b and /loss; found {sorted(f.keys())})")
+    fig = figure_of(args.input, args.clusters)
     # Written under a temporary name, then renamed: no half-written figure.
     tmp = args.out + ".tmp.png"
     fig.savefig(tmp, dpi=DPI)

@@ -7,6 +7,7 @@
 
 #include "framework/token_input.h"
 #include "parallel/errors.h"
+#include "parallel/progress.h"
 #include "parallel/tensor_parallel.h"
 
 namespace crash {
@@ -113,12 +114,18 @@ std::map<std::string, OutputStats> calibrate(DistributedLM& model, const std::ve
     mine.emplace_back(examples[i].begin(),
                       examples[i].begin() + std::min<int64_t>(tokens, static_cast<int64_t>(examples[i].size())));
   const int64_t pad = stage.config().pad_token_id >= 0 ? stage.config().pad_token_id : 0;
+  Progress progress(
+      "SFSD calibration (this data-parallel share)",
+      static_cast<int64_t>((mine.size() + static_cast<size_t>(batch_size) - 1) / static_cast<size_t>(batch_size)),
+      "batches");
   try {
     for (size_t b = 0; b < mine.size(); b += static_cast<size_t>(batch_size)) {
       auto batch = pad_batch(mine, b, std::min(mine.size(), b + static_cast<size_t>(batch_size)), pad, /*left=*/false);
       valid = batch.mask.reshape({-1}) != 0;
       model.forward(batch.ids, batch.mask, 1, /*hidden_states=*/false, /*logits=*/false);
+      progress.advance();
     }
+    progress.finish();
   } catch (...) {
     for (auto& f : detach) f();
     throw;
@@ -208,6 +215,7 @@ std::map<std::string, int64_t> greedy_ranks(
   std::vector<double> sorted = fractions;
   std::sort(sorted.begin(), sorted.end());
   std::map<std::string, int64_t> ranks;
+  Progress progress("SFSD greedy search", static_cast<int64_t>(linears.size()), "modules");
   for (auto it = linears.rbegin(); it != linears.rend(); ++it) {
     const LinearInfo& m = *it;
     std::vector<int64_t> candidates;
@@ -223,7 +231,9 @@ std::map<std::string, int64_t> greedy_ranks(
         break;
       }
     }
+    progress.advance(1, fmt::format("{} factored", ranks.size()));
   }
+  progress.finish();
   return ranks;
 }
 

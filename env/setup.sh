@@ -13,7 +13,8 @@ packages=(
   libspdlog-dev libfmt-dev
   libpcre2-dev
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-numpy python3-h5py python3-matplotlib
+  python3 python3-numpy python3-h5py python3-matplotlib python3-pil
+  chromium fonts-dejavu-core fonts-liberation
   hyperfine
   slurm-wlm munge
   clang libclang-rt-14-dev clang-format

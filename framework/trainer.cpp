@@ -416,6 +416,11 @@ TrainSummary train(const TrainOptions& o) {
   const auto run_start = std::chrono::steady_clock::now();
   double tokens_done = 0, last_loss = 0;
   int64_t ran = 0;
+  // Sums over the steps since the last log line: its loss is their mean, its rate their tokens/s.
+  struct {
+    double loss = 0, tokens = 0, seconds = 0;
+    int64_t steps = 0;
+  } interval;
   for (int64_t step = start; step < o.steps; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
     optimizer->zero_grad();
@@ -486,8 +491,16 @@ TrainSummary train(const TrainOptions& o) {
                {"seconds", seconds},
                {"dropout", hidden_dropout},
                {"attention_dropout", attention_dropout}});
-    spdlog::info("step {}/{}: loss {:.4f}, lr {:.3g}, grad norm {:.3f}, {:.0f} tokens/s, {} left", step + 1, o.steps,
-                 loss, lr, norm, tokens / seconds, duration_text(elapsed / ran * (o.steps - step - 1)));
+    interval.loss += loss;
+    interval.tokens += tokens;
+    interval.seconds += seconds;
+    ++interval.steps;
+    if ((step + 1) % o.log_interval == 0 || ran == 1 || step + 1 == o.steps) {
+      spdlog::info("step {}/{}: loss {:.4f}, lr {:.3g}, grad norm {:.3f}, {:.0f} tokens/s, {} left", step + 1, o.steps,
+                   interval.loss / interval.steps, lr, norm, interval.tokens / interval.seconds,
+                   duration_text(elapsed / ran * (o.steps - step - 1)));
+      interval = {};
+    }
 
     const bool last = step + 1 == o.steps;
     if (val && ((o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last)) {

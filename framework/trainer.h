@@ -31,8 +31,9 @@ struct TrainOptions {
   // Residual-branch dropout (the config's `dropout`, which this replaces when set); attention
   // probabilities take the config's `attention_dropout`. Training passes only.
   std::optional<double> dropout;
-  int64_t eval_every = 0;  // 0: validate only at the end (when --val-data is given)
-  int64_t save_every = 0;  // 0: a checkpoint only at the end
+  int64_t eval_every = 0;     // 0: validate only at the end (when --val-data is given)
+  int64_t save_every = 0;     // 0: a checkpoint only at the end
+  int64_t log_interval = 10;  // a log line every N steps (and the first and last); train_log.jsonl has all
   int keep_checkpoints = 2;
   bool train_all = false, resume = false, overwrite = false;
   torch::ScalarType dtype = torch::kFloat32;  // compute type; master weights and moments are fp32

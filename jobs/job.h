@@ -4,6 +4,7 @@
 #include <torch/types.h>
 
 #include <functional>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 #include "framework/distributed_lm.h"
@@ -26,6 +27,8 @@ const std::vector<Job>& all_jobs();
 po::options_description common_options();
 // Parses the command line, then the INI file of --config (the command line wins).
 po::variables_map parse_job_options(const Job& job, const std::vector<std::string>& args, bool& help);
+// Every option's value as JSON (numbers, switches, text, lists), for records of a run's settings.
+nlohmann::json options_json(const po::variables_map& vm);
 // Sets the torch thread count from --threads (0: all cores of this process).
 void apply_threads(const po::variables_map& vm);
 
@@ -83,5 +86,12 @@ void decompose_options(po::options_description& o);
 int decompose_run(const po::variables_map& vm);
 void preflight_options(po::options_description& o);
 int preflight_run(const po::variables_map& vm);
+void report_options(po::options_description& o);
+int report_run(const po::variables_map& vm);
+// The report of a pipeline's work folder (report.cpp), for pipeline --report: 0 when written, 2 when
+// the work folder lacks what it needs (analysis/report.py said what).
+int write_report(const std::string& work, const std::string& out, const std::string& title);
+// LibTorch's version, "1.13.0".
+std::string torch_version();
 
 }  // namespace crash

@@ -42,6 +42,8 @@ const std::vector<Job>& all_jobs() {
        decompose_options, decompose_run},
       {"preflight", "checks a batch job's launch, collectives, parallel HDF5 and memory before its stage runs",
        preflight_options, preflight_run},
+      {"report", "one self-contained HTML page of a pipeline run: tables, figures, settings, time and memory",
+       report_options, report_run},
   };
   return jobs;
 }
@@ -151,6 +153,28 @@ bool padding_left(const po::variables_map& vm) {
   const auto padding = vm["padding"].as<std::string>();
   if (padding != "left" && padding != "right") fail("--padding: expected 'left' or 'right', got '{}'", padding);
   return padding == "left";
+}
+
+nlohmann::json options_json(const po::variables_map& vm) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [name, v] : vm) {
+    const auto& a = v.value();
+    if (const auto* x = boost::any_cast<std::string>(&a))
+      out[name] = *x;
+    else if (const auto* x = boost::any_cast<int64_t>(&a))
+      out[name] = *x;
+    else if (const auto* x = boost::any_cast<int>(&a))
+      out[name] = *x;
+    else if (const auto* x = boost::any_cast<double>(&a))
+      out[name] = *x;
+    else if (const auto* x = boost::any_cast<bool>(&a))
+      out[name] = *x;
+    else if (const auto* x = boost::any_cast<std::vector<std::string>>(&a))
+      out[name] = *x;
+    else if (!a.empty())
+      out[name] = "(set)";
+  }
+  return out;
 }
 
 void apply_threads(const po::variables_map& vm) {

@@ -1,9 +1,10 @@
 // pipeline: the CRaSh study end to end, one stage after another in this run:
 //   prepare -> collect -> similarity -> cluster -> for each of uniform, remove, share:
 //   emulate -> eval (emulator zero-shot) -> train -> eval (fine-tuned) -> plugin -> eval (plug-in)
-// and the CRaSh table. Every stage is the job of the same name; a stage whose complete output
-// exists is skipped (outputs appear only when complete), so a crashed pipeline resumes.
-// The terminal gets one line per stage; each stage's full log is WORK/logs/STAGE.log.
+// and the CRaSh table; optionally the logit lens of the full model, the loss landscape between the
+// full model and each plug-in, and the run's report (report.html). Every stage is the job of the same name; a stage
+// whose complete output exists is skipped (outputs appear only when complete), so a crashed pipeline resumes. The
+// terminal gets one line per stage; each stage's full log is WORK/logs/STAGE.log.
 #include <fmt/ranges.h>
 #include <spdlog/spdlog.h>
 
@@ -14,11 +15,13 @@
 #include <fstream>
 #include <optional>
 #include <sstream>
+#include <unistd.h>
 
 #include "framework/atomic_file.h"
 #include "framework/checkpoint.h"
 #include "framework/json_fields.h"
 #include "jobs/job.h"
+#include "jobs/version.h"
 #include "parallel/errors.h"
 #include "parallel/grid.h"
 #include "parallel/log.h"
@@ -54,7 +57,12 @@ void pipeline_options(po::options_description& o) {
       "fine-tuning checkpoint every N steps (a crash resumes there)")(
       "eval-batch-size", po::value<int64_t>()->default_value(16), "evaluation batch size")(
       "eval-examples", po::value<int64_t>()->default_value(-1), "first N examples of each evaluation task (all: -1)")(
-      "plot", po::bool_switch(), "PNG plots of the similarity and the clusters");
+      "plot", po::bool_switch(), "PNG plots of the similarity and the clusters (and of the lens and landscapes)")(
+      "lens", po::bool_switch(), "logit lens of the full model on the collection data")(
+      "landscape", po::bool_switch(),
+      "loss along the line from the full model to each plug-in, on the validation data (or the training data)")(
+      "figure-examples", po::value<int64_t>()->default_value(32), "examples of the lens and the landscapes")(
+      "report", po::bool_switch(), "write WORK/report.html at the end (crash-hpc report)");
   add_grid_options(o, "compute dtype of collection, training and evaluation");
 }
 
@@ -156,6 +164,27 @@ class StageRunner {
 
 std::string task_name(const std::string& path) { return fs::path(path).stem().string(); }
 
+// WORK/run.json: who ran this pipeline with what (versions, settings, grid, ranks, when), for the
+// report. Each run of the pipeline (a resume too) rewrites it.
+void write_run_record(const po::variables_map& vm, const fs::path& work) {
+  const auto grid = ProcessGrid::create(GridSizes{});
+  if (grid->rank() != 0) return;
+  char host[256] = "";
+  gethostname(host, sizeof(host) - 1);
+  const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
+  char started[64];
+  std::strftime(started, sizeof(started), "%Y-%m-%dT%H:%M:%S%z", std::localtime(&now));
+  nlohmann::json run = {{"format", "crash-hpc run 1"},
+                        {"tool_version", kVersion},
+                        {"torch_version", torch_version()},
+                        {"torch_threads", torch::get_num_threads()},
+                        {"started", started},
+                        {"host", host},
+                        {"ranks", grid->world()->size()},
+                        {"options", options_json(vm)}};
+  write_atomic((work / "run.json").string(), run.dump(2) + "\n");
+}
+
 std::vector<std::string> split_list(const std::string& text) {
   std::vector<std::string> out;
   std::stringstream in(text);
@@ -239,6 +268,7 @@ int pipeline_run(const po::variables_map& vm) {
   fs::create_directories(work / "prepared", ec);
   if (ec) fail("{}: cannot create the work folder ({})", work.string(), ec.message());
   StageRunner stage(vm, work);
+  write_run_record(vm, work);
   auto str = [](auto v) { return std::to_string(v); };
 
   // Tokenize every task once.
@@ -277,6 +307,14 @@ int pipeline_run(const po::variables_map& vm) {
                                            "--out",    clusters};
   cluster_args.insert(cluster_args.end(), plot.begin(), plot.end());
   stage.run("cluster", "cluster", clusters, cluster_args, false);
+  const std::string figure_examples = str(vm["figure-examples"].as<int64_t>());
+  if (vm["lens"].as<bool>()) {
+    std::vector<std::string> lens_args = {
+        "--model",        model,          "--data", prepared(collect_task), "--out", (work / "lens.h5").string(),
+        "--num-examples", figure_examples};
+    lens_args.insert(lens_args.end(), plot.begin(), plot.end());
+    stage.run("lens", "lens", lens_args[5], lens_args, true);
+  }
 
   // Evaluation of one model on every task: work/eval/<setting>.json.
   fs::create_directories(work / "eval", ec);
@@ -284,7 +322,8 @@ int pipeline_run(const po::variables_map& vm) {
     std::vector<std::string> args = {"--model",        dir,
                                      "--out",          (work / "eval" / (setting + ".json")).string(),
                                      "--batch-size",   str(vm["eval-batch-size"].as<int64_t>()),
-                                     "--num-examples", str(vm["eval-examples"].as<int64_t>())};
+                                     "--num-examples", str(vm["eval-examples"].as<int64_t>()),
+                                     "--details",      (work / "eval" / (setting + ".details.jsonl")).string()};
     for (const auto& t : eval_tasks) args.insert(args.end(), {"--data", prepared(t)});
     stage.run("eval " + setting, "eval", args[3], args, true);
   };
@@ -329,8 +368,34 @@ int pipeline_run(const po::variables_map& vm) {
     evaluate(tuned, mode + "-emulator-fine-tuned");
     stage.run("plugin " + mode, "plugin", plugged, {"--model", model, "--emulator", tuned, "--out", plugged}, false);
     evaluate(plugged, mode + "-plugin");
+    if (vm["landscape"].as<bool>()) {
+      const std::string data = prepared(vm.count("valid-task") ? vm["valid-task"].as<std::string>() : train_task);
+      std::vector<std::string> args = {"--model",        model,
+                                       "--model-b",      plugged,
+                                       "--data",         data,
+                                       "--out",          (dir / "landscape.h5").string(),
+                                       "--num-examples", figure_examples,
+                                       "--points",       "11",
+                                       "--range",        "-0.25:1.25"};
+      args.insert(args.end(), plot.begin(), plot.end());
+      stage.run("landscape " + mode, "landscape", args[7], args, true);
+    }
   }
   write_crash_table(work, modes, eval_tasks);
+  if (vm["report"].as<bool>() && World::get().rank() == 0) {
+    const std::string page = (work / "report.html").string();
+    // The study's results are complete by now: a report that cannot be drawn is a warning.
+    bool written = false;
+    try {
+      written = write_report(work.string(), page, "") == 0;
+    } catch (const UserError& e) {
+      spdlog::warn("{}", e.what());
+    }
+    if (written)
+      std::printf("report: %s\n", page.c_str());
+    else
+      spdlog::warn("no report; run crash-hpc report --work {} once that is fixed", work.string());
+  }
   return 0;
 }
 

@@ -8,12 +8,13 @@
 #include <cstdlib>
 #include <filesystem>
 
+#include "parallel/errors.h"
 #include "parallel/world.h"
 
 extern char** environ;
 
-#ifndef CRASH_PLOTS_SCRIPT  // set by jobs/CMakeLists.txt to the source tree's script
-#define CRASH_PLOTS_SCRIPT "analysis/plots.py"
+#ifndef CRASH_ANALYSIS_DIR  // set by jobs/CMakeLists.txt to the source tree's analysis/
+#define CRASH_ANALYSIS_DIR "analysis"
 #endif
 
 namespace crash {
@@ -21,17 +22,16 @@ namespace crash {
 namespace {
 
 // Runs argv and returns its exit status (-1 when it could not start). `quiet` sends its output
-// to /dev/null. posix_spawn, not fork: safe in an MPI process.
-int spawn(const std::vector<std::string>& argv, bool quiet) {
+// to /dev/null, `quiet_stdout` only its standard output (a script's "wrote X": the job logs that).
+// posix_spawn, not fork: safe in an MPI process.
+int spawn(const std::vector<std::string>& argv, bool quiet, bool quiet_stdout = false) {
   std::vector<char*> cargs;
   for (const auto& a : argv) cargs.push_back(const_cast<char*>(a.c_str()));
   cargs.push_back(nullptr);
   posix_spawn_file_actions_t actions;
   posix_spawn_file_actions_init(&actions);
-  if (quiet) {
-    posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
-    posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
-  }
+  if (quiet || quiet_stdout) posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0);
+  if (quiet) posix_spawn_file_actions_addopen(&actions, 2, "/dev/null", O_WRONLY, 0);
   pid_t pid = 0;
   const int rc = posix_spawnp(&pid, cargs[0], &actions, nullptr, cargs.data(), environ);
   posix_spawn_file_actions_destroy(&actions);
@@ -53,6 +53,12 @@ std::string find_python() {
   return "";
 }
 
+// The script `name` of analysis/, or the path in the environment variable `override`.
+std::string script_path(const char* name, const char* override) {
+  if (const char* s = std::getenv(override)) return s;
+  return (std::filesystem::path(CRASH_ANALYSIS_DIR) / name).string();
+}
+
 }  // namespace
 
 std::string plot_path(const std::string& out, const std::string& ext) {
@@ -61,8 +67,7 @@ std::string plot_path(const std::string& out, const std::string& ext) {
 
 bool run_plot_script(const std::vector<std::string>& args) {
   if (World::get().rank() != 0) return false;
-  std::string script = CRASH_PLOTS_SCRIPT;
-  if (const char* s = std::getenv("CRASH_PLOTS_SCRIPT")) script = s;
+  const std::string script = script_path("plots.py", "CRASH_PLOTS_SCRIPT");
   if (!std::filesystem::exists(script)) {
     spdlog::warn("--plot: skipped, the plot script {} is not there", script);
     return false;
@@ -75,12 +80,26 @@ bool run_plot_script(const std::vector<std::string>& args) {
   }
   std::vector<std::string> argv = {python, script};
   argv.insert(argv.end(), args.begin(), args.end());
-  const int rc = spawn(argv, false);
+  const int rc = spawn(argv, false, true);
   if (rc != 0) {
     spdlog::warn("--plot: {} {} failed (exit {}); no figure", python, script, rc);
     return false;
   }
   return true;
+}
+
+int run_report_script(const std::vector<std::string>& args) {
+  const std::string script = script_path("report.py", "CRASH_REPORT_SCRIPT");
+  if (!std::filesystem::exists(script))
+    fail("the report script {} is not there (set CRASH_REPORT_SCRIPT to analysis/report.py)", script);
+  const std::string python = find_python();
+  if (python.empty())
+    fail("the report needs python3 with matplotlib, h5py and numpy (apt install python3-matplotlib python3-h5py)");
+  std::vector<std::string> argv = {python, script};
+  argv.insert(argv.end(), args.begin(), args.end());
+  const int rc = spawn(argv, false);
+  if (rc < 0) fail("could not start {} {}", python, script);
+  return rc;
 }
 
 }  // namespace crash

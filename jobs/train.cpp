@@ -32,7 +32,10 @@ void train_options(po::options_description& o) {
       "--seed, the step and the example, not on the grid")("eval-every", po::value<int64_t>()->default_value(0),
                                                            "validate every N steps (and at the end)")(
       "save-every", po::value<int64_t>()->default_value(0), "checkpoint every N steps (and at the end)")(
-      "keep-checkpoints", po::value<int>()->default_value(2), "newest checkpoints kept")(
+      "log-interval", po::value<int64_t>()->default_value(10),
+      "a log line every N steps, the first and the last: mean loss since the last line, lr, grad norm, tokens/s, "
+      "time left (train_log.jsonl has every step)")("keep-checkpoints", po::value<int>()->default_value(2),
+                                                    "newest checkpoints kept")(
       "train-all", po::bool_switch(), "train every parameter, not only the emulator's adapter layers")(
       "resume", po::bool_switch(), "continue from the newest complete checkpoint in OUT/checkpoints")(
       "overwrite", po::bool_switch(), "replace an existing OUT")(
@@ -72,6 +75,8 @@ int train_run(const po::variables_map& vm) {
   }
   t.eval_every = vm["eval-every"].as<int64_t>();
   t.save_every = vm["save-every"].as<int64_t>();
+  t.log_interval = vm["log-interval"].as<int64_t>();
+  if (t.log_interval <= 0) fail("--log-interval must be positive, got {}", t.log_interval);
   t.keep_checkpoints = vm["keep-checkpoints"].as<int>();
   if (t.keep_checkpoints < 1) fail("--keep-checkpoints must be at least 1");
   t.train_all = vm["train-all"].as<bool>();

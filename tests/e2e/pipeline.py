@@ -60,6 +60,23 @@ def demo(binary, config, work):
     for rel in stage_outputs(work, modes):
         check(os.path.exists(os.path.join(work, rel)), f"missing stage output {rel}")
     check("CRaSh results" in r.stdout and "Plug-in" in r.stdout, "the CRaSh table is printed")
+    # The console: one line per stage, then the table and where the report is; the rest is in logs/.
+    head = r.stdout.split("CRaSh results")[0].strip().splitlines()
+    print(f"console: {len(head)} lines before the table, {len(r.stderr.splitlines())} on stderr", flush=True)
+    check(all(line.startswith("pipeline: ") for line in head) and len(head) <= 40,
+          f"one console line per stage, at most 40 ({len(head)}; not so: "
+          f"{[l for l in head if not l.startswith('pipeline: ')][:3]})")
+    check(not r.stderr.strip(), f"nothing on stderr ({r.stderr.strip()[:300]})")
+    check(f"report: {os.path.join(work, 'report.html')}" in r.stdout, "the report's path is printed")
+    for rel in ["lens.h5", "report.html", "run.json", "logs/stages.jsonl"] + [f"{m}/landscape.h5" for m in modes]:
+        check(os.path.exists(os.path.join(work, rel)), f"{rel} written")
+    with open(os.path.join(work, "logs", "stages.jsonl")) as f:
+        stages = [json.loads(line) for line in f]
+    check(all(s["status"] == "ran" and s["seconds"] >= 0 and s["peak_rss_bytes"] > 0 and os.path.exists(
+        os.path.join(work, s["log"])) for s in stages), f"{len(stages)} stage records with time, memory and log")
+    with open(os.path.join(work, "logs", "train-uniform.log")) as f:
+        steps = [line for line in f if " step " in line and "validation" not in line]
+    check(len(steps) == 200 // 10 + 1, f"train logs every 10th step and the first: {len(steps)} step lines")
     for png in ("cka.png", "clusters.png"):
         p = os.path.join(work, png)
         check(os.path.exists(p) and os.path.getsize(p) > 10_000, f"plot {png} written")
