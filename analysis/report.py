@@ -159,6 +159,11 @@ class Work:
                     return name, m
         return None, None
 
+    def task_order(self, names):
+        """`names` in the order of the pipeline's --eval-task options (JSON objects come sorted)."""
+        given = [os.path.splitext(os.path.basename(t))[0] for t in self.options.get("eval-task", [])]
+        return sorted(names, key=lambda t: (given.index(t) if t in given else len(given), t))
+
     def model_dir(self):
         model = self.options.get("model")
         if model and not os.path.isabs(model) and not os.path.exists(model):
@@ -198,10 +203,11 @@ def section_crash_table(work):
            "<p>Each cell is the task's headline metric ± lm-eval's standard error. The plug-in is the full model with "
            "the emulator's fine-tuned adapter layers plugged back in; it is compared with the full model zero-shot. "
            "The best plug-in of each task is marked.</p>"]
-    for task, entry in work.table.items():
+    for task in work.task_order(work.table):
+        entry = work.table[task]
         metric = entry.get("metric", "")
         lower = metric in LOWER_IS_BETTER
-        modes = [m for m in entry if m != "metric"]
+        modes = sorted((m for m in entry if m != "metric"), key=lambda m: (MODES + (m,)).index(m))
         plugins = {m: entry[m].get("plugin") for m in modes if isinstance(entry[m].get("plugin"), (int, float))}
         best = (min if lower else max)(plugins, key=plugins.get) if plugins else None
         out.append(f"<h3>{esc(task)} <span class='metric'>{esc(metric)}, "
@@ -322,8 +328,8 @@ def section_figures(work):
             "Distances between the next-token distributions that each layer's hidden state gives through the "
             "final norm and the head.")
     add(lambda: landscape_figure(work), "Loss landscapes",
-        "Loss on the validation data (the fine-tuning data without it) along the straight line between the full "
-        "model's weights and each plug-in's.")
+        "Mean next-token loss over every token of the validation examples (the fine-tuning data without them), "
+        "context included, along the straight line between the full model's weights and each plug-in's.")
     add(lambda: training_figure(work), "Training curves",
         "Training loss of each emulator's adapters, validation loss where the run had validation data, and the "
         "learning rate.")
@@ -353,7 +359,8 @@ def section_eval(work, out_dir):
             tasks.setdefault(r.get("task", "?"), []).append((setting, r))
     out = ["<section id='eval'><h2>Evaluation, per task</h2>",
            "<p>Every metric of every evaluation (value ± standard error), with the per-example details of each.</p>"]
-    for task, rows in tasks.items():
+    for task in work.task_order(tasks):
+        rows = tasks[task]
         names = []
         for _, r in rows:
             for n in r.get("metrics", {}):

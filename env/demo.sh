@@ -7,4 +7,4 @@ bash "$root/env/build.sh" crash-hpc  # the program only: not the tests and bench
 cd "$root"
 start=$(date +%s)
 build/crash-hpc pipeline --config examples/demo/pipeline.ini --work demo-out --plot "$@"
-echo "demo: the pipeline took $(($(date +%s) - start)) s; CRaSh table in demo-out/crash_table.md, plots demo-out/cka.png and demo-out/clusters.png"
+echo "demo: the pipeline took $(($(date +%s) - start)) s; the report is demo-out/report.html (CRaSh table also in demo-out/crash_table.md)"

@@ -97,7 +97,7 @@ int run_report_script(const std::vector<std::string>& args) {
     fail("the report needs python3 with matplotlib, h5py and numpy (apt install python3-matplotlib python3-h5py)");
   std::vector<std::string> argv = {python, script};
   argv.insert(argv.end(), args.begin(), args.end());
-  const int rc = spawn(argv, false);
+  const int rc = spawn(argv, false, true);
   if (rc < 0) fail("could not start {} {}", python, script);
   return rc;
 }

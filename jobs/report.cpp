@@ -2,6 +2,7 @@
 // writes it; this job finds the script and hands it the versions of this build).
 #include <torch/version.h>
 
+#include <cstdio>
 #include <filesystem>
 
 #include "jobs/job.h"
@@ -38,9 +39,11 @@ int write_report(const std::string& work, const std::string& out, const std::str
 }
 
 int report_run(const po::variables_map& vm) {
+  const auto work = vm["work"].as<std::string>(), out = vm["out"].as<std::string>();
   int rc = 0;
   run_on_rank0([&] {
-    rc = write_report(vm["work"].as<std::string>(), vm["out"].as<std::string>(), vm["title"].as<std::string>());
+    rc = write_report(work, out, vm["title"].as<std::string>());
+    if (rc == 0) std::printf("report: %s\n", (out.empty() ? (fs::path(work) / "report.html").string() : out).c_str());
   });
   return rc;
 }

@@ -85,6 +85,10 @@ LogToFile::LogToFile(const std::string& path) {
   console_level_ = logger->sinks().front()->level();
   logger->sinks().front()->set_level(std::max(console_level_, spdlog::level::warn));
   logger->sinks().push_back(file_);
+  // Each line reaches the file at once, so that `tail -f` on a stage's log follows it (log lines
+  // are seconds apart; progress lines at most every CRASH_PROGRESS_SECONDS).
+  flush_level_ = logger->flush_level();
+  logger->flush_on(spdlog::level::trace);
   ++log_files;
 }
 
@@ -98,6 +102,7 @@ LogToFile::~LogToFile() {
       break;
     }
   file_->flush();
+  logger->flush_on(flush_level_);
   if (!sinks.empty()) sinks.front()->set_level(console_level_);
   --log_files;
 }

@@ -31,6 +31,7 @@ class LogToFile {
  private:
   spdlog::sink_ptr file_;
   spdlog::level::level_enum console_level_ = spdlog::level::info;
+  spdlog::level::level_enum flush_level_ = spdlog::level::off;
 };
 // True while a LogToFile is alive.
 bool logging_to_file();

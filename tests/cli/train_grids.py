@@ -19,6 +19,7 @@ Debian's python3 (numpy, h5py) only.
 """
 import json
 import os
+import re
 import random
 import shutil
 import struct
@@ -410,6 +411,16 @@ try:
             json.dump(plan, f)
         expect_error("plan without trainable layers", ["train", "--model", frozen, "--data", data, "--out", out("x")],
                      "no trainable")
+        expect_error("--log-interval 0", args + ["--log-interval", "0", "--out", out("x")], "--log-interval")
+        # A log line at steps 1, 2, 4 and 5 of 5 with --log-interval 2, each with the mean loss since the last.
+        p = subprocess.run([BIN] + common + ["--steps", "5", "--log-interval", "2", "--out", out("logged"), "--threads",
+                                             "1"], capture_output=True, text=True, timeout=300)
+        lines = re.findall(r"step (\d+)/5: loss ([0-9.]+)", p.stderr)
+        with open(out("logged/train_log.jsonl")) as f:
+            losses = {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
+        want = {1: losses[1], 2: losses[2], 4: (losses[3] + losses[4]) / 2, 5: losses[5]}
+        check([int(a) for a, _ in lines] == [1, 2, 4, 5] and all(
+            abs(float(b) - want[int(a)]) < 1e-4 for a, b in lines), f"--log-interval 2: lines {lines}, want {want}")
         run(args + ["--out", out("done")])
         expect_error("existing OUT", args + ["--out", out("done")], "--resume", "--overwrite")
         other_lr = [("1e-2" if prev == "--lr" else a) for prev, a in zip([""] + args, args)]

@@ -96,7 +96,7 @@ done <"$W/logs/jobs.txt"
 
 for f in prepared/wordnet_train activations.h5 cka.h5 clusters.json share/emulator/crash_plan.json \
   share/train/model/config.json share/plugin/config.json eval/full.json eval/share-emulator-zero-shot.json \
-  eval/share-emulator-fine-tuned.json eval/share-plugin.json crash_table.md; do
+  eval/share-emulator-fine-tuned.json eval/share-plugin.json crash_table.md report.html; do
   check "output $f" test -e "$W/$f"
 done
 check "no .partial or .tmp left" test -z "$(find "$W" -name '*.partial' -o -name '*.tmp')"
