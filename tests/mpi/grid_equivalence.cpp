@@ -50,8 +50,7 @@ int main(int argc, char** argv) {
   SafetensorsFile golden(vm["golden"].as<std::string>());
   const ModelConfig& cfg = ckpt.config();
   const bool tied = cfg.tie_word_embeddings;
-  const std::string embed_name =
-      cfg.family == Family::OPT ? "model.decoder.embed_tokens.weight" : "model.embed_tokens.weight";
+  const std::string embed_name = cfg.embedding_name();
 
   // Four rows, right- and left-padded.
   auto ids = torch::cat({golden.read("right_ids"), golden.read("left_ids").narrow(0, 0, 1)});
