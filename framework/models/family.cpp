@@ -68,7 +68,7 @@ std::vector<TensorSpec> ModelFamily::tensors(const ModelConfig& c) const {
 
 const std::vector<const ModelFamily*>& model_families() {
   // A new family adds its line here (and its file to framework/CMakeLists.txt).
-  static const std::vector<const ModelFamily*> all = {&opt_family(), &llama_family()};
+  static const std::vector<const ModelFamily*> all = {&opt_family(), &llama_family(), &qwen2_family(), &qwen3_family()};
   return all;
 }
 
@@ -83,10 +83,15 @@ const ModelFamily& family_of_model_type(const std::string& model_type, const std
 }
 
 const std::vector<std::string>& hf_folder_files() {
-  static const std::vector<std::string> files = {
-      "tokenizer.json",   "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-      "tokenizer.model",  "vocab.json",            "merges.txt",              "added_tokens.json",
-      "chat_template.jinja"};
+  static const std::vector<std::string> files = {"tokenizer.json",
+                                                 "tokenizer_config.json",
+                                                 "special_tokens_map.json",
+                                                 "generation_config.json",
+                                                 "tokenizer.model",
+                                                 "vocab.json",
+                                                 "merges.txt",
+                                                 "added_tokens.json",
+                                                 "chat_template.jinja"};
   return files;
 }
 

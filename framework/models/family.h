@@ -52,6 +52,10 @@ class ModelFamily {
   // The tensors outside the layers (embeddings, final norm, an untied head).
   virtual std::vector<TensorSpec> outer_tensors(const ModelConfig& c) const = 0;
 
+  // config.json lists with one entry per decoder layer (Qwen's layer_types): an emulator that
+  // drops or repeats layers writes them re-indexed by its slots' source layers.
+  virtual std::vector<std::string> layer_config_fields() const { return {}; }
+
   // One layer's Linear modules ("self_attn.q_proj"): the split weights of layer_tensors().
   std::vector<std::string> layer_linears(const ModelConfig& c) const;
   // Parameters as HF counts them (tied weights once, a shared layer once).
@@ -79,5 +83,7 @@ void read_sizes(ModelConfig& c, const nlohmann::json& j, const std::string& sour
 // The families (one file each); model_families() lists them.
 const ModelFamily& opt_family();
 const ModelFamily& llama_family();
+const ModelFamily& qwen2_family();
+const ModelFamily& qwen3_family();
 
 }  // namespace crash

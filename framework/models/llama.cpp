@@ -1,6 +1,6 @@
 // LLaMA family (LlamaForCausalLM): RMSNorm, rotary positions (llama3 scaling optional),
 // grouped-query attention, SwiGLU MLP, tied or untied embeddings. The LLaMA-style model here
-// serves every family of framework/models/llama.h.
+// serves every family of framework/models/llama.h (Qwen2, Qwen3).
 #include "framework/models/llama.h"
 
 #include "framework/config.h"
@@ -42,6 +42,8 @@ class LlamaLayer : public torch::nn::Module {
     s.head_dim = c.head_dim;
     s.qkv_bias = c.qkv_bias;
     s.out_bias = c.out_bias;
+    s.qk_norm = static_cast<const LlamaStyleFamily&>(*c.family).qk_norm();
+    s.norm_eps = c.norm_eps;
     s.rotary = true;
     self_attn = register_module("self_attn", SelfAttention(s));
     mlp = register_module("mlp", std::make_shared<LlamaMLP>(c, tp));
@@ -174,6 +176,19 @@ void read_llama_style(ModelConfig& c, const nlohmann::json& j, const std::string
                        : json_field_or<int64_t>(j, "eos_token_id", 2, src);
 }
 
+void refuse_sliding_window(const ModelConfig& c, const nlohmann::json& j, const std::string& src) {
+  if (json_field_or<bool>(j, "use_sliding_window", false, src))
+    fail("{}: field 'use_sliding_window' is true; sliding-window attention is not supported yet", src);
+  if (j.contains("layer_types") && !j.at("layer_types").is_null()) {
+    const auto types = json_field<std::vector<std::string>>(j, "layer_types", src);
+    if (static_cast<int64_t>(types.size()) != c.num_layers)
+      fail("{}: field 'layer_types' has {} entries for {} layers", src, types.size(), c.num_layers);
+    for (const auto& t : types)
+      if (t != "full_attention")
+        fail("{}: field 'layer_types' names '{}'; only 'full_attention' layers are supported yet", src, t);
+  }
+}
+
 std::shared_ptr<CausalLM> LlamaStyleFamily::build(const ModelConfig& config, const ModelShard& shard) const {
   return std::make_shared<LlamaLM>(config, shard);
 }
@@ -190,6 +205,8 @@ std::vector<TensorSpec> LlamaStyleFamily::layer_tensors(const ModelConfig& c) co
                        {"self_attn.k_proj.bias", {kv}, col},
                        {"self_attn.v_proj.bias", {kv}, col}});
   if (c.out_bias) t.push_back({"self_attn.o_proj.bias", {H}, rep});
+  if (qk_norm())
+    t.insert(t.end(), {{"self_attn.q_norm.weight", {c.head_dim}, rep}, {"self_attn.k_norm.weight", {c.head_dim}, rep}});
   t.insert(t.end(), {{"mlp.gate_proj.weight", {F, H}, col},
                      {"mlp.up_proj.weight", {F, H}, col},
                      {"mlp.down_proj.weight", {H, F}, row}});

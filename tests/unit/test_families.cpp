@@ -2,8 +2,8 @@
 // tensor's name, shape and TP split, the tied embedding, the Linears SFSD factors, and the
 // model_type dispatch.
 #include <algorithm>
-#include <numeric>
 #include <map>
+#include <numeric>
 #include <set>
 
 #include "framework/checkpoint.h"
@@ -43,12 +43,12 @@ TEST_P(FamilyDescriptor, ListsExactlyTheTensorsOfTheBuiltModel) {
     ASSERT_TRUE(ckpt.contains(on_disk)) << t.name;
     EXPECT_EQ(ckpt.info(on_disk).shape, t.shape) << t.name;
   }
-  EXPECT_EQ(c.parameter_count(), static_cast<int64_t>(std::accumulate(
-                                     specs.begin(), specs.end(), int64_t(0), [](int64_t n, const TensorSpec& t) {
-                                       int64_t k = 1;
-                                       for (auto d : t.shape) k *= d;
-                                       return n + k;
-                                     })));
+  EXPECT_EQ(c.parameter_count(), static_cast<int64_t>(std::accumulate(specs.begin(), specs.end(), int64_t(0),
+                                                                      [](int64_t n, const TensorSpec& t) {
+                                                                        int64_t k = 1;
+                                                                        for (auto d : t.shape) k *= d;
+                                                                        return n + k;
+                                                                      })));
   // The tied head is the embedding; an untied one is its own tensor.
   EXPECT_TRUE(built.count(c.embedding_name()));
   EXPECT_EQ(built.count("lm_head.weight"), c.tie_word_embeddings ? 0u : 1u);
@@ -64,7 +64,7 @@ TEST_P(FamilyDescriptor, ListsExactlyTheTensorsOfTheBuiltModel) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, FamilyDescriptor,
                          ::testing::Values("opt_preln", "opt_postln_proj", "llama_gqa", "llama_mha_tied",
-                                           "llama3_scaled"));
+                                           "llama3_scaled", "qwen2_bias", "qwen3_kv1"));
 
 TEST(Families, EachModelTypeHasOneFamily) {
   std::set<std::string> seen;
@@ -73,9 +73,81 @@ TEST(Families, EachModelTypeHasOneFamily) {
       EXPECT_TRUE(seen.insert(t).second) << t;
       EXPECT_EQ(&family_of_model_type(t, "x"), f);
     }
-  EXPECT_TRUE(seen.count("opt") && seen.count("llama"));
+  EXPECT_TRUE(seen.count("opt") && seen.count("llama") && seen.count("qwen2") && seen.count("qwen3"));
   test::expect_user_error([] { family_of_model_type("mamba", "m/config.json"); },
                           {"m/config.json", "'mamba'", "not supported", "'opt'", "'llama'"});
+}
+
+nlohmann::json tiny_qwen(const std::string& type) {
+  return {{"model_type", type},       {"vocab_size", 100},       {"hidden_size", 64},
+          {"intermediate_size", 96},  {"num_hidden_layers", 2},  {"num_attention_heads", 4},
+          {"num_key_value_heads", 2}, {"rope_theta", 1000000.0}, {"use_sliding_window", false},
+          {"sliding_window", 4096},   {"max_window_layers", 28}};
+}
+
+bool has_tensor(const ModelConfig& c, const std::string& layer_tensor) {
+  for (const auto& t : c.family->layer_tensors(c))
+    if (t.name == layer_tensor) return true;
+  return false;
+}
+
+TEST(Families, Qwen2HasQkvBiasesOnly) {
+  auto j = tiny_qwen("qwen2");
+  j["attention_bias"] = true;  // not a Qwen2Config field: ignored, as HF ignores it
+  auto c = ModelConfig::from_json(j, "q/config.json");
+  EXPECT_TRUE(c.qkv_bias);
+  EXPECT_FALSE(c.out_bias);
+  EXPECT_FALSE(has_tensor(c, "self_attn.q_norm.weight"));
+  EXPECT_EQ(c.head_dim, 16);
+  EXPECT_EQ(c.rope_theta, 1e6);
+  EXPECT_FALSE(c.tie_word_embeddings);
+  EXPECT_EQ(c.embedding_name(), "model.embed_tokens.weight");
+}
+
+TEST(Families, Qwen3HeadDimDefaultsTo128AndHonoursAttentionBias) {
+  auto j = tiny_qwen("qwen3");
+  auto c = ModelConfig::from_json(j, "q/config.json");
+  EXPECT_EQ(c.head_dim, 128);  // Qwen3Config's default, not 64 / 4
+  EXPECT_TRUE(has_tensor(c, "self_attn.q_norm.weight") && has_tensor(c, "self_attn.k_norm.weight"));
+  EXPECT_FALSE(c.qkv_bias || c.out_bias);
+  j["attention_bias"] = true;
+  j["head_dim"] = 24;
+  c = ModelConfig::from_json(j, "q/config.json");
+  EXPECT_EQ(c.head_dim, 24);
+  EXPECT_TRUE(c.qkv_bias && c.out_bias);
+  // q and k norms count 2 x head_dim per layer; biases q + 2 kv + hidden.
+  auto no_bias = tiny_qwen("qwen3");
+  no_bias["head_dim"] = 24;
+  EXPECT_EQ(c.parameter_count() - ModelConfig::from_json(no_bias, "q").parameter_count(),
+            2 * (4 * 24 + 2 * 2 * 24 + 64));
+}
+
+TEST(Families, UnimplementedFieldsFailNamingThem) {
+  for (const char* type : {"qwen2", "qwen3"}) {
+    auto j = tiny_qwen(type);
+    j["use_sliding_window"] = true;
+    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); },
+                            {"q/config.json", "use_sliding_window"});
+    j = tiny_qwen(type);
+    j["layer_types"] = {"full_attention", "sliding_attention"};
+    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"layer_types", "sliding_attention"});
+    j = tiny_qwen(type);
+    j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"rope_scaling", "yarn"});
+    j = tiny_qwen(type);
+    j["num_experts"] = 8;
+    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"num_experts", "mixture of experts"});
+  }
+  auto j = tiny_qwen("qwen2");
+  j["layer_types"] = {"full_attention"};
+  test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); },
+                          {"layer_types", "1 entries for 2 layers"});
+  j = tiny_qwen("qwen2_moe");
+  test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"qwen2_moe", "not supported"});
+  // Inert sliding-window settings (use_sliding_window false, every layer full) load.
+  j = tiny_qwen("qwen3");
+  j["layer_types"] = {"full_attention", "full_attention"};
+  EXPECT_NO_THROW(ModelConfig::from_json(j, "q/config.json"));
 }
 
 TEST(Families, OneListOfHFFolderFiles) {
