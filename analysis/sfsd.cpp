@@ -5,6 +5,7 @@
 #include <cmath>
 #include <functional>
 
+#include "framework/models/family.h"
 #include "framework/token_input.h"
 #include "parallel/errors.h"
 #include "parallel/progress.h"
@@ -13,9 +14,6 @@
 namespace crash {
 
 namespace {
-
-const char* kLinearNames[] = {"q_proj", "k_proj", "v_proj",    "out_proj", "o_proj",
-                              "fc1",    "fc2",    "gate_proj", "up_proj",  "down_proj"};
 
 // "…layers.7.self_attn.q_proj" -> 7; -1 when the name is not under a decoder layer.
 int64_t layer_index(const std::string& name) {
@@ -37,6 +35,7 @@ std::vector<LinearInfo> decoder_linears(const CheckpointReader& ckpt) {
   if (!c.sfsd_ranks.empty())
     fail("{}/config.json: the model is already factored ('crash_sfsd_ranks'); decompose the original model",
          ckpt.dir());
+  const auto linears = c.family->layer_linears(c);
   std::vector<LinearInfo> out;
   for (const auto& name : ckpt.names()) {
     if (!ends_with(name, ".weight")) continue;
@@ -44,13 +43,14 @@ std::vector<LinearInfo> decoder_linears(const CheckpointReader& ckpt) {
     const int64_t layer = layer_index(module);
     if (layer < 0) continue;
     bool linear = false;
-    for (const char* n : kLinearNames) linear = linear || ends_with(module, std::string(".") + n);
+    for (const auto& n : linears) linear = linear || ends_with(module, "." + n);
     if (!linear) continue;
     const auto& shape = ckpt.info(name).shape;
     if (shape.size() != 2) fail("{}: tensor '{}' is not a matrix", ckpt.file_of(name), name);
     LinearInfo m;
     m.source = module;
-    m.name = (c.family == Family::OPT && module.rfind("model.", 0) != 0) ? "model." + module : module;
+    // Older OPT checkpoints name their tensors without the "model." prefix the model uses.
+    m.name = module.rfind("model.", 0) != 0 ? "model." + module : module;
     m.layer = layer;
     m.out = shape[0];
     m.in = shape[1];
@@ -280,8 +280,8 @@ SfsdSummary sfsd_summary(const CheckpointReader& ckpt, const std::vector<LinearI
     s.params_before += n;
     if (layer_index(name) >= 0) s.decoder_params_before += n;
   }
-  const int64_t head = c.vocab_size * c.word_embed_proj_dim;
-  int64_t saved = 0, macs_before = c.family == Family::OPT ? head : c.vocab_size * c.hidden_size, macs_after;
+  // The LM head's products (its input width is word_embed_proj_dim, hidden_size but for OPT-350m).
+  int64_t saved = 0, macs_before = c.vocab_size * c.word_embed_proj_dim, macs_after;
   macs_after = macs_before;
   s.modules = nlohmann::json::object();
   for (const auto& m : linears) {

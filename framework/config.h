@@ -1,4 +1,5 @@
-// Model configuration read from a Hugging Face config.json (OPT and LLaMA families).
+// Model configuration read from a Hugging Face config.json; each family reads its own fields
+// (framework/models/family.h).
 #pragma once
 #include <cstdint>
 #include <map>
@@ -9,7 +10,7 @@
 
 namespace crash {
 
-enum class Family { OPT, LLaMA };
+class ModelFamily;
 
 // rope_scaling of type "llama3" (LLaMA-3.1 and later).
 struct RopeScaling {
@@ -20,8 +21,8 @@ struct RopeScaling {
 };
 
 struct ModelConfig {
-  Family family = Family::OPT;
-  std::string model_type;  // "opt" or "llama"
+  const ModelFamily* family = nullptr;  // set by from_json: what reads, builds and names this model
+  std::string model_type;
 
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
@@ -42,8 +43,11 @@ struct ModelConfig {
   bool linear_bias = true;          // OPT enable_bias
   bool norm_affine = true;          // OPT layer_norm_elementwise_affine
 
-  // LLaMA
-  bool attention_bias = false;
+  // LLaMA-style attention (framework/models/llama.h)
+  bool attention_bias = false;  // the config field (LLaMA: on every projection)
+  bool qkv_bias = false;        // q/k/v projections have a bias
+  bool out_bias = false;        // o_proj has a bias
+  bool rotary = false;          // rotary positions (head_dim must be even)
   bool mlp_bias = false;
   double rope_theta = 10000.0;
   std::optional<RopeScaling> rope_scaling;
@@ -78,6 +82,8 @@ struct ModelConfig {
   int64_t kv_dim() const { return num_kv_heads * head_dim; }
   // Parameters of the model as Hugging Face counts them (tied weights once).
   int64_t parameter_count() const;
+  // The embedding matrix a tied LM head is (its family's name for it).
+  std::string embedding_name() const;
 
   // `source` names the file in error messages.
   static ModelConfig from_json(const nlohmann::json& j, const std::string& source);

@@ -10,6 +10,7 @@
 #include <set>
 
 #include "framework/atomic_file.h"
+#include "framework/models/family.h"
 #include "parallel/errors.h"
 #include "parallel/log.h"
 
@@ -65,8 +66,7 @@ DistributedLM::DistributedLM(const CheckpointReader& ckpt, std::shared_ptr<Proce
   if (c.tie_word_embeddings && grid_->pp() > 1) {
     embedding_group_ = grid_->embedding_group();
     for (const auto& item : stage_->named_parameters())
-      if (item.key() == "lm_head.weight" || item.key().find("embed_tokens.weight") != std::string::npos)
-        tied_embedding_ = item.value();
+      if (item.key() == "lm_head.weight" || item.key() == c.embedding_name()) tied_embedding_ = item.value();
   }
 }
 
@@ -343,19 +343,11 @@ void DistributedLM::sync_gradients() {
   flush();
 }
 
-namespace {
-
-std::string embedding_name(const ModelConfig& c) {
-  return c.family == Family::OPT ? "model.decoder.embed_tokens.weight" : "model.embed_tokens.weight";
-}
-
-}  // namespace
-
 void DistributedLM::set_trainable(const std::function<bool(const std::string& name)>& trains) {
   const ModelConfig& c = stage_->config();
   for (auto& item : stage_->named_parameters()) {
     const bool tied_head = item.key() == "lm_head.weight" && c.tie_word_embeddings;
-    const bool on = trains(tied_head ? embedding_name(c) : item.key());
+    const bool on = trains(tied_head ? c.embedding_name() : item.key());
     item.value().requires_grad_(on);
     if (!on) item.value().mutable_grad() = torch::Tensor();
   }
@@ -424,10 +416,9 @@ void DistributedLM::save_model(const std::string& dir) {
     out.close();
     if (!out) fail("{}: cannot write config.json", tmp.string());
     std::error_code ec;
-    for (const char* extra : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                              "generation_config.json", "crash_plan.json"}) {
-      const fs::path from = fs::path(source_dir_) / extra;
-      if (fs::exists(from)) fs::copy_file(from, tmp / extra, fs::copy_options::overwrite_existing, ec);
+    for (const auto& extra : hf_folder_paths(source_dir_, {"crash_plan.json"})) {
+      const fs::path from = extra;
+      if (fs::exists(from)) fs::copy_file(from, tmp / from.filename(), fs::copy_options::overwrite_existing, ec);
       if (ec) fail("{}: cannot copy into {} ({})", from.string(), tmp.string(), ec.message());
     }
     staged.commit();

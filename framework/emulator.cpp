@@ -8,6 +8,7 @@
 
 #include "framework/checkpoint.h"
 #include "framework/json_fields.h"
+#include "framework/models/family.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -38,11 +39,6 @@ std::map<int64_t, std::vector<std::string>> names_by_layer(const CheckpointReade
   return out;
 }
 
-std::vector<std::string> side_files(const std::string& dir) {
-  return {(fs::path(dir) / "tokenizer.json").string(), (fs::path(dir) / "tokenizer_config.json").string(),
-          (fs::path(dir) / "special_tokens_map.json").string()};
-}
-
 }  // namespace
 
 void write_emulator_folder(const CheckpointReader& full, const EmulatorPlan& plan, const std::string& out) {
@@ -63,8 +59,15 @@ void write_emulator_folder(const CheckpointReader& full, const EmulatorPlan& pla
   nlohmann::json updates = {{"num_hidden_layers", plan.slots.size()}, {"crash_emulator", plan.mode}};
   auto storage = plan.storage();
   updates["crash_shared_layers"] = storage.empty() ? nlohmann::json(nullptr) : nlohmann::json(storage);
+  for (const auto& field : c.family->layer_config_fields()) {
+    const auto& list = c.raw.contains(field) ? c.raw.at(field) : nlohmann::json();
+    if (!list.is_array() || static_cast<int64_t>(list.size()) != c.num_layers) continue;
+    nlohmann::json v = nlohmann::json::array();
+    for (const auto& slot : plan.slots) v.push_back(list.at(static_cast<size_t>(slot.source)));
+    updates[field] = v;
+  }
   SaveOptions options;
-  options.copy_files = side_files(full.dir());
+  options.copy_files = hf_folder_paths(full.dir());
   EmulatorPlan saved = plan;
   saved.source_model = fs::absolute(full.dir()).string();
   options.extra_files["crash_plan.json"] = saved.to_json().dump(2) + "\n";
@@ -141,10 +144,10 @@ std::vector<std::string> write_plugin_folder(const CheckpointReader& full, const
     check_shape(name, to);
     outside[to] = name;
   }
-  const std::string embedding = c.family == Family::OPT ? (full.contains("model.decoder.embed_tokens.weight")
-                                                               ? "model.decoder.embed_tokens.weight"
-                                                               : "decoder.embed_tokens.weight")
-                                                        : "model.embed_tokens.weight";
+  // Older OPT checkpoints name their tensors without the "model." prefix.
+  const std::string embedding = full.contains(c.embedding_name()) || c.embedding_name().rfind("model.", 0) != 0
+                                    ? c.embedding_name()
+                                    : c.embedding_name().substr(6);
   // A tied head is the embedding: a stored copy of it follows the (possibly trained) embedding.
   if (c.tie_word_embeddings && full.contains("lm_head.weight") && outside.count(embedding)) {
     check_shape(outside[embedding], "lm_head.weight");
@@ -171,7 +174,7 @@ std::vector<std::string> write_plugin_folder(const CheckpointReader& full, const
     tensors.emplace_back(name, emulator.view(from).to(full.view(name).scalar_type()));
   }
   SaveOptions options;
-  options.copy_files = side_files(full.dir());
+  options.copy_files = hf_folder_paths(full.dir());
   nlohmann::json record = {{"format", "crash-hpc plug-in 1"},
                            {"full_model", fs::absolute(full.dir()).string()},
                            {"emulator", fs::absolute(emulator.dir()).string()},

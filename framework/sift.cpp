@@ -10,6 +10,7 @@
 
 #include <torch/csrc/autograd/function.h>
 
+#include "framework/models/family.h"
 #include "framework/safetensors.h"
 #include "parallel/errors.h"
 
@@ -391,8 +392,7 @@ void merge_increments(const std::string& base_dir, const std::string& increments
     tensors.emplace_back(name, it != merged.end() ? it->second : base.view(name));
   }
   SaveOptions options;
-  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "crash_plan.json"})
-    options.copy_files.push_back((fs::path(base_dir) / f).string());
+  options.copy_files = hf_folder_paths(base_dir, {"crash_plan.json"});
   options.extra_files["crash_sift_merge.json"] = nlohmann::json{{"format", "crash-hpc sift merge 1"},
                                                                 {"base_model", fs::absolute(base_dir).string()},
                                                                 {"increments", fs::absolute(increments).string()},

@@ -334,9 +334,7 @@ TrainSummary train(const TrainOptions& o) {
     spdlog::info("training {} parameters of {} on {}", static_cast<int64_t>(n.item<double>()), o.model,
                  grid->describe());
   }
-  const std::string tied = cfg.tie_word_embeddings ? (cfg.family == Family::OPT ? "model.decoder.embed_tokens.weight"
-                                                                                : "model.embed_tokens.weight")
-                                                   : "";
+  const std::string tied = cfg.tie_word_embeddings ? cfg.embedding_name() : "";
 
   const auto rates = train_dropout(o, cfg);
   const double hidden_dropout = rates.first, attention_dropout = rates.second;

@@ -11,6 +11,7 @@
 #include "analysis/sfsd_search.h"
 #include "framework/atomic_file.h"
 #include "framework/eval.h"
+#include "framework/models/family.h"
 #include "framework/prepared.h"
 #include "framework/token_input.h"
 #include "jobs/job.h"
@@ -50,11 +51,6 @@ void decompose_options(po::options_description& o) {
 }
 
 namespace {
-
-std::vector<std::string> side_files(const std::string& dir) {
-  return {(fs::path(dir) / "tokenizer.json").string(), (fs::path(dir) / "tokenizer_config.json").string(),
-          (fs::path(dir) / "special_tokens_map.json").string(), (fs::path(dir) / "generation_config.json").string()};
-}
 
 nlohmann::json evaluate_all(const std::string& dir, const std::shared_ptr<ProcessGrid>& grid, const GridChoice& choice,
                             const std::vector<PreparedTask>& tasks, int64_t batch) {
@@ -165,7 +161,7 @@ int decompose_run(const po::variables_map& vm) {
   auto write_plan = [&](const std::string& dir, const std::map<std::string, int64_t>& plan) {
     if (grid->rank() == 0) {
       SaveOptions save;
-      save.copy_files = side_files(model_dir);
+      save.copy_files = hf_folder_paths(model_dir);
       save.extra_files["sfsd_ranks.json"] = sfsd_summary(ckpt, linears, plan).modules.dump(2) + "\n";
       save_hf_folder(dir, cfg, factored_tensors(ckpt, linears, stats, plan, factor_dtype), save,
                      {{"crash_sfsd_ranks", plan}});

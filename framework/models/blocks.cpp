@@ -15,14 +15,15 @@ torch::Tensor activation(const std::string& name, torch::Tensor x) {
   return torch::gelu(x, "tanh");  // gelu_new, gelu_pytorch_tanh
 }
 
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps) : eps_(eps) {
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps, CommPtr tp) : eps_(eps), tp_(std::move(tp)) {
   weight = register_parameter("weight", torch::ones({dim}));
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   auto xf = x.to(torch::kFloat32);
   auto var = xf.pow(2).mean(-1, /*keepdim=*/true);
-  return weight * (xf * torch::rsqrt(var + eps_)).to(x.scalar_type());
+  auto w = tp_ && tp_->size() > 1 ? copy_to_tp(weight, tp_) : weight;
+  return w * (xf * torch::rsqrt(var + eps_)).to(x.scalar_type());
 }
 
 ColumnParallelLinear column_linear(int64_t in, int64_t out, bool bias, const CommPtr& tp) {
@@ -58,6 +59,10 @@ SelfAttentionImpl::SelfAttentionImpl(const AttentionShape& s) : head_dim_(s.head
         register_module("v_proj", ColumnParallelLinear(s.hidden, s.kv_heads * D, head * D, D, s.qkv_bias, tp, group));
   }
   out_proj = register_module(s.out_name, row_linear(s.heads * D, s.hidden, s.out_bias, tp));
+  if (s.qk_norm) {
+    q_norm = register_module("q_norm", RMSNorm(D, s.norm_eps, tp));
+    k_norm = register_module("k_norm", RMSNorm(D, s.norm_eps, tp));
+  }
 }
 
 namespace {
@@ -70,8 +75,14 @@ torch::Tensor rotate_half(const torch::Tensor& x) {
 torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const AttentionContext& ctx, LayerCache* cache,
                                          int64_t layer) {
   const int64_t B = h.size(0), T = h.size(1), H = heads_, KV = kv_heads_, D = head_dim_;
-  auto q = q_proj->forward(h).view({B, T, H, D}).transpose(1, 2);
-  auto k = k_proj->forward(h).view({B, T, KV, D}).transpose(1, 2);
+  auto q = q_proj->forward(h).view({B, T, H, D});
+  auto k = k_proj->forward(h).view({B, T, KV, D});
+  if (q_norm) {
+    q = q_norm->forward(q);
+    k = k_norm->forward(k);
+  }
+  q = q.transpose(1, 2);
+  k = k.transpose(1, 2);
   auto v = v_proj->forward(h).view({B, T, KV, D}).transpose(1, 2);
   if (rotary_) {
     auto cos = ctx.cos.unsqueeze(1), sin = ctx.sin.unsqueeze(1);

@@ -14,12 +14,15 @@ torch::Tensor activation(const std::string& name, torch::Tensor x);
 
 class RMSNormImpl : public torch::nn::Module {
  public:
-  RMSNormImpl(int64_t dim, double eps);
+  // `tp`: set when each TP rank normalises only its own part of the rows (Qwen3's per-head q/k
+  // norms): the weight's gradient is then summed over the group.
+  RMSNormImpl(int64_t dim, double eps, CommPtr tp = nullptr);
   torch::Tensor forward(const torch::Tensor& x);
   torch::Tensor weight;
 
  private:
   double eps_;
+  CommPtr tp_;
 };
 TORCH_MODULE(RMSNorm);
 
@@ -33,6 +36,8 @@ struct AttentionShape {
   CommPtr tp;
   bool qkv_bias = false, out_bias = false;
   bool rotary = false;
+  bool qk_norm = false;  // RMSNorm over each head of q and k before the rotary embedding (Qwen3)
+  double norm_eps = 1e-6;
   std::string out_name = "o_proj";  // OPT calls it out_proj
 };
 
@@ -44,6 +49,7 @@ class SelfAttentionImpl : public torch::nn::Module {
 
   ColumnParallelLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr};
   RowParallelLinear out_proj{nullptr};
+  RMSNorm q_norm{nullptr}, k_norm{nullptr};
 
  private:
   int64_t heads_, kv_heads_, head_dim_;  // this rank's

@@ -7,6 +7,7 @@
 
 #include "framework/checkpoint.h"
 #include "framework/models/blocks.h"
+#include "framework/models/family.h"
 #include "framework/models/onednn.h"
 #include "parallel/errors.h"
 
@@ -173,7 +174,7 @@ void CausalLM::load(const CheckpointReader& ckpt) {
       if (name.rfind("model.", 0) == 0 && ckpt.contains(name.substr(6))) source = name.substr(6);
       // A last pipeline stage of a tied model holds its own copy of the embedding.
       else if (name == "lm_head.weight" && config_.tie_word_embeddings)
-        source = tied_embedding_name();
+        source = config_.embedding_name();
     }
     if (!ckpt.contains(source))
       fail("{}: checkpoint has no tensor '{}', which {} requires", ckpt.dir(), name, config_file);
@@ -205,9 +206,6 @@ std::vector<std::pair<std::string, torch::Tensor>> CausalLM::hf_state() const {
   for (auto& item : named_parameters()) out.emplace_back(item.key(), item.value());
   return out;
 }
-
-std::shared_ptr<CausalLM> build_opt(const ModelConfig& config, const ModelShard& shard);
-std::shared_ptr<CausalLM> build_llama(const ModelConfig& config, const ModelShard& shard);
 
 namespace {
 
@@ -253,7 +251,8 @@ void apply_sfsd_ranks(CausalLM& model, const ModelConfig& config) {
 
 std::shared_ptr<CausalLM> build_model(const ModelConfig& config, const ModelShard& shard) {
   install_onednn_kernels();
-  auto model = config.family == Family::OPT ? build_opt(config, shard) : build_llama(config, shard);
+  if (!config.family) fail("build_model: the config names no model family (read it with ModelConfig::from_json)");
+  auto model = config.family->build(config, shard);
   apply_sfsd_ranks(*model, config);
   return model;
 }

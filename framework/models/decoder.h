@@ -1,4 +1,5 @@
-// Decoder-only causal language models with Hugging Face semantics (OPT, LLaMA families).
+// Decoder-only causal language models with Hugging Face semantics (the families of
+// framework/models/family.h).
 // A model is built from pieces a pipeline stage can call on its own: embed (first stage),
 // run_layer (the stage's layers), finish and head (last stage).
 #pragma once
@@ -143,7 +144,6 @@ class CausalLM : public torch::nn::Module {
 
  protected:
   virtual torch::Tensor rotary_inv_freq() const { return {}; }
-  virtual std::string tied_embedding_name() const = 0;
   // Converts a freshly built piece to the shard's dtype before the next is built.
   template <class M>
   M place(M m) {

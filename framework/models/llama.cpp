@@ -1,5 +1,10 @@
 // LLaMA family (LlamaForCausalLM): RMSNorm, rotary positions (llama3 scaling optional),
-// grouped-query attention, SwiGLU MLP, tied or untied embeddings.
+// grouped-query attention, SwiGLU MLP, tied or untied embeddings. The LLaMA-style model here
+// serves every family of framework/models/llama.h (Qwen2, Qwen3).
+#include "framework/models/llama.h"
+
+#include "framework/config.h"
+#include "framework/json_fields.h"
 #include "framework/models/blocks.h"
 #include "framework/models/decoder.h"
 #include "framework/models/dropout.h"
@@ -35,7 +40,10 @@ class LlamaLayer : public torch::nn::Module {
     s.heads = c.num_heads;
     s.kv_heads = c.num_kv_heads;
     s.head_dim = c.head_dim;
-    s.qkv_bias = s.out_bias = c.attention_bias;
+    s.qkv_bias = c.qkv_bias;
+    s.out_bias = c.out_bias;
+    s.qk_norm = static_cast<const LlamaStyleFamily&>(*c.family).qk_norm();
+    s.norm_eps = c.norm_eps;
     s.rotary = true;
     self_attn = register_module("self_attn", SelfAttention(s));
     mlp = register_module("mlp", std::make_shared<LlamaMLP>(c, tp));
@@ -91,7 +99,6 @@ class LlamaLM : public LayerStackLM<LlamaLayer> {
 
  protected:
   torch::Tensor rotary_inv_freq() const override { return inv_freq_; }
-  std::string tied_embedding_name() const override { return "model.embed_tokens.weight"; }
 
  private:
   VocabParallelEmbedding embed_tokens{nullptr};
@@ -100,10 +107,126 @@ class LlamaLM : public LayerStackLM<LlamaLayer> {
   torch::Tensor inv_freq_;
 };
 
+class LlamaFamily : public LlamaStyleFamily {
+ public:
+  std::vector<std::string> model_types() const override { return {"llama"}; }
+  void read_config(ModelConfig& c, const nlohmann::json& j, const std::string& src) const override {
+    read_llama_style(c, j, src);
+    c.mlp_bias = json_field_or<bool>(j, "mlp_bias", false, src);
+    c.qkv_bias = c.out_bias = c.attention_bias;
+  }
+};
+
 }  // namespace
 
-std::shared_ptr<CausalLM> build_llama(const ModelConfig& config, const ModelShard& shard) {
+void read_llama_style(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
+  read_sizes(c, j, src, "intermediate_size");
+  c.rotary = true;
+  c.num_kv_heads = json_field_or<int64_t>(j, "num_key_value_heads", c.num_heads, src);
+  c.max_positions = json_field_or<int64_t>(j, "max_position_embeddings", 2048, src);
+  c.word_embed_proj_dim = c.hidden_size;
+  if (j.contains("head_dim") && !j.at("head_dim").is_null()) {
+    c.head_dim = json_field<int64_t>(j, "head_dim", src);
+    require_positive(c.head_dim, "head_dim", src);
+  }
+  c.norm_eps = json_field_or<double>(j, "rms_norm_eps", 1e-6, src);
+  c.activation = json_field_or<std::string>(j, "hidden_act", "silu", src);
+  c.tie_word_embeddings = json_field_or<bool>(j, "tie_word_embeddings", false, src);
+  c.attention_bias = json_field_or<bool>(j, "attention_bias", false, src);
+  for (const char* moe : {"num_experts", "num_local_experts", "n_routed_experts"})
+    if (j.contains(moe) && !j.at(moe).is_null() && !(j.at(moe).is_number() && j.at(moe).get<double>() == 0))
+      fail("{}: field '{}' (mixture of experts) is not supported", src, moe);
+  // transformers 5 writes "rope_parameters" (theta inside); older files "rope_theta" and "rope_scaling".
+  nlohmann::json rs;
+  std::string where = src;
+  if (j.contains("rope_parameters") && !j.at("rope_parameters").is_null()) {
+    rs = json_field<nlohmann::json>(j, "rope_parameters", src);
+    where = src + " rope_parameters";
+    c.rope_theta = json_field_or<double>(rs, "rope_theta", 10000.0, where);
+  } else {
+    c.rope_theta = json_field_or<double>(j, "rope_theta", 10000.0, src);
+    if (j.contains("rope_scaling") && !j.at("rope_scaling").is_null())
+      rs = json_field<nlohmann::json>(j, "rope_scaling", src);
+    where = src + " rope_scaling";
+  }
+  if (c.rope_theta <= 0) fail("{}: rope_theta must be positive, got {}", where, c.rope_theta);
+  if (!rs.is_null()) {
+    std::string type = rs.contains("rope_type") ? json_field<std::string>(rs, "rope_type", where)
+                                                : json_field_or<std::string>(rs, "type", "default", where);
+    if (type == "default") {
+      // no scaling
+    } else if (type == "llama3") {
+      RopeScaling s;
+      s.factor = json_field<double>(rs, "factor", where);
+      s.low_freq_factor = json_field<double>(rs, "low_freq_factor", where);
+      s.high_freq_factor = json_field<double>(rs, "high_freq_factor", where);
+      s.original_max_position_embeddings = json_field<int64_t>(rs, "original_max_position_embeddings", where);
+      if (s.factor <= 0 || s.high_freq_factor <= s.low_freq_factor)
+        fail("{}: factor must be positive and high_freq_factor > low_freq_factor", where);
+      c.rope_scaling = s;
+    } else {
+      fail("{}: rope type '{}' is not supported (expected 'llama3' or 'default')", where, type);
+    }
+  }
+  c.attention_dropout = json_field_or<double>(j, "attention_dropout", 0.0, src);
+  c.pad_token_id = json_field_or<int64_t>(j, "pad_token_id", -1, src);
+  c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", 1, src);
+  c.eos_token_id = j.contains("eos_token_id") && j.at("eos_token_id").is_array()
+                       ? (j.at("eos_token_id").empty() ? -1 : j.at("eos_token_id")[0].get<int64_t>())
+                       : json_field_or<int64_t>(j, "eos_token_id", 2, src);
+}
+
+void refuse_sliding_window(const ModelConfig& c, const nlohmann::json& j, const std::string& src) {
+  if (json_field_or<bool>(j, "use_sliding_window", false, src))
+    fail("{}: field 'use_sliding_window' is true; sliding-window attention is not supported yet", src);
+  if (j.contains("layer_types") && !j.at("layer_types").is_null()) {
+    const auto types = json_field<std::vector<std::string>>(j, "layer_types", src);
+    if (static_cast<int64_t>(types.size()) != c.num_layers)
+      fail("{}: field 'layer_types' has {} entries for {} layers", src, types.size(), c.num_layers);
+    for (const auto& t : types)
+      if (t != "full_attention")
+        fail("{}: field 'layer_types' names '{}'; only 'full_attention' layers are supported yet", src, t);
+  }
+}
+
+std::shared_ptr<CausalLM> LlamaStyleFamily::build(const ModelConfig& config, const ModelShard& shard) const {
   return std::make_shared<LlamaLM>(config, shard);
+}
+
+std::vector<TensorSpec> LlamaStyleFamily::layer_tensors(const ModelConfig& c) const {
+  const int64_t H = c.hidden_size, F = c.intermediate_size, q = c.num_heads * c.head_dim, kv = c.kv_dim();
+  const auto col = TpSplit::Column, row = TpSplit::Row, rep = TpSplit::Replicated;
+  std::vector<TensorSpec> t = {{"self_attn.q_proj.weight", {q, H}, col},
+                               {"self_attn.k_proj.weight", {kv, H}, col},
+                               {"self_attn.v_proj.weight", {kv, H}, col},
+                               {"self_attn.o_proj.weight", {H, q}, row}};
+  if (c.qkv_bias)
+    t.insert(t.end(), {{"self_attn.q_proj.bias", {q}, col},
+                       {"self_attn.k_proj.bias", {kv}, col},
+                       {"self_attn.v_proj.bias", {kv}, col}});
+  if (c.out_bias) t.push_back({"self_attn.o_proj.bias", {H}, rep});
+  if (qk_norm())
+    t.insert(t.end(), {{"self_attn.q_norm.weight", {c.head_dim}, rep}, {"self_attn.k_norm.weight", {c.head_dim}, rep}});
+  t.insert(t.end(), {{"mlp.gate_proj.weight", {F, H}, col},
+                     {"mlp.up_proj.weight", {F, H}, col},
+                     {"mlp.down_proj.weight", {H, F}, row}});
+  if (c.mlp_bias)
+    t.insert(t.end(),
+             {{"mlp.gate_proj.bias", {F}, col}, {"mlp.up_proj.bias", {F}, col}, {"mlp.down_proj.bias", {H}, rep}});
+  t.insert(t.end(), {{"input_layernorm.weight", {H}, rep}, {"post_attention_layernorm.weight", {H}, rep}});
+  return t;
+}
+
+std::vector<TensorSpec> LlamaStyleFamily::outer_tensors(const ModelConfig& c) const {
+  std::vector<TensorSpec> t = {{"model.embed_tokens.weight", {c.vocab_size, c.hidden_size}, TpSplit::Vocab},
+                               {"model.norm.weight", {c.hidden_size}, TpSplit::Replicated}};
+  if (!c.tie_word_embeddings) t.push_back({"lm_head.weight", {c.vocab_size, c.hidden_size}, TpSplit::Vocab});
+  return t;
+}
+
+const ModelFamily& llama_family() {
+  static const LlamaFamily family;
+  return family;
 }
 
 }  // namespace crash

@@ -1,8 +1,11 @@
 // OPT (facebook/opt-*): learned positions offset by 2, LayerNorm before (or, as in
 // OPT-350m, after) each block, ReLU MLP, optional project_in/project_out.
+#include "framework/config.h"
+#include "framework/json_fields.h"
 #include "framework/models/blocks.h"
 #include "framework/models/decoder.h"
 #include "framework/models/dropout.h"
+#include "framework/models/family.h"
 #include "framework/models/layer_stack.h"
 
 namespace crash {
@@ -114,9 +117,6 @@ class OptLM : public LayerStackLM<OptLayer> {
     return pos.narrow(1, m.size(1) - new_tokens, new_tokens);
   }
 
- protected:
-  std::string tied_embedding_name() const override { return "model.decoder.embed_tokens.weight"; }
-
  private:
   VocabParallelEmbedding embed_tokens{nullptr};
   torch::nn::Embedding embed_positions{nullptr};
@@ -125,10 +125,78 @@ class OptLM : public LayerStackLM<OptLayer> {
   torch::nn::LayerNorm final_layer_norm{nullptr};
 };
 
+class OptFamily : public ModelFamily {
+ public:
+  std::vector<std::string> model_types() const override { return {"opt"}; }
+
+  void read_config(ModelConfig& c, const nlohmann::json& j, const std::string& src) const override {
+    read_sizes(c, j, src, "ffn_dim");
+    c.num_kv_heads = c.num_heads;
+    c.max_positions = json_field<int64_t>(j, "max_position_embeddings", src);
+    c.word_embed_proj_dim = json_field_or<int64_t>(j, "word_embed_proj_dim", c.hidden_size, src);
+    c.pre_norm = json_field_or<bool>(j, "do_layer_norm_before", true, src);
+    bool removed = json_field_or<bool>(j, "_remove_final_layer_norm", false, src);
+    c.final_norm = c.pre_norm && !removed;
+    c.linear_bias = json_field_or<bool>(j, "enable_bias", true, src);
+    c.norm_affine = json_field_or<bool>(j, "layer_norm_elementwise_affine", true, src);
+    c.activation = json_field_or<std::string>(j, "activation_function", "relu", src);
+    c.norm_eps = 1e-5;  // OPT uses nn.LayerNorm's default
+    c.tie_word_embeddings = json_field_or<bool>(j, "tie_word_embeddings", true, src);
+    c.dropout = json_field_or<double>(j, "dropout", 0.1, src);  // OPTConfig's default
+    c.attention_dropout = json_field_or<double>(j, "attention_dropout", 0.0, src);
+    c.activation_dropout = json_field_or<double>(j, "activation_dropout", 0.0, src);
+    c.pad_token_id = json_field_or<int64_t>(j, "pad_token_id", 1, src);
+    c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", 2, src);
+    c.eos_token_id = json_field_or<int64_t>(j, "eos_token_id", 2, src);
+  }
+
+  std::shared_ptr<CausalLM> build(const ModelConfig& c, const ModelShard& shard) const override {
+    return std::make_shared<OptLM>(c, shard);
+  }
+  std::string embedding_name() const override { return "model.decoder.embed_tokens.weight"; }
+  std::string layer_prefix() const override { return "model.decoder.layers."; }
+
+  std::vector<TensorSpec> layer_tensors(const ModelConfig& c) const override {
+    const int64_t H = c.hidden_size, F = c.intermediate_size;
+    const auto col = TpSplit::Column, row = TpSplit::Row, rep = TpSplit::Replicated;
+    std::vector<TensorSpec> t;
+    for (const char* p : {"q_proj", "k_proj", "v_proj"}) {
+      t.push_back({std::string("self_attn.") + p + ".weight", {H, H}, col});
+      if (c.linear_bias) t.push_back({std::string("self_attn.") + p + ".bias", {H}, col});
+    }
+    t.push_back({"self_attn.out_proj.weight", {H, H}, row});
+    if (c.linear_bias) t.push_back({"self_attn.out_proj.bias", {H}, rep});
+    t.push_back({"fc1.weight", {F, H}, col});
+    if (c.linear_bias) t.push_back({"fc1.bias", {F}, col});
+    t.push_back({"fc2.weight", {H, F}, row});
+    if (c.linear_bias) t.push_back({"fc2.bias", {H}, rep});
+    if (c.norm_affine)
+      for (const char* n : {"self_attn_layer_norm", "final_layer_norm"})
+        for (const char* p : {".weight", ".bias"}) t.push_back({std::string(n) + p, {H}, rep});
+    return t;
+  }
+
+  std::vector<TensorSpec> outer_tensors(const ModelConfig& c) const override {
+    const int64_t H = c.hidden_size, P = c.word_embed_proj_dim, V = c.vocab_size;
+    std::vector<TensorSpec> t = {
+        {"model.decoder.embed_tokens.weight", {V, P}, TpSplit::Vocab},
+        {"model.decoder.embed_positions.weight", {c.max_positions + 2, H}, TpSplit::Replicated}};
+    if (c.has_projection())
+      t.insert(t.end(), {{"model.decoder.project_in.weight", {H, P}, TpSplit::Replicated},
+                         {"model.decoder.project_out.weight", {P, H}, TpSplit::Replicated}});
+    if (c.final_norm && c.norm_affine)
+      t.insert(t.end(), {{"model.decoder.final_layer_norm.weight", {H}, TpSplit::Replicated},
+                         {"model.decoder.final_layer_norm.bias", {H}, TpSplit::Replicated}});
+    if (!c.tie_word_embeddings) t.push_back({"lm_head.weight", {V, P}, TpSplit::Vocab});
+    return t;
+  }
+};
+
 }  // namespace
 
-std::shared_ptr<CausalLM> build_opt(const ModelConfig& config, const ModelShard& shard) {
-  return std::make_shared<OptLM>(config, shard);
+const ModelFamily& opt_family() {
+  static const OptFamily family;
+  return family;
 }
 
 }  // namespace crash

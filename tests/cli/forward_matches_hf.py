@@ -37,7 +37,8 @@ def main():
         launch = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", np_]
         grid = ["--tp", tp, "--pp", pp, "--threads", "1"]
     failures = 0
-    for name in ("opt_preln", "opt_postln_proj", "llama_gqa", "llama3_scaled"):
+    names = ("opt_preln", "opt_postln_proj", "llama_gqa", "llama3_scaled", "qwen2_bias", "qwen3_kv1")
+    for name in names:
         g = read_safetensors(os.path.join(fixtures, "golden", name + ".safetensors"))
         ids, mask = g["right_ids"], g["right_mask"]
         with tempfile.TemporaryDirectory() as tmp:
@@ -57,10 +58,10 @@ def main():
                 for l in range(n):
                     diffs.append(np.abs(h5[f"hidden_states/{l}"][()] - g[f"right_hidden_{l}"])[keep].max())
                 ok = max(diffs) <= 1e-4 and n == len([k for k in g if k.startswith("right_hidden_")])
-                ok = ok and h5.attrs["model_type"] in ("opt", "llama") and h5.attrs["num_examples"] == len(ids)
+                ok = ok and h5.attrs["model_type"] == name.split("_")[0].replace("llama3", "llama") and h5.attrs["num_examples"] == len(ids)
         print(f"{'ok  ' if ok else 'FAIL'} {name}: max abs diff {max(diffs):.2e} over logits and {n} hidden states")
         failures += not ok
-    print(f"{4 - failures} passed, {failures} failed")
+    print(f"{len(names) - failures} passed, {failures} failed")
     return 1 if failures else 0
 
 

@@ -128,9 +128,10 @@ void expect_emulator_runs_plan(const std::string& model, const EmulatorPlan& pla
   EXPECT_LT((got - want).abs().masked_select(keep).max().item<double>(), 1e-5);
 }
 
-TEST(EmulatorFolder, UniformRemoveShareOnOptAndLlama) {
+TEST(EmulatorFolder, UniformRemoveShareOnEveryFamily) {
   torch::set_num_threads(2);
-  for (std::string model : {"opt_preln", "llama_gqa"}) {
+  // Qwen's per-layer layer_types follow the slots (a wrong length would not load).
+  for (std::string model : {"opt_preln", "llama_gqa", "qwen2_bias", "qwen3_kv1"}) {
     SCOPED_TRACE(model);
     const int64_t L = CheckpointReader(fixture("models/" + model)).config().num_layers;
     ASSERT_EQ(L, 4);
@@ -190,7 +191,7 @@ TEST(EmulatorFolder, PluginCopiesTrainedSlotsBack) {
 // into the full model (a tied head with its embedding), and records them in crash_plugin.json.
 TEST(EmulatorFolder, PluginCarriesTrainedEmbeddingsNormAndHead) {
   torch::InferenceMode guard;
-  for (std::string model : {"opt_preln", "opt_postln_proj", "llama_gqa", "llama_mha_tied"}) {
+  for (std::string model : {"opt_preln", "opt_postln_proj", "llama_gqa", "llama_mha_tied", "qwen2_bias", "qwen3_kv1"}) {
     SCOPED_TRACE(model);
     TempDir tmp;
     CheckpointReader full(fixture("models/" + model));
@@ -223,11 +224,8 @@ TEST(EmulatorFolder, PluginCarriesTrainedEmbeddingsNormAndHead) {
     if (full.config().tie_word_embeddings) {
       auto m = load_model(plugged);
       auto h = torch::randn({1, 2, full.config().hidden_size});
-      const std::string embed =
-          full.config().family == Family::OPT ? "model.decoder.embed_tokens.weight" : "model.embed_tokens.weight";
-      auto w = tuned.view(embed).to(torch::kFloat32);
-      if (full.config().family == Family::OPT && full.config().word_embed_proj_dim != full.config().hidden_size)
-        continue;  // the head runs project_out first
+      auto w = tuned.view(full.config().embedding_name()).to(torch::kFloat32);
+      if (full.config().has_projection()) continue;  // the head runs project_out first
       auto want = h.matmul(w.t());
       EXPECT_LT((m->head(h) - want).abs().max().item<double>(), 1e-5);
     }

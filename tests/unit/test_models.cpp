@@ -1,4 +1,4 @@
-// Golden tests: our OPT and LLaMA models against Hugging Face transformers outputs
+// Golden tests: our models of every family against Hugging Face transformers outputs
 // (tests/fixtures/generate.py), on right- and left-padded batches and greedy generation.
 #include "framework/checkpoint.h"
 #include "framework/models/decoder.h"
@@ -166,7 +166,7 @@ TEST(ParameterInit, LoadingDrawsNoRandomInitAndBuildingStillDoes) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenModel,
                          ::testing::Values("opt_preln", "opt_postln_proj", "llama_gqa", "llama_mha_tied",
-                                           "llama3_scaled"));
+                                           "llama3_scaled", "qwen2_bias", "qwen3_kv1"));
 
 }  // namespace
 }  // namespace crash

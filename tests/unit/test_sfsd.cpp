@@ -67,7 +67,9 @@ TEST_P(Sfsd, FullRankReproducesTheLogits) {
   auto model = factored(ranks, tmp / "full");
   torch::NoGradGuard ng;
   auto logits = model->forward(ids_, {}).logits;
-  EXPECT_LT((logits - original_).abs().max().item<double>(), 1e-5);
+  // Two fp32 products (A x, then B) replace one: rounding scales with the logits (5.3 in qwen2_bias).
+  EXPECT_LT((logits - original_).abs().max().item<double>(),
+            1e-5 * std::max(1.0, original_.abs().max().item<double>()));
   // Every Linear is factored: no dense weight of a decoder Linear is left.
   for (const auto& p : model->named_parameters())
     for (const auto& m : linears_) EXPECT_NE(p.key(), m.name + ".weight");
@@ -159,7 +161,7 @@ TEST_P(Sfsd, BudgetKeepsBTimesTheWeightParameters) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, Sfsd, ::testing::Values("opt_preln", "llama_gqa"));
+INSTANTIATE_TEST_SUITE_P(Fixtures, Sfsd, ::testing::Values("opt_preln", "llama_gqa", "qwen2_bias", "qwen3_kv1"));
 
 TEST(SfsdRanks, RatioAndBudgetFormulas) {
   auto linear = [](int64_t in, int64_t out) {

@@ -1,0 +1,105 @@
+#include "framework/models/family.h"
+
+#include <fmt/ranges.h>
+
+#include <filesystem>
+
+#include "framework/config.h"
+#include "framework/json_fields.h"
+#include "parallel/errors.h"
+
+namespace crash {
+
+// Sizes beyond any real model's are rejected here: an absurd one would otherwise reach a
+// tensor allocation (an overflowing size or a failed terabyte request) before any shape check.
+void require_positive(int64_t v, const char* key, const std::string& source, int64_t most) {
+  if (v <= 0) fail("{}: field '{}' must be positive, got {}", source, key, v);
+  if (v > most) fail("{}: field '{}' is {}, larger than any model's (at most {})", source, key, v, most);
+}
+
+void read_sizes(ModelConfig& c, const nlohmann::json& j, const std::string& src, const char* intermediate_key) {
+  c.vocab_size = json_field<int64_t>(j, "vocab_size", src);
+  c.hidden_size = json_field<int64_t>(j, "hidden_size", src);
+  c.intermediate_size = json_field<int64_t>(j, intermediate_key, src);
+  c.num_layers = json_field<int64_t>(j, "num_hidden_layers", src);
+  c.num_heads = json_field<int64_t>(j, "num_attention_heads", src);
+  require_positive(c.intermediate_size, intermediate_key, src, 1 << 22);
+}
+
+std::vector<std::string> ModelFamily::layer_linears(const ModelConfig& c) const {
+  const std::string tail = ".weight";
+  std::vector<std::string> out;
+  for (const auto& t : layer_tensors(c)) {
+    const bool split = t.split == TpSplit::Column || t.split == TpSplit::Row;
+    if (split && t.shape.size() == 2 && t.name.size() > tail.size() &&
+        t.name.compare(t.name.size() - tail.size(), tail.size(), tail) == 0)
+      out.push_back(t.name.substr(0, t.name.size() - tail.size()));
+  }
+  return out;
+}
+
+namespace {
+int64_t numel(const TensorSpec& t) {
+  int64_t n = 1;
+  for (auto d : t.shape) n *= d;
+  return n;
+}
+}  // namespace
+
+int64_t ModelFamily::parameter_count(const ModelConfig& c) const {
+  int64_t n = 0, layer = 0;
+  for (const auto& t : outer_tensors(c)) n += numel(t);
+  for (const auto& t : layer_tensors(c)) layer += numel(t);
+  return n + c.stored_layers() * layer;
+}
+
+std::vector<TensorSpec> ModelFamily::tensors(const ModelConfig& c) const {
+  std::vector<TensorSpec> out = outer_tensors(c);
+  const auto layer = layer_tensors(c);
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    if (c.storage_of(l) != l) continue;
+    for (auto t : layer) {
+      t.name = layer_prefix() + std::to_string(l) + "." + t.name;
+      out.push_back(std::move(t));
+    }
+  }
+  return out;
+}
+
+const std::vector<const ModelFamily*>& model_families() {
+  // A new family adds its line here (and its file to framework/CMakeLists.txt).
+  static const std::vector<const ModelFamily*> all = {&opt_family(), &llama_family(), &qwen2_family(), &qwen3_family()};
+  return all;
+}
+
+const ModelFamily& family_of_model_type(const std::string& model_type, const std::string& source) {
+  std::vector<std::string> known;
+  for (const ModelFamily* f : model_families())
+    for (const auto& t : f->model_types()) {
+      if (t == model_type) return *f;
+      known.push_back("'" + t + "'");
+    }
+  fail("{}: model_type '{}' is not supported (expected one of {})", source, model_type, fmt::join(known, ", "));
+}
+
+const std::vector<std::string>& hf_folder_files() {
+  static const std::vector<std::string> files = {"tokenizer.json",
+                                                 "tokenizer_config.json",
+                                                 "special_tokens_map.json",
+                                                 "generation_config.json",
+                                                 "tokenizer.model",
+                                                 "vocab.json",
+                                                 "merges.txt",
+                                                 "added_tokens.json",
+                                                 "chat_template.jinja"};
+  return files;
+}
+
+std::vector<std::string> hf_folder_paths(const std::string& dir, const std::vector<std::string>& extra) {
+  std::vector<std::string> out;
+  for (const auto& f : hf_folder_files()) out.push_back((std::filesystem::path(dir) / f).string());
+  for (const auto& f : extra) out.push_back((std::filesystem::path(dir) / f).string());
+  return out;
+}
+
+}  // namespace crash

@@ -1,0 +1,37 @@
+// Qwen2 and Qwen2.5 (Qwen2ForCausalLM): LLaMA with biases on the q, k and v projections (none
+// on o_proj or the MLP), tied or untied embeddings. Sliding-window attention is not
+// implemented: a config that switches it on is refused.
+#include "framework/config.h"
+#include "framework/json_fields.h"
+#include "framework/models/llama.h"
+
+namespace crash {
+
+namespace {
+
+class Qwen2Family : public LlamaStyleFamily {
+ public:
+  std::vector<std::string> model_types() const override { return {"qwen2"}; }
+  std::vector<std::string> layer_config_fields() const override { return {"layer_types"}; }
+  void read_config(ModelConfig& c, const nlohmann::json& j, const std::string& src) const override {
+    read_llama_style(c, j, src);
+    refuse_sliding_window(c, j, src);
+    // Qwen2Config has neither attention_bias nor mlp_bias: its layout is fixed.
+    c.attention_bias = false;
+    c.qkv_bias = true;
+    c.out_bias = false;
+    c.mlp_bias = false;
+    c.max_positions = json_field_or<int64_t>(j, "max_position_embeddings", 32768, src);
+    c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", -1, src);
+    if (!j.contains("eos_token_id") || j.at("eos_token_id").is_null()) c.eos_token_id = -1;
+  }
+};
+
+}  // namespace
+
+const ModelFamily& qwen2_family() {
+  static const Qwen2Family family;
+  return family;
+}
+
+}  // namespace crash
