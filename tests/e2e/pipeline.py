@@ -128,7 +128,9 @@ def grid_runs(binary, model, task, tmp, np_, tp, pp):
     one, many = os.path.join(tmp, "one"), os.path.join(tmp, "many")
     run(base + ["--work", one])
     mpirun = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(np_)]
-    run(mpirun + base + ["--work", many, "--tp", str(tp), "--pp", str(pp)], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run(mpirun + base + ["--work", many, "--tp", str(tp), "--pp", str(pp), "--report"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    check(os.path.getsize(os.path.join(many, "report.html")) > 20_000, "rank 0 of the grid writes the report")
     for rel in stage_outputs(many, ["uniform", "share"]):
         check(os.path.exists(os.path.join(many, rel)), f"missing stage output {rel}")
     with open(os.path.join(one, "clusters.json")) as a, open(os.path.join(many, "clusters.json")) as b:
