@@ -319,11 +319,13 @@ int pipeline_run(const po::variables_map& vm) {
   // Evaluation of one model on every task: work/eval/<setting>.json.
   fs::create_directories(work / "eval", ec);
   auto evaluate = [&](const std::string& dir, const std::string& setting) {
-    std::vector<std::string> args = {"--model",        dir,
-                                     "--out",          (work / "eval" / (setting + ".json")).string(),
-                                     "--batch-size",   str(vm["eval-batch-size"].as<int64_t>()),
-                                     "--num-examples", str(vm["eval-examples"].as<int64_t>()),
-                                     "--details",      (work / "eval" / (setting + ".details.jsonl")).string()};
+    std::vector<std::string> args = {"--model", dir, "--out", (work / "eval" / (setting + ".json")).string(),
+                                     "--batch-size", str(vm["eval-batch-size"].as<int64_t>()), "--num-examples",
+                                     str(vm["eval-examples"].as<int64_t>()), "--details",
+                                     (work / "eval" / (setting + ".details.jsonl")).string(),
+                                     // The stage runs when the results are missing: details of a run that
+                                     // stopped before writing them are stale.
+                                     "--overwrite"};
     for (const auto& t : eval_tasks) args.insert(args.end(), {"--data", prepared(t)});
     stage.run("eval " + setting, "eval", args[3], args, true);
   };

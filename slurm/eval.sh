@@ -13,7 +13,7 @@ while read -r t; do data+=(--data "$(prepared "$t")"); done < <(cfg_list eval-ta
 evaluate() {  # MODEL_DIR SETTING
   local out=$WORK/eval/$2.json
   if [ -e "$out" ]; then echo "crash-hpc slurm: $out exists, skipped"; return; fi
-  crash_srun eval --model "$1" --out "$out" --details "$WORK/eval/$2.details.jsonl" --batch-size "$(cfg eval-batch-size 16)" \
+  crash_srun eval --model "$1" --out "$out" --details "$WORK/eval/$2.details.jsonl" --overwrite --batch-size "$(cfg eval-batch-size 16)" \
     --num-examples "$(cfg eval-examples -1)" --dtype "$DTYPE" "${data[@]}" $(grid_args) || exit $?
 }
 modes=$(cfg modes uniform,remove,share | tr ',' ' ')

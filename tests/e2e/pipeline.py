@@ -136,7 +136,7 @@ def grid_runs(binary, model, task, tmp, np_, tp, pp):
     with open(os.path.join(one, "clusters.json")) as a, open(os.path.join(many, "clusters.json")) as b:
         check(json.load(a)["clusters"] == json.load(b)["clusters"], "clusters equal")
     worst = 0.0
-    for name in sorted(os.listdir(os.path.join(one, "eval"))):
+    for name in sorted(n for n in os.listdir(os.path.join(one, "eval")) if n.endswith(".json")):
         a, b = results(os.path.join(one, "eval", name)), results(os.path.join(many, "eval", name))
         for t in a:
             for k in a[t]:
