@@ -7,6 +7,7 @@
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 #include <unicode/unorm2.h>
+#include <unicode/uset.h>
 #include <unicode/ustring.h>
 
 #include <algorithm>
@@ -403,7 +404,8 @@ struct Piece {
 // ---------------------------------------------------------------------------------------------
 // Components
 
-// s in a Unicode normalization form, through UTF-16 as ICU works. The text was checked to be valid UTF-8.
+// s in a Unicode normalization form (unicode_form), through UTF-16 as ICU works. The text was checked to be valid
+// UTF-8.
 std::string unicode_normalize(const UNormalizer2* form, const std::string& s) {
   if (s.empty()) return s;
   auto check = [](UErrorCode e) {
@@ -436,6 +438,30 @@ std::string unicode_normalize(const UNormalizer2* form, const std::string& s) {
   check(e);
   r.resize(k);
   return r;
+}
+
+// ICU's normalizer for NFC, NFD, NFKC or NFKD, restricted to the characters of Unicode 9.0: the
+// tables of `tokenizers` (unicode-normalization-alignments) are that version's, so a character
+// added later neither decomposes nor reorders there. Checked on every code point, alone and
+// between combining marks, against tokenizers 0.23.
+const UNormalizer2* unicode_form(const std::string& name) {
+  struct Forms {
+    USet* age9 = nullptr;
+    const UNormalizer2* form[4] = {};
+    UErrorCode e = U_ZERO_ERROR;
+    Forms() {
+      const UNormalizer2* full[4] = {unorm2_getNFCInstance(&e), unorm2_getNFDInstance(&e), unorm2_getNFKCInstance(&e),
+                                     unorm2_getNFKDInstance(&e)};
+      static const UChar pattern[] = u"[:Age=9.0:]";
+      age9 = uset_openPattern(pattern, -1, &e);
+      if (U_FAILURE(e)) return;
+      uset_freeze(age9);
+      for (int k = 0; k < 4; ++k) form[k] = unorm2_openFiltered(full[k], age9, &e);
+    }
+  };
+  static const Forms forms;  // kept for the life of the program
+  if (U_FAILURE(forms.e)) fail("Unicode normalization ({}) is not available from ICU: {}", name, u_errorName(forms.e));
+  return forms.form[name == "NFC" ? 0 : name == "NFD" ? 1 : name == "NFKC" ? 2 : 3];
 }
 
 struct Normalizer {
@@ -1046,12 +1072,7 @@ void read_normalizer(const Reader& r, const json& j, const std::string& where, c
     out.push_back({Normalizer::ByteLevel, "", {}});
   } else if (t == "NFC" || t == "NFD" || t == "NFKC" || t == "NFKD") {
     Normalizer n{Normalizer::Unicode, "", {}};
-    UErrorCode e = U_ZERO_ERROR;
-    n.form = t == "NFC"    ? unorm2_getNFCInstance(&e)
-             : t == "NFD"  ? unorm2_getNFDInstance(&e)
-             : t == "NFKC" ? unorm2_getNFKCInstance(&e)
-                           : unorm2_getNFKDInstance(&e);
-    if (U_FAILURE(e)) fail("{}: {} normalization is not available from ICU: {}", r.file, t, u_errorName(e));
+    n.form = unicode_form(t);
     out.push_back(n);
   } else {
     r.unsupported(where, t, "Sequence, Prepend, Replace, Strip, ByteLevel, NFC, NFD, NFKC or NFKD");
