@@ -11,7 +11,7 @@ packages=(
   libboost-program-options-dev
   nlohmann-json3-dev
   libspdlog-dev libfmt-dev
-  libpcre2-dev
+  libpcre2-dev libicu-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-numpy python3-h5py python3-matplotlib python3-pil
   chromium fonts-dejavu-core fonts-liberation

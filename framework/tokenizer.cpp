@@ -6,6 +6,9 @@
 
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
+#include <unicode/unorm2.h>
+#include <unicode/uset.h>
+#include <unicode/ustring.h>
 
 #include <algorithm>
 #include <cctype>
@@ -401,11 +404,72 @@ struct Piece {
 // ---------------------------------------------------------------------------------------------
 // Components
 
+// s in a Unicode normalization form (unicode_form), through UTF-16 as ICU works. The text was checked to be valid
+// UTF-8.
+std::string unicode_normalize(const UNormalizer2* form, const std::string& s) {
+  if (s.empty()) return s;
+  auto check = [](UErrorCode e) {
+    if (U_FAILURE(e)) fail("Unicode normalization of the text failed: {}", u_errorName(e));
+  };
+  UErrorCode e = U_ZERO_ERROR;
+  std::u16string in(s.size(), u'\0');
+  int32_t n = 0;
+  u_strFromUTF8(reinterpret_cast<UChar*>(in.data()), static_cast<int32_t>(in.size()), &n, s.data(),
+                static_cast<int32_t>(s.size()), &e);
+  check(e);
+  in.resize(n);
+  if (unorm2_isNormalized(form, reinterpret_cast<const UChar*>(in.data()), n, &e) && U_SUCCESS(e)) return s;
+  e = U_ZERO_ERROR;
+  std::u16string out(static_cast<size_t>(n) + 16, u'\0');
+  auto run = [&] {
+    return unorm2_normalize(form, reinterpret_cast<const UChar*>(in.data()), n, reinterpret_cast<UChar*>(out.data()),
+                            static_cast<int32_t>(out.size()), &e);
+  };
+  int32_t m = run();
+  if (e == U_BUFFER_OVERFLOW_ERROR) {  // decompositions grew it: ICU gave the size needed
+    out.assign(static_cast<size_t>(m), u'\0');
+    e = U_ZERO_ERROR;
+    m = run();
+  }
+  check(e);
+  std::string r(static_cast<size_t>(m) * 3, '\0');
+  int32_t k = 0;
+  u_strToUTF8(r.data(), static_cast<int32_t>(r.size()), &k, reinterpret_cast<const UChar*>(out.data()), m, &e);
+  check(e);
+  r.resize(k);
+  return r;
+}
+
+// ICU's normalizer for NFC, NFD, NFKC or NFKD, restricted to the characters of Unicode 9.0: the
+// tables of `tokenizers` (unicode-normalization-alignments) are that version's, so a character
+// added later neither decomposes nor reorders there. Checked on every code point, alone and
+// between combining marks, against tokenizers 0.23.
+const UNormalizer2* unicode_form(const std::string& name) {
+  struct Forms {
+    USet* age9 = nullptr;
+    const UNormalizer2* form[4] = {};
+    UErrorCode e = U_ZERO_ERROR;
+    Forms() {
+      const UNormalizer2* full[4] = {unorm2_getNFCInstance(&e), unorm2_getNFDInstance(&e), unorm2_getNFKCInstance(&e),
+                                     unorm2_getNFKDInstance(&e)};
+      static const UChar pattern[] = u"[:Age=9.0:]";
+      age9 = uset_openPattern(pattern, -1, &e);
+      if (U_FAILURE(e)) return;
+      uset_freeze(age9);
+      for (int k = 0; k < 4; ++k) form[k] = unorm2_openFiltered(full[k], age9, &e);
+    }
+  };
+  static const Forms forms;  // kept for the life of the program
+  if (U_FAILURE(forms.e)) fail("Unicode normalization ({}) is not available from ICU: {}", name, u_errorName(forms.e));
+  return forms.form[name == "NFC" ? 0 : name == "NFD" ? 1 : name == "NFKC" ? 2 : 3];
+}
+
 struct Normalizer {
-  enum Kind { Prepend, Replace, Strip, ByteLevel } kind;
+  enum Kind { Prepend, Replace, Strip, ByteLevel, Unicode } kind;
   std::string text;  // Prepend: what is prepended; Replace: the replacement
   Pattern pattern;
   bool left = false, right = false;
+  const UNormalizer2* form = nullptr;  // Unicode: NFC, NFD, NFKC or NFKD (ICU)
 
   void apply(std::string& s) const {
     switch (kind) {
@@ -432,6 +496,7 @@ struct Normalizer {
         break;
       }
       case ByteLevel: s = bytes_to_chars(s); break;
+      case Unicode: s = unicode_normalize(form, s); break;
     }
   }
 };
@@ -1005,8 +1070,12 @@ void read_normalizer(const Reader& r, const json& j, const std::string& where, c
     out.push_back(n);
   } else if (t == "ByteLevel") {
     out.push_back({Normalizer::ByteLevel, "", {}});
+  } else if (t == "NFC" || t == "NFD" || t == "NFKC" || t == "NFKD") {
+    Normalizer n{Normalizer::Unicode, "", {}};
+    n.form = unicode_form(t);
+    out.push_back(n);
   } else {
-    r.unsupported(where, t, "Sequence, Prepend, Replace, Strip or ByteLevel");
+    r.unsupported(where, t, "Sequence, Prepend, Replace, Strip, ByteLevel, NFC, NFD, NFKC or NFKD");
   }
 }
 

@@ -1,12 +1,14 @@
 // Hugging Face tokenizer.json (BPE models): encode and decode with the same ids and strings as the
 // Rust `tokenizers` library (HF fast tokenizers) for GPT-2/OPT byte-level BPE, LLaMA-2 style BPE with
-// byte fallback (Prepend/Replace normalizer or Metaspace pre-tokenizer) and LLaMA-3 style BPE
-// (Split regex + ByteLevel, ignore_merges).
+// byte fallback (Prepend/Replace normalizer or Metaspace pre-tokenizer), LLaMA-3 style BPE
+// (Split regex + ByteLevel, ignore_merges), Qwen2/Qwen3 (NFC + Split regex + ByteLevel), Mistral
+// (LLaMA-2's two forms) and Gemma-2/3 (Replace " " -> "▁", no pre-tokenizer, byte fallback).
 //
 // Supported components (anything else is a UserError naming the field):
 //   model            BPE (vocab, merges as "a b" or ["a", "b"], unk_token, fuse_unk, byte_fallback,
 //                    ignore_merges, continuing_subword_prefix, end_of_word_suffix; dropout null or 0)
-//   normalizer       Sequence, Prepend, Replace, Strip, ByteLevel
+//   normalizer       Sequence, Prepend, Replace, Strip, ByteLevel, NFC, NFD, NFKC, NFKD (ICU, limited
+//                    to Unicode 9.0's characters as tokenizers' tables are)
 //   pre_tokenizer    Sequence, ByteLevel, Split (String or Regex pattern, all five behaviors, invert),
 //                    Metaspace (prepend_scheme always/first/never, split)
 //   post_processor   TemplateProcessing (single sequence), ByteLevel, RobertaProcessing,

@@ -26,9 +26,11 @@ Tokenizer load(const std::string& name) {
 
 std::vector<int64_t> ids_of(const json& j) { return j.get<std::vector<int64_t>>(); }
 
-// The three families, then fixtures for the other components the loader accepts.
-const char* kAll[] = {"opt",    "roberta",     "llama2",         "llama2_metaspace",
-                      "llama3", "misc_suffix", "misc_metaspace", "misc_bytelevel"};
+// The families, then fixtures for the other components the loader accepts.
+const char* kAll[] = {"opt",       "roberta",     "llama2",         "llama2_metaspace", "llama3",
+                      "qwen2",     "qwen3",       "mistral",        "mistral_v03",      "gemma2",
+                      "gemma3",    "misc_suffix", "misc_metaspace", "misc_bytelevel",   "misc_nfd",
+                      "misc_nfkc", "misc_nfkd"};
 
 TEST(TokenizerFixtures, EncodeAndDecodeEqualHF) {
   size_t texts = 0, ids = 0, decodes = 0;
@@ -54,7 +56,7 @@ TEST(TokenizerFixtures, EncodeAndDecodeEqualHF) {
       ++decodes;
     }
   }
-  EXPECT_GE(texts, 300u);
+  EXPECT_GE(texts, 700u);
   std::printf("[ checked  ] %zu texts, %zu ids, %zu decodes against HF tokenizers\n", texts, ids, decodes);
 }
 
@@ -131,6 +133,35 @@ TEST(TokenizerSpecial, BosEosAndLookups) {
   EXPECT_EQ(llama3.decode(ids, true), "hi");
 }
 
+TEST(TokenizerSpecial, NewFamilies) {
+  Tokenizer qwen = load("qwen2");  // no BOS: the post-processor adds nothing
+  EXPECT_EQ(qwen.eos_id(), qwen.token_to_id("<|endoftext|>"));
+  EXPECT_EQ(qwen.token_to_id("<|endoftext|>"), 700);  // added after the model's 700 tokens, as Qwen's 151643
+  EXPECT_EQ(qwen.encode("Hello <|im_start|>"), qwen.encode("Hello <|im_start|>", false));
+  // NFC: a decomposed "e" + combining acute gives the ids of the precomposed character.
+  EXPECT_EQ(qwen.encode("caf\u00e9"), qwen.encode("cafe\u0301"));
+  EXPECT_NE(qwen.encode("cafe\u0301"), load("opt").encode("cafe\u0301", false));
+  Tokenizer qwen3 = load("qwen3");
+  auto think = qwen3.encode("<think>x</think>");
+  ASSERT_EQ(think.size(), 3u);
+  EXPECT_EQ(qwen3.decode(think, true), "<think>x</think>");  // <think> is an added token, not a special one
+
+  Tokenizer gemma = load("gemma2");
+  EXPECT_EQ(gemma.bos_id(), 2);
+  EXPECT_EQ(gemma.eos_id(), 1);
+  EXPECT_EQ(gemma.token_to_id("<pad>"), 0);
+  auto ids = gemma.encode("<start_of_turn>user\n");
+  ASSERT_GE(ids.size(), 3u);
+  EXPECT_EQ(ids[0], 2);
+  EXPECT_EQ(ids[1], gemma.token_to_id("<start_of_turn>"));
+  EXPECT_EQ(ids.back(), gemma.token_to_id("\n"));
+
+  Tokenizer mistral = load("mistral_v03");
+  EXPECT_EQ(mistral.bos_id(), 1);
+  EXPECT_EQ(mistral.eos_id(), 2);
+  EXPECT_EQ(mistral.encode("[INST]", false), std::vector<int64_t>{3});
+}
+
 TEST(TokenizerThreads, ConcurrentEncodeEqualsSequential) {
   // encode() may be called from several threads at once (the word cache is shared).
   Tokenizer tok = load("llama3");
@@ -188,8 +219,12 @@ TEST_F(TokenizerErrors, UnsupportedComponentsAreNamed) {
     j["pre_tokenizer"] = {{"type", "Sequence"}, {"pretokenizers", {j["pre_tokenizer"], {{"type", "Whitespace"}}}}};
   });
   expect_user_error([&] { Tokenizer::load(path); }, {path, "pre_tokenizer.pretokenizers[1].type", "Whitespace"});
-  path = write([](json& j) { j["normalizer"] = {{"type", "NFKC"}}; });
-  expect_user_error([&] { Tokenizer::load(path); }, {path, "normalizer.type", "NFKC"});
+  path = write([](json& j) { j["normalizer"] = {{"type", "Lowercase"}}; });
+  expect_user_error([&] { Tokenizer::load(path); }, {path, "normalizer.type", "Lowercase"});
+  path = write([](json& j) {
+    j["normalizer"] = {{"type", "Sequence"}, {"normalizers", {{{"type", "NFC"}}, {{"type", "BertNormalizer"}}}}};
+  });
+  expect_user_error([&] { Tokenizer::load(path); }, {path, "normalizer.normalizers[1].type", "BertNormalizer"});
   path = write([](json& j) { j["decoder"] = {{"type", "WordPiece"}}; });
   expect_user_error([&] { Tokenizer::load(path); }, {path, "decoder.type", "WordPiece"});
   path = write([](json& j) { j["post_processor"]["type"] = "Mystery"; });
