@@ -166,8 +166,9 @@ class Work:
 
     def model_dir(self):
         model = self.options.get("model")
-        if model and not os.path.isabs(model) and not os.path.exists(model):
-            model = os.path.join(os.path.dirname(os.path.abspath(self.root)), model)
+        # Relative paths of the options are relative to where the pipeline ran.
+        if model and not os.path.isabs(model) and self.run.get("cwd"):
+            model = os.path.join(self.run["cwd"], model)
         return model if model and os.path.isdir(model) else None
 
 

@@ -181,6 +181,7 @@ void write_run_record(const po::variables_map& vm, const fs::path& work) {
                         {"started", started},
                         {"host", host},
                         {"ranks", grid->world()->size()},
+                        {"cwd", fs::current_path().string()},
                         {"options", options_json(vm)}};
   write_atomic((work / "run.json").string(), run.dump(2) + "\n");
 }
