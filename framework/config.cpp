@@ -55,6 +55,9 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& s
   bool known = false;
   for (const char* a : kActivations) known = known || c.activation == a;
   if (!known) fail("{}: activation '{}' is not supported (expected relu, gelu, gelu_new or silu)", src, c.activation);
+  if (c.sliding_window < 0) fail("{}: field 'sliding_window' must be positive, got {}", src, c.sliding_window);
+  if (!c.sliding_layers.empty() && static_cast<int64_t>(c.sliding_layers.size()) != c.num_layers)
+    fail("{}: {} per-layer attention types for {} layers", src, c.sliding_layers.size(), c.num_layers);
   c.family->check_config(c, src);
   return c;
 }

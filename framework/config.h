@@ -52,6 +52,15 @@ struct ModelConfig {
   double rope_theta = 10000.0;
   std::optional<RopeScaling> rope_scaling;
 
+  // Sliding-window attention (Mistral, Qwen's sliding layers, Gemma's local layers): a token of a
+  // sliding layer attends to itself and the sliding_window - 1 tokens before it. Per layer, as
+  // HF's layer_types: sliding_layers[l] (by slot in an emulator); empty: every layer slides.
+  int64_t sliding_window = 0;  // 0: none
+  std::vector<bool> sliding_layers;
+  bool slides(int64_t layer) const {
+    return sliding_window > 0 && (sliding_layers.empty() || sliding_layers[static_cast<size_t>(layer)]);
+  }
+
   // Dropout rates of training (HF semantics; framework/models/dropout.h): OPT `dropout` on the
   // attention and MLP outputs before each residual add (HF's default 0.1 when absent), and
   // `attention_dropout` on attention probabilities (both families). OPT's `activation_dropout`

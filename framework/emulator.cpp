@@ -59,9 +59,7 @@ void write_emulator_folder(const CheckpointReader& full, const EmulatorPlan& pla
   nlohmann::json updates = {{"num_hidden_layers", plan.slots.size()}, {"crash_emulator", plan.mode}};
   auto storage = plan.storage();
   updates["crash_shared_layers"] = storage.empty() ? nlohmann::json(nullptr) : nlohmann::json(storage);
-  for (const auto& field : c.family->layer_config_fields()) {
-    const auto& list = c.raw.contains(field) ? c.raw.at(field) : nlohmann::json();
-    if (!list.is_array() || static_cast<int64_t>(list.size()) != c.num_layers) continue;
+  for (const auto& [field, list] : c.family->layer_config_lists(c)) {
     nlohmann::json v = nlohmann::json::array();
     for (const auto& slot : plan.slots) v.push_back(list.at(static_cast<size_t>(slot.source)));
     updates[field] = v;

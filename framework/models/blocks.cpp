@@ -106,13 +106,14 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
   auto qg = q.reshape({B * KV, rep * T, D});
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   torch::Tensor scores;
+  const auto& mask_bias = ctx.bias_of(layer);
   if (q.scalar_type() == torch::kFloat32) {  // scale, product and mask in one BLAS call
-    auto bias = ctx.bias.expand({B, KV * rep, T, Tk}).reshape({B * KV, rep * T, Tk});
+    auto bias = mask_bias.expand({B, KV * rep, T, Tk}).reshape({B * KV, rep * T, Tk});
     scores = torch::baddbmm(bias, qg, k.reshape({B * KV, Tk, D}).transpose(1, 2), 1.0, scale).view({B, H, T, Tk});
   } else {
     scores =
         torch::matmul(qg, k.reshape({B * KV, Tk, D}).transpose(1, 2)).view({B, H, T, Tk}).to(torch::kFloat32) * scale +
-        ctx.bias;
+        mask_bias;
   }
   auto probs = torch::softmax(scores, -1).to(v.scalar_type());
   if (ctx.dropout_attention()) probs = attention_probs_dropout(probs, ctx, layer, first_head_);

@@ -35,16 +35,34 @@ AttentionContext CausalLM::attention_context(const torch::Tensor& mask_all, cons
   auto dev = mask_all.device();
   auto query_index = torch::arange(past, Tk, torch::TensorOptions().dtype(torch::kInt64).device(dev)).view({Tq, 1});
   auto key_index = torch::arange(0, Tk, torch::TensorOptions().dtype(torch::kInt64).device(dev)).view({1, Tk});
-  auto allowed = (key_index <= query_index).view({1, 1, Tq, Tk}).logical_and(mask_all.view({-1, 1, 1, Tk}) != 0);
+  auto keys = mask_all.view({-1, 1, 1, Tk}) != 0;
+  auto additive = [&](const torch::Tensor& allowed) {
+    return torch::zeros(allowed.sizes(), torch::TensorOptions().dtype(torch::kFloat32).device(dev))
+        .masked_fill_(allowed.logical_not(), std::numeric_limits<float>::lowest());
+  };
   AttentionContext ctx;
-  ctx.bias = torch::zeros(allowed.sizes(), torch::TensorOptions().dtype(torch::kFloat32).device(dev))
-                 .masked_fill_(allowed.logical_not(), std::numeric_limits<float>::lowest());
+  ctx.bias = additive((key_index <= query_index).view({1, 1, Tq, Tk}).logical_and(keys));
+  // HF's sliding-window overlay on cache positions: key k is kept for query q while k > q - window.
+  // A left-padded or packed row's real tokens are contiguous, so this counts real tokens.
+  if (windowed(Tk, ctx)) {
+    const int64_t w = config_.sliding_window;
+    auto band = (key_index <= query_index).logical_and(key_index > query_index - w);
+    ctx.window_bias = additive(band.view({1, 1, Tq, Tk}).logical_and(keys));
+  }
   auto inv_freq = rotary_inv_freq();
   if (inv_freq.defined()) {
     auto dtype = parameters().empty() ? torch::kFloat32 : parameters().front().scalar_type();
     std::tie(ctx.cos, ctx.sin) = rotary_tables(inv_freq, positions, dtype);
   }
   return ctx;
+}
+
+bool CausalLM::windowed(int64_t keys, AttentionContext& ctx) const {
+  if (config_.sliding_window == 0 || config_.sliding_window >= keys) return false;
+  ctx.sliding.resize(static_cast<size_t>(config_.num_layers));
+  bool any = false;
+  for (int64_t l = 0; l < config_.num_layers; ++l) any |= (ctx.sliding[static_cast<size_t>(l)] = config_.slides(l));
+  return any;
 }
 
 TokenPacking TokenPacking::of(const torch::Tensor& mask) {
@@ -73,6 +91,12 @@ AttentionContext CausalLM::attention_context(const TokenPacking& packing, const 
   ctx.bias = torch::full({T, T}, std::numeric_limits<float>::lowest(),
                          torch::TensorOptions().dtype(torch::kFloat32).device(dev))
                  .triu_(1);
+  // Every row narrows the same band: its tokens sit at offsets 0.. of it.
+  if (windowed(T, ctx)) {
+    auto far =
+        torch::ones({T, T}, torch::TensorOptions().dtype(torch::kBool).device(dev)).tril_(-config_.sliding_window);
+    ctx.window_bias = ctx.bias.masked_fill(far, std::numeric_limits<float>::lowest());
+  }
   ctx.row_offsets = packing.row_offsets;
   auto inv_freq = rotary_inv_freq();
   if (inv_freq.defined()) {

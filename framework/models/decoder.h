@@ -69,6 +69,14 @@ struct AttentionContext {
   // Padded: additive [B, 1, Tq, Tk], 0 where allowed, the dtype's lowest value elsewhere.
   // Packed: the causal [longest, longest] of that form, which every row narrows.
   torch::Tensor bias;
+  // Sliding-window layers (ModelConfig::slides) use window_bias instead: bias that also hides keys
+  // sliding_window or more positions back. Undefined when no layer slides or the window spans
+  // every key of the pass.
+  torch::Tensor window_bias;
+  std::vector<bool> sliding;  // per model layer (slot)
+  const torch::Tensor& bias_of(int64_t layer) const {
+    return window_bias.defined() && sliding[static_cast<size_t>(layer)] ? window_bias : bias;
+  }
   torch::Tensor cos, sin;  // rotary tables [B, Tq, head_dim] ([1, N, head_dim] packed); undefined for learned positions
   std::vector<int64_t> row_offsets;  // packed passes (hidden states [1, N, d]): TokenPacking::row_offsets
   bool packed() const { return !row_offsets.empty(); }
@@ -144,6 +152,8 @@ class CausalLM : public torch::nn::Module {
 
  protected:
   virtual torch::Tensor rotary_inv_freq() const { return {}; }
+  // Whether a pass over `keys` keys needs ctx.window_bias; fills ctx.sliding if so.
+  bool windowed(int64_t keys, AttentionContext& ctx) const;
   // Converts a freshly built piece to the shard's dtype before the next is built.
   template <class M>
   M place(M m) {

@@ -26,6 +26,34 @@ void read_sizes(ModelConfig& c, const nlohmann::json& j, const std::string& src,
   require_positive(c.intermediate_size, intermediate_key, src, 1 << 22);
 }
 
+std::vector<bool> read_layer_types(const ModelConfig& c, const nlohmann::json& j, const std::string& src) {
+  const auto types = json_field<std::vector<std::string>>(j, "layer_types", src);
+  if (static_cast<int64_t>(types.size()) != c.num_layers)
+    fail("{}: field 'layer_types' has {} entries for {} layers", src, types.size(), c.num_layers);
+  std::vector<bool> sliding;
+  for (const auto& t : types) {
+    if (t != "full_attention" && t != "attention" && t != "sliding_attention")
+      fail("{}: field 'layer_types' names '{}'; supported: 'full_attention', 'sliding_attention'", src, t);
+    sliding.push_back(t == "sliding_attention");
+  }
+  return sliding;
+}
+
+nlohmann::json layer_types_json(const ModelConfig& c) {
+  auto out = nlohmann::json::array();
+  for (int64_t l = 0; l < c.num_layers; ++l) out.push_back(c.slides(l) ? "sliding_attention" : "full_attention");
+  return out;
+}
+
+std::map<std::string, nlohmann::json> ModelFamily::layer_config_lists(const ModelConfig& c) const {
+  std::map<std::string, nlohmann::json> out;
+  for (const auto& field : layer_config_fields()) {
+    const auto& list = c.raw.contains(field) ? c.raw.at(field) : nlohmann::json();
+    if (list.is_array() && static_cast<int64_t>(list.size()) == c.num_layers) out[field] = list;
+  }
+  return out;
+}
+
 std::vector<std::string> ModelFamily::layer_linears(const ModelConfig& c) const {
   const std::string tail = ".weight";
   std::vector<std::string> out;
@@ -68,7 +96,8 @@ std::vector<TensorSpec> ModelFamily::tensors(const ModelConfig& c) const {
 
 const std::vector<const ModelFamily*>& model_families() {
   // A new family adds its line here (and its file to framework/CMakeLists.txt).
-  static const std::vector<const ModelFamily*> all = {&opt_family(), &llama_family(), &qwen2_family(), &qwen3_family()};
+  static const std::vector<const ModelFamily*> all = {&opt_family(), &llama_family(), &qwen2_family(), &qwen3_family(),
+                                                      &mistral_family()};
   return all;
 }
 

@@ -6,6 +6,7 @@
 #pragma once
 #include <nlohmann/json.hpp>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -55,6 +56,10 @@ class ModelFamily {
   // config.json lists with one entry per decoder layer (Qwen's layer_types): an emulator that
   // drops or repeats layers writes them re-indexed by its slots' source layers.
   virtual std::vector<std::string> layer_config_fields() const { return {}; }
+  // Those lists as this model has them, one entry per layer: config.json's by default. A family
+  // whose per-layer settings may come from a scalar (Qwen's max_window_layers) spells them out,
+  // since a scalar cannot be re-indexed.
+  virtual std::map<std::string, nlohmann::json> layer_config_lists(const ModelConfig& c) const;
 
   // One layer's Linear modules ("self_attn.q_proj"): the split weights of layer_tensors().
   std::vector<std::string> layer_linears(const ModelConfig& c) const;
@@ -79,11 +84,17 @@ std::vector<std::string> hf_folder_paths(const std::string& dir, const std::vect
 // family's key, checked at once), and the range check of a size.
 void require_positive(int64_t v, const char* key, const std::string& source, int64_t most = int64_t(1) << 24);
 void read_sizes(ModelConfig& c, const nlohmann::json& j, const std::string& source, const char* intermediate_key);
+// HF's layer_types (num_layers read from `c`) as ModelConfig::sliding_layers: "full_attention"
+// (or the legacy "attention") or "sliding_attention"; any other type fails naming it.
+std::vector<bool> read_layer_types(const ModelConfig& c, const nlohmann::json& j, const std::string& source);
+// ModelConfig::sliding_layers as layer_types.
+nlohmann::json layer_types_json(const ModelConfig& c);
 
 // The families (one file each); model_families() lists them.
 const ModelFamily& opt_family();
 const ModelFamily& llama_family();
 const ModelFamily& qwen2_family();
 const ModelFamily& qwen3_family();
+const ModelFamily& mistral_family();
 
 }  // namespace crash

@@ -10,6 +10,8 @@
 #include "framework/models/dropout.h"
 #include "framework/models/layer_stack.h"
 
+#include <algorithm>
+
 namespace crash {
 
 namespace {
@@ -176,17 +178,35 @@ void read_llama_style(ModelConfig& c, const nlohmann::json& j, const std::string
                        : json_field_or<int64_t>(j, "eos_token_id", 2, src);
 }
 
-void refuse_sliding_window(const ModelConfig& c, const nlohmann::json& j, const std::string& src) {
-  if (json_field_or<bool>(j, "use_sliding_window", false, src))
-    fail("{}: field 'use_sliding_window' is true; sliding-window attention is not supported yet", src);
-  if (j.contains("layer_types") && !j.at("layer_types").is_null()) {
-    const auto types = json_field<std::vector<std::string>>(j, "layer_types", src);
-    if (static_cast<int64_t>(types.size()) != c.num_layers)
-      fail("{}: field 'layer_types' has {} entries for {} layers", src, types.size(), c.num_layers);
-    for (const auto& t : types)
-      if (t != "full_attention")
-        fail("{}: field 'layer_types' names '{}'; only 'full_attention' layers are supported yet", src, t);
+void read_qwen_sliding_window(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
+  int64_t window = 0;
+  if (json_field_or<bool>(j, "use_sliding_window", false, src)) {
+    window = 4096;
+    if (j.contains("sliding_window")) {
+      window = j.at("sliding_window").is_null() ? 0 : json_field<int64_t>(j, "sliding_window", src);
+      if (!j.at("sliding_window").is_null()) require_positive(window, "sliding_window", src);
+    }
   }
+  std::vector<bool> sliding;
+  if (j.contains("layer_types") && !j.at("layer_types").is_null()) {
+    sliding = read_layer_types(c, j, src);
+  } else if (window > 0) {
+    const int64_t first = json_field_or<int64_t>(j, "max_window_layers", 28, src);
+    for (int64_t l = 0; l < c.num_layers; ++l) sliding.push_back(l >= first);
+  }
+  const bool any = std::find(sliding.begin(), sliding.end(), true) != sliding.end();
+  if (any && window == 0)
+    fail(
+        "{}: field 'layer_types' names 'sliding_attention' layers but no window applies (use_sliding_window false "
+        "or sliding_window null)",
+        src);
+  c.sliding_window = any ? window : 0;
+  c.sliding_layers = any ? sliding : std::vector<bool>{};
+}
+
+std::map<std::string, nlohmann::json> QwenFamily::layer_config_lists(const ModelConfig& c) const {
+  if (c.sliding_window == 0) return ModelFamily::layer_config_lists(c);
+  return {{"layer_types", layer_types_json(c)}};
 }
 
 std::shared_ptr<CausalLM> LlamaStyleFamily::build(const ModelConfig& config, const ModelShard& shard) const {

@@ -10,9 +10,11 @@ namespace crash {
 // rope_theta / rope_parameters / rope_scaling, tied embeddings, token ids); a rope type other
 // than default or llama3, or a mixture-of-experts field, fails naming it.
 void read_llama_style(ModelConfig& c, const nlohmann::json& j, const std::string& source);
-// Qwen2 and Qwen3 store sliding-window settings that are inert unless switched on: refuses them on.
-// Reads num_layers from `c`: layer_types must list one entry per layer.
-void refuse_sliding_window(const ModelConfig& c, const nlohmann::json& j, const std::string& source);
+// Qwen2's and Qwen3's sliding-window settings, as their HF configs read them: sliding_window
+// (default 4096) counts only with use_sliding_window; layer_types, when given, says which layers
+// slide, otherwise the layers from max_window_layers (default 28) on do. A sliding layer without
+// a window fails, as it does in HF. Reads num_layers from `c`.
+void read_qwen_sliding_window(ModelConfig& c, const nlohmann::json& j, const std::string& source);
 
 class LlamaStyleFamily : public ModelFamily {
  public:
@@ -23,6 +25,14 @@ class LlamaStyleFamily : public ModelFamily {
   std::string layer_prefix() const override { return "model.layers."; }
   std::vector<TensorSpec> layer_tensors(const ModelConfig& c) const override;
   std::vector<TensorSpec> outer_tensors(const ModelConfig& c) const override;
+};
+
+// Qwen2 and Qwen3: layer_types re-indexed by an emulator's slots, spelled out from
+// max_window_layers where config.json has no list.
+class QwenFamily : public LlamaStyleFamily {
+ public:
+  std::vector<std::string> layer_config_fields() const override { return {"layer_types"}; }
+  std::map<std::string, nlohmann::json> layer_config_lists(const ModelConfig& c) const override;
 };
 
 }  // namespace crash

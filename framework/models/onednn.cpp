@@ -147,11 +147,13 @@ void install_onednn_kernels() {
 }
 
 std::optional<torch::Tensor> onednn_packed_attention(const torch::Tensor& q, const torch::Tensor& k,
-                                                     const torch::Tensor& v, const AttentionContext& ctx) {
+                                                     const torch::Tensor& v, const AttentionContext& ctx,
+                                                     int64_t layer) {
+  const torch::Tensor& bias = ctx.bias_of(layer);  // causal, or the sliding window's band
   if (torch::GradMode::is_enabled()) return std::nullopt;
   for (const auto* t : {&q, &k, &v})
     if (!t->device().is_cpu() || t->scalar_type() != torch::kFloat32 || t->stride(3) != 1) return std::nullopt;
-  if (ctx.bias.scalar_type() != torch::kFloat32) return std::nullopt;
+  if (bias.scalar_type() != torch::kFloat32) return std::nullopt;
   const int64_t H = q.size(1), KV = k.size(1), N = q.size(2), D = q.size(3), rep = H / KV;
   const int64_t B = static_cast<int64_t>(ctx.row_offsets.size()) - 1;
   static PlanCache<RowKey, RowPlan> cache;
@@ -177,7 +179,7 @@ std::optional<torch::Tensor> onednn_packed_attention(const torch::Tensor& q, con
       const int64_t o = ctx.row_offsets[b], L = ctx.row_offsets[b + 1] - o;
       if (L == 0) continue;
       const RowPlan& p = *plans[b];
-      auto scores = ctx.bias.narrow(0, 0, L).narrow(1, 0, L).expand({KV * rep, L, L}).contiguous();
+      auto scores = bias.narrow(0, 0, L).narrow(1, 0, L).expand({KV * rep, L, L}).contiguous();
       dnnl::memory qm(p.q, e, Q + o * q.stride(2)), km(p.k, e, K + o * k.stride(2)),
           sm(p.s, e, scores.data_ptr<float>()), vm(p.v, e, V + o * v.stride(2)), om(p.o, e, O + o * H * D);
       p.scores.execute(stream, {{DNNL_ARG_SRC, qm}, {DNNL_ARG_WEIGHTS, km}, {DNNL_ARG_DST, sm}});
@@ -194,7 +196,7 @@ std::optional<torch::Tensor> onednn_packed_attention(const torch::Tensor& q, con
 void install_onednn_kernels() {}
 
 std::optional<torch::Tensor> onednn_packed_attention(const torch::Tensor&, const torch::Tensor&, const torch::Tensor&,
-                                                     const AttentionContext&) {
+                                                     const AttentionContext&, int64_t) {
   return std::nullopt;
 }
 

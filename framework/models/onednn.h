@@ -18,6 +18,7 @@ void install_onednn_kernels();
 // packed_attention's fast path: nullopt where it does not apply (not CPU float32, autograd on,
 // strides oneDNN has only reference kernels for, or a build without oneDNN).
 std::optional<torch::Tensor> onednn_packed_attention(const torch::Tensor& q, const torch::Tensor& k,
-                                                     const torch::Tensor& v, const AttentionContext& ctx);
+                                                     const torch::Tensor& v, const AttentionContext& ctx,
+                                                     int64_t layer);
 
 }  // namespace crash

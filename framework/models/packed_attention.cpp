@@ -19,7 +19,7 @@ torch::Tensor packed_attention_reference(const torch::Tensor& q, const torch::Te
     // The `rep` query heads of a group share one matmul with their key/value head.
     auto qb = q.narrow(2, o, L).reshape({KV, rep * L, D});
     auto kb = k.narrow(2, o, L).reshape({KV, L, D}), vb = v.narrow(2, o, L).reshape({KV, L, D});
-    auto causal = ctx.bias.narrow(0, 0, L).narrow(1, 0, L);
+    auto causal = ctx.bias_of(layer).narrow(0, 0, L).narrow(1, 0, L);
     if (rep > 1) causal = causal.repeat({rep, 1});
     torch::Tensor scores;
     if (q.scalar_type() == torch::kFloat32)
@@ -39,7 +39,7 @@ torch::Tensor packed_attention_reference(const torch::Tensor& q, const torch::Te
 torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const AttentionContext& ctx, int64_t layer, int64_t first_head) {
   if (!ctx.dropout_attention())
-    if (auto out = onednn_packed_attention(q, k, v, ctx)) return *out;
+    if (auto out = onednn_packed_attention(q, k, v, ctx, layer)) return *out;
   return packed_attention_reference(q, k, v, ctx, layer, first_head);
 }
 

@@ -12,6 +12,7 @@ namespace crash {
 // rows run in parallel through oneDNN's small-matrix kernels (where the build has oneDNN);
 // elsewhere through torch, row by row. With attention dropout in ctx (training) the torch path
 // runs, and `layer` and `first_head` (the model's number of q's first head) key the masks.
+// `layer` also picks ctx.bias_of(layer): a sliding layer attends within its window.
 torch::Tensor packed_attention(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                                const AttentionContext& ctx, int64_t layer = 0, int64_t first_head = 0);
 

@@ -1,6 +1,6 @@
 // Qwen2 and Qwen2.5 (Qwen2ForCausalLM): LLaMA with biases on the q, k and v projections (none
-// on o_proj or the MLP), tied or untied embeddings. Sliding-window attention is not
-// implemented: a config that switches it on is refused.
+// on o_proj or the MLP), tied or untied embeddings, sliding-window attention on the layers
+// use_sliding_window and max_window_layers (or layer_types) pick.
 #include "framework/config.h"
 #include "framework/json_fields.h"
 #include "framework/models/llama.h"
@@ -9,13 +9,12 @@ namespace crash {
 
 namespace {
 
-class Qwen2Family : public LlamaStyleFamily {
+class Qwen2Family : public QwenFamily {
  public:
   std::vector<std::string> model_types() const override { return {"qwen2"}; }
-  std::vector<std::string> layer_config_fields() const override { return {"layer_types"}; }
   void read_config(ModelConfig& c, const nlohmann::json& j, const std::string& src) const override {
     read_llama_style(c, j, src);
-    refuse_sliding_window(c, j, src);
+    read_qwen_sliding_window(c, j, src);
     // Qwen2Config has neither attention_bias nor mlp_bias: its layout is fixed.
     c.attention_bias = false;
     c.qkv_bias = true;

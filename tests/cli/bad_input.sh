@@ -78,8 +78,8 @@ m=$(model model-type llama_gqa); edit_config "$m" 'c["model_type"] = "mamba"'
 expect unsupported-model-type "config.json|model_type 'mamba' is not supported" run --model "$m"
 
 # Fields that would change the computation but are not implemented (issue 20): named, exit 2.
-m=$(model sliding-window qwen2_bias); edit_config "$m" 'c["use_sliding_window"] = True; c["sliding_window"] = 4'
-expect qwen-sliding-window "config.json|use_sliding_window" run --model "$m"
+m=$(model sliding-window qwen2_bias); edit_config "$m" 'c["layer_types"] = ["sliding_attention"] * 4'
+expect qwen-sliding-without-window "config.json|layer_types|no window applies" run --model "$m"
 m=$(model rope-yarn qwen3_kv1); edit_config "$m" 'c["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}'
 expect qwen-rope-yarn "config.json|rope_parameters|rope type 'yarn'" run --model "$m"
 

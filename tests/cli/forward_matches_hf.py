@@ -37,7 +37,8 @@ def main():
         launch = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", np_]
         grid = ["--tp", tp, "--pp", pp, "--threads", "1"]
     failures = 0
-    names = ("opt_preln", "opt_postln_proj", "llama_gqa", "llama3_scaled", "qwen2_bias", "qwen3_kv1")
+    names = ("opt_preln", "opt_postln_proj", "llama_gqa", "llama3_scaled", "qwen2_bias", "qwen3_kv1", "mistral_swa",
+             "qwen2_swa")
     for name in names:
         g = read_safetensors(os.path.join(fixtures, "golden", name + ".safetensors"))
         ids, mask = g["right_ids"], g["right_mask"]

@@ -64,7 +64,7 @@ TEST_P(FamilyDescriptor, ListsExactlyTheTensorsOfTheBuiltModel) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, FamilyDescriptor,
                          ::testing::Values("opt_preln", "opt_postln_proj", "llama_gqa", "llama_mha_tied",
-                                           "llama3_scaled", "qwen2_bias", "qwen3_kv1"));
+                                           "llama3_scaled", "qwen2_bias", "qwen3_kv1", "mistral_swa", "qwen2_swa"));
 
 TEST(Families, EachModelTypeHasOneFamily) {
   std::set<std::string> seen;
@@ -124,13 +124,20 @@ TEST(Families, Qwen3HeadDimDefaultsTo128AndHonoursAttentionBias) {
 
 TEST(Families, UnimplementedFieldsFailNamingThem) {
   for (const char* type : {"qwen2", "qwen3"}) {
+    // A sliding layer with no window is an error in HF too.
     auto j = tiny_qwen(type);
-    j["use_sliding_window"] = true;
-    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); },
-                            {"q/config.json", "use_sliding_window"});
-    j = tiny_qwen(type);
     j["layer_types"] = {"full_attention", "sliding_attention"};
-    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"layer_types", "sliding_attention"});
+    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"layer_types", "no window applies"});
+    j["use_sliding_window"] = true;
+    j["sliding_window"] = nullptr;
+    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"layer_types", "no window applies"});
+    j = tiny_qwen(type);
+    j["layer_types"] = {"full_attention", "linear_attention"};
+    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"layer_types", "linear_attention"});
+    j = tiny_qwen(type);
+    j["use_sliding_window"] = true;
+    j["sliding_window"] = -3;
+    test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"sliding_window", "positive"});
     j = tiny_qwen(type);
     j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
     test::expect_user_error([&] { ModelConfig::from_json(j, "q/config.json"); }, {"rope_scaling", "yarn"});
@@ -148,6 +155,104 @@ TEST(Families, UnimplementedFieldsFailNamingThem) {
   j = tiny_qwen("qwen3");
   j["layer_types"] = {"full_attention", "full_attention"};
   EXPECT_NO_THROW(ModelConfig::from_json(j, "q/config.json"));
+}
+
+std::vector<bool> sliding_of(const ModelConfig& c) {
+  std::vector<bool> out;
+  for (int64_t l = 0; l < c.num_layers; ++l) out.push_back(c.slides(l));
+  return out;
+}
+
+TEST(Families, QwenSlidingWindowLayersAsHFReadsThem) {
+  for (const char* type : {"qwen2", "qwen3"}) {
+    SCOPED_TRACE(type);
+    auto j = tiny_qwen(type);
+    j["num_hidden_layers"] = 4;
+    EXPECT_EQ(ModelConfig::from_json(j, "q").sliding_window, 0);  // use_sliding_window false: inert
+    j["use_sliding_window"] = true;
+    auto c = ModelConfig::from_json(j, "q");  // max_window_layers 28 > 4: no layer slides
+    EXPECT_EQ(c.sliding_window, 0);
+    EXPECT_EQ(sliding_of(c), std::vector<bool>(4, false));
+    j["max_window_layers"] = 1;
+    j["sliding_window"] = 7;
+    c = ModelConfig::from_json(j, "q");
+    EXPECT_EQ(c.sliding_window, 7);
+    EXPECT_EQ(sliding_of(c), (std::vector<bool>{false, true, true, true}));
+    // An emulator re-indexes the layers spelled out, since max_window_layers cannot be.
+    auto lists = c.family->layer_config_lists(c);
+    ASSERT_EQ(lists.count("layer_types"), 1u);
+    EXPECT_EQ(lists["layer_types"],
+              nlohmann::json({"full_attention", "sliding_attention", "sliding_attention", "sliding_attention"}));
+    j.erase("sliding_window");  // HF's default window
+    EXPECT_EQ(ModelConfig::from_json(j, "q").sliding_window, 4096);
+    // layer_types, when given, overrides max_window_layers.
+    j["layer_types"] = {"sliding_attention", "full_attention", "attention", "sliding_attention"};
+    c = ModelConfig::from_json(j, "q");
+    EXPECT_EQ(sliding_of(c), (std::vector<bool>{true, false, false, true}));
+  }
+}
+
+TEST(Families, MistralSlidesOnEveryLayer) {
+  nlohmann::json j = {
+      {"model_type", "mistral"}, {"vocab_size", 100},        {"hidden_size", 64},           {"intermediate_size", 96},
+      {"num_hidden_layers", 3},  {"num_attention_heads", 4}, {"num_key_value_heads", 2},    {"head_dim", 24},
+      {"rope_theta", 1000000.0}, {"sliding_window", 4096},   {"tie_word_embeddings", false}};
+  auto c = ModelConfig::from_json(j, "m/config.json");
+  EXPECT_EQ(c.head_dim, 24);
+  EXPECT_EQ(c.sliding_window, 4096);
+  EXPECT_EQ(sliding_of(c), std::vector<bool>(3, true));
+  EXPECT_FALSE(c.qkv_bias || c.out_bias || c.mlp_bias);
+  EXPECT_FALSE(has_tensor(c, "self_attn.q_proj.bias"));
+  // q 96 x 64, k and v 48 x 64, o 64 x 96, three 96 x 64 MLP matrices, two norms.
+  EXPECT_EQ(c.parameter_count(), 3 * (96 * 64 + 2 * 48 * 64 + 64 * 96 + 3 * 96 * 64 + 2 * 64) + 2 * 100 * 64 + 64);
+  j["sliding_window"] = nullptr;  // Mistral-7B v0.2 and later: full attention
+  EXPECT_EQ(ModelConfig::from_json(j, "m").sliding_window, 0);
+  EXPECT_FALSE(ModelConfig::from_json(j, "m").slides(0));
+  j.erase("sliding_window");
+  EXPECT_EQ(ModelConfig::from_json(j, "m").sliding_window, 4096);  // MistralConfig's default
+  j["sliding_window"] = 0;
+  test::expect_user_error([&] { ModelConfig::from_json(j, "m/config.json"); }, {"m/config.json", "sliding_window"});
+  j["sliding_window"] = 4;
+  j["num_experts"] = 8;
+  test::expect_user_error([&] { ModelConfig::from_json(j, "m/config.json"); }, {"num_experts"});
+  // The published 7B configs (parameter counts: Config.PublishedModelsHaveHFParameterCounts).
+  const std::string examples = std::string(CRASH_EXAMPLES) + "/models/";
+  EXPECT_EQ(ModelConfig::load(examples + "mistral-7b-v0.1/config.json").sliding_window, 4096);
+  EXPECT_EQ(ModelConfig::load(examples + "mistral-7b-v0.3/config.json").sliding_window, 0);
+}
+
+// The window's bias, padded and packed: query q keeps key k when q - window < k <= q (and k is a
+// real token), the same for every row of a packed pass; layers that do not slide keep the causal bias.
+TEST(Families, SlidingWindowBiasKeepsTheLastWindowKeys) {
+  nlohmann::json j = tiny_qwen("qwen2");
+  j["num_hidden_layers"] = 2;
+  j["use_sliding_window"] = true;
+  j["sliding_window"] = 3;
+  j["max_window_layers"] = 1;
+  SkipParameterInit skip;
+  auto model = build_model(ModelConfig::from_json(j, "q"));
+  const int64_t T = 7;
+  auto mask = torch::ones({2, T}, torch::kInt64);
+  mask[1].narrow(0, 0, 2).zero_();  // left padding
+  auto ctx = model->attention_context(mask, model->default_positions(mask, T));
+  ASSERT_TRUE(ctx.window_bias.defined());
+  EXPECT_TRUE(ctx.bias_of(0).is_same(ctx.bias));
+  auto kept = ctx.bias_of(1) == 0, causal = ctx.bias == 0;
+  for (int64_t b = 0; b < 2; ++b)
+    for (int64_t q = 0; q < T; ++q)
+      for (int64_t k = 0; k < T; ++k) {
+        const bool real = mask[b][k].item<int64_t>() != 0;
+        EXPECT_EQ(kept[b][0][q][k].item<bool>(), real && k <= q && k > q - 3) << b << " " << q << " " << k;
+        EXPECT_EQ(causal[b][0][q][k].item<bool>(), real && k <= q);
+      }
+  auto packing = TokenPacking::of(mask);
+  auto pctx = model->attention_context(packing, torch::zeros({1, packing.tokens()}, torch::kInt64));
+  auto pkept = pctx.bias_of(1) == 0;
+  for (int64_t q = 0; q < T; ++q)
+    for (int64_t k = 0; k < T; ++k) EXPECT_EQ(pkept[q][k].item<bool>(), k <= q && k > q - 3);
+  // A window as long as the pass changes nothing: no second bias is made.
+  auto short_mask = torch::ones({1, 3}, torch::kInt64);
+  EXPECT_FALSE(model->attention_context(short_mask, model->default_positions(short_mask, 3)).window_bias.defined());
 }
 
 TEST(Families, OneListOfHFFolderFiles) {
