@@ -159,6 +159,18 @@ class Work:
                     return name, m
         return None, None
 
+    def latest_stages(self):
+        """The newest record of each stage that ran, in pipeline order: a resumed pipeline skips what an
+        earlier run finished, and its time and memory are that run's."""
+        latest, order = {}, []
+        for s in self.stages:
+            name = s.get("stage", "?")
+            if name not in order:
+                order.append(name)
+            if s.get("status") == "ran" or name not in latest:
+                latest[name] = s
+        return [latest[n] for n in order]
+
     def task_order(self, names):
         """`names` in the order of the pipeline's --eval-task options (JSON objects come sorted)."""
         given = [os.path.splitext(os.path.basename(t))[0] for t in self.options.get("eval-task", [])]
@@ -179,7 +191,7 @@ def link(href_from, target, text):
 def section_header(work, title):
     run = work.run
     model = work.options.get("model", "")
-    ran = [s for s in work.stages if s.get("status") == "ran"]
+    ran = [s for s in work.latest_stages() if s.get("status") == "ran"]
     total = sum(s.get("seconds", 0) for s in ran)
     grid = ""
     if "tp" in work.options and "pp" in work.options:
@@ -448,20 +460,13 @@ def section_models(work):
 def section_stages(work, out_dir):
     if not work.stages:
         return "<section id='stages'><h2>Stages</h2><p class='missing'>No stage records (logs/stages.jsonl).</p></section>"
-    # The newest record of each stage that ran: a resumed pipeline skips what an earlier run finished.
-    latest, order = {}, []
-    for s in work.stages:
-        name = s.get("stage", "?")
-        if name not in order:
-            order.append(name)
-        if s.get("status") == "ran" or name not in latest:
-            latest[name] = s
+    latest = work.latest_stages()
     out = ["<section id='stages'><h2>Stages</h2><p>Wall time and the peak resident memory of the busiest rank of "
            "each stage, with its full log.</p><table class='results'><tr><th>Stage</th><th>job</th><th>time</th>"
            "<th>peak memory</th><th>ranks</th><th>log</th><th>arguments</th></tr>"]
     total = 0.0
-    for name in order:
-        s = latest[name]
+    for s in latest:
+        name = s.get("stage", "?")
         ran = s.get("status") == "ran"
         total += s.get("seconds", 0) if ran else 0
         time = duration_text(s["seconds"]) if ran and "seconds" in s else esc(s.get("status", ""))
