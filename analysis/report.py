@@ -260,8 +260,7 @@ def training_figure(work):
         ax_loss.plot(xs, loss, color=colour, alpha=0.25, linewidth=0.8)
         window = max(1, len(xs) // 25)
         if len(xs) > window:
-            kernel = [1.0 / window] * window
-            smooth = [sum(loss[i - window + 1:i + 1]) * kernel[0] for i in range(window - 1, len(loss))]
+            smooth = [sum(loss[i - window + 1:i + 1]) / window for i in range(window - 1, len(loss))]
             ax_loss.plot(xs[window - 1:], smooth, color=colour, linewidth=1.8, label=f"{mode}: training")
         else:
             ax_loss.plot(xs, loss, color=colour, linewidth=1.8, label=f"{mode}: training")
@@ -421,23 +420,18 @@ def section_models(work):
                 entries.append((f"{mode} {kind}", d, mode if kind == "emulator" else None))
     if not entries:
         return ""
-    configs = [(label, read_json(os.path.join(d, "config.json")), safetensors_params(d), d, mode)
+    configs = [(label, dict(config_rows(read_json(os.path.join(d, "config.json")))), safetensors_params(d), d, mode)
                for label, d, mode in entries if os.path.exists(os.path.join(d, "config.json"))]
     labels = []
-    for _, cfg, _, _, _ in configs:
-        for label, _ in config_rows(cfg):
-            if label not in labels:
-                labels.append(label)
+    for _, rows, _, _, _ in configs:
+        labels += [label for label in rows if label not in labels]
     out = ["<section id='models'><h2>Models</h2><table class='results'><tr><th></th>"
            + "".join(f"<th>{esc(c[0])}</th>" for c in configs) + "</tr>"]
     out.append("<tr><th>parameters</th>" + "".join(
         f"<td>{esc(count_text(p) if p else '–')}</td>" for _, _, p, _, _ in configs) + "</tr>")
     for label in labels:
-        cells = []
-        for _, cfg, _, _, _ in configs:
-            values = dict(config_rows(cfg))
-            cells.append(f"<td>{esc(values.get(label, '–'))}</td>")
-        out.append(f"<tr><th>{esc(label)}</th>{''.join(cells)}</tr>")
+        cells = "".join(f"<td>{esc(rows.get(label, '–'))}</td>" for _, rows, _, _, _ in configs)
+        out.append(f"<tr><th>{esc(label)}</th>{cells}</tr>")
     out.append("</table>")
     plans = []
     for label, _, _, d, mode in configs:

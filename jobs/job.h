@@ -88,9 +88,9 @@ void preflight_options(po::options_description& o);
 int preflight_run(const po::variables_map& vm);
 void report_options(po::options_description& o);
 int report_run(const po::variables_map& vm);
-// The report of a pipeline's work folder (report.cpp), for pipeline --report: 0 when written, 2 when
-// the work folder lacks what it needs (analysis/report.py said what).
-int write_report(const std::string& work, const std::string& out, const std::string& title);
+// The report of a pipeline's work folder as `page` (report.cpp), for pipeline --report: 0 when
+// written, 2 when the work folder lacks what it needs (analysis/report.py said what).
+int write_report(const std::string& work, const std::string& page, const std::string& title);
 // LibTorch's version, "1.13.0".
 std::string torch_version();
 

@@ -167,8 +167,8 @@ std::string task_name(const std::string& path) { return fs::path(path).stem().st
 // WORK/run.json: who ran this pipeline with what (versions, settings, grid, ranks, when), for the
 // report. Each run of the pipeline (a resume too) rewrites it.
 void write_run_record(const po::variables_map& vm, const fs::path& work) {
-  const auto grid = ProcessGrid::create(GridSizes{});
-  if (grid->rank() != 0) return;
+  const World& world = World::get();
+  if (world.rank() != 0) return;
   char host[256] = "";
   gethostname(host, sizeof(host) - 1);
   const auto now = std::chrono::system_clock::to_time_t(std::chrono::system_clock::now());
@@ -180,7 +180,7 @@ void write_run_record(const po::variables_map& vm, const fs::path& work) {
                         {"torch_threads", torch::get_num_threads()},
                         {"started", started},
                         {"host", host},
-                        {"ranks", grid->world()->size()},
+                        {"ranks", world.size()},
                         {"cwd", fs::current_path().string()},
                         {"options", options_json(vm)}};
   write_atomic((work / "run.json").string(), run.dump(2) + "\n");

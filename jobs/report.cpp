@@ -25,13 +25,11 @@ std::string torch_version() {
   return fmt::format("{}.{}.{}", TORCH_VERSION_MAJOR, TORCH_VERSION_MINOR, TORCH_VERSION_PATCH);
 }
 
-// Writes the report of `work` to `out`; 0 when done, 2 when the script found bad input (it said why).
-int write_report(const std::string& work, const std::string& out, const std::string& title) {
+// Writes the report of `work` to `page`; 0 when done, 2 when the script found bad input (it said why).
+int write_report(const std::string& work, const std::string& page, const std::string& title) {
   if (!fs::is_directory(work)) fail("--work: {} is not a folder", work);
-  std::vector<std::string> args = {"--work",          work,
-                                   "--tool-version",  kVersion,
-                                   "--torch-version", torch_version(),
-                                   "--out",           out.empty() ? (fs::path(work) / "report.html").string() : out};
+  std::vector<std::string> args = {"--work", work, "--tool-version", kVersion, "--torch-version", torch_version(),
+                                   "--out",  page};
   if (!title.empty()) args.insert(args.end(), {"--title", title});
   const int rc = run_report_script(args);
   if (rc != 0 && rc != kExitUserError) throw std::runtime_error(fmt::format("analysis/report.py failed (exit {})", rc));
@@ -40,10 +38,11 @@ int write_report(const std::string& work, const std::string& out, const std::str
 
 int report_run(const po::variables_map& vm) {
   const auto work = vm["work"].as<std::string>(), out = vm["out"].as<std::string>();
+  const std::string page = out.empty() ? (fs::path(work) / "report.html").string() : out;
   int rc = 0;
   run_on_rank0([&] {
-    rc = write_report(work, out, vm["title"].as<std::string>());
-    if (rc == 0) std::printf("report: %s\n", (out.empty() ? (fs::path(work) / "report.html").string() : out).c_str());
+    rc = write_report(work, page, vm["title"].as<std::string>());
+    if (rc == 0) std::printf("report: %s\n", page.c_str());
   });
   return rc;
 }

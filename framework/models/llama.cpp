@@ -178,7 +178,11 @@ void read_llama_style(ModelConfig& c, const nlohmann::json& j, const std::string
                        : json_field_or<int64_t>(j, "eos_token_id", 2, src);
 }
 
-void read_qwen_sliding_window(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
+void read_qwen_style(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
+  read_llama_style(c, j, src);
+  c.max_positions = json_field_or<int64_t>(j, "max_position_embeddings", 32768, src);
+  c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", -1, src);
+  if (!j.contains("eos_token_id") || j.at("eos_token_id").is_null()) c.eos_token_id = -1;
   int64_t window = 0;
   if (json_field_or<bool>(j, "use_sliding_window", false, src)) {
     window = 4096;

@@ -10,11 +10,12 @@ namespace crash {
 // rope_theta / rope_parameters / rope_scaling, tied embeddings, token ids); a rope type other
 // than default or llama3, or a mixture-of-experts field, fails naming it.
 void read_llama_style(ModelConfig& c, const nlohmann::json& j, const std::string& source);
-// Qwen2's and Qwen3's sliding-window settings, as their HF configs read them: sliding_window
-// (default 4096) counts only with use_sliding_window; layer_types, when given, says which layers
-// slide, otherwise the layers from max_window_layers (default 28) on do. A sliding layer without
-// a window fails, as it does in HF. Reads num_layers from `c`.
-void read_qwen_sliding_window(ModelConfig& c, const nlohmann::json& j, const std::string& source);
+// What Qwen2 and Qwen3 read alike: the LLaMA fields with Qwen's defaults (32768 positions, no
+// BOS, a null eos_token_id meaning none) and the sliding-window settings as their HF configs read
+// them: sliding_window (default 4096) counts only with use_sliding_window; layer_types, when given,
+// says which layers slide, otherwise the layers from max_window_layers (default 28) on do. A
+// sliding layer without a window fails, as it does in HF.
+void read_qwen_style(ModelConfig& c, const nlohmann::json& j, const std::string& source);
 
 class LlamaStyleFamily : public ModelFamily {
  public:

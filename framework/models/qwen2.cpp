@@ -2,7 +2,6 @@
 // on o_proj or the MLP), tied or untied embeddings, sliding-window attention on the layers
 // use_sliding_window and max_window_layers (or layer_types) pick.
 #include "framework/config.h"
-#include "framework/json_fields.h"
 #include "framework/models/llama.h"
 
 namespace crash {
@@ -13,16 +12,12 @@ class Qwen2Family : public QwenFamily {
  public:
   std::vector<std::string> model_types() const override { return {"qwen2"}; }
   void read_config(ModelConfig& c, const nlohmann::json& j, const std::string& src) const override {
-    read_llama_style(c, j, src);
-    read_qwen_sliding_window(c, j, src);
+    read_qwen_style(c, j, src);
     // Qwen2Config has neither attention_bias nor mlp_bias: its layout is fixed.
     c.attention_bias = false;
     c.qkv_bias = true;
     c.out_bias = false;
     c.mlp_bias = false;
-    c.max_positions = json_field_or<int64_t>(j, "max_position_embeddings", 32768, src);
-    c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", -1, src);
-    if (!j.contains("eos_token_id") || j.at("eos_token_id").is_null()) c.eos_token_id = -1;
   }
 };
 

@@ -13,6 +13,7 @@ the page's size. The screenshot is kept where asked (the README's image)."""
 import base64
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -61,8 +62,10 @@ class Browser:
         self.session = None
 
     def _read_message(self, deadline):
+        """The next message; TimeoutError when none comes before `deadline`."""
         while b"\0" not in self.buffer:
-            if time.time() > deadline:
+            ready, _, _ = select.select([self.from_chrome], [], [], max(0.0, deadline - time.time()))
+            if not ready:
                 raise TimeoutError("no answer from chromium")
             chunk = os.read(self.from_chrome, 1 << 20)
             if not chunk:
@@ -102,21 +105,14 @@ class Browser:
 
     def drain(self, seconds):
         """Events that arrive in the next `seconds` (late errors of a page)."""
-        import select
-        end = time.time() + seconds
-        while time.time() < end:
-            ready, _, _ = select.select([self.from_chrome], [], [], max(0.0, end - time.time()))
-            if not ready:
-                break
-            chunk = os.read(self.from_chrome, 1 << 20)
-            if not chunk:
-                break
-            self.buffer += chunk
-            while b"\0" in self.buffer:
-                message, self.buffer = self.buffer.split(b"\0", 1)
-                m = json.loads(message)
+        deadline = time.time() + seconds
+        try:
+            while True:
+                m = self._read_message(deadline)
                 if "method" in m:
                     self.events.append(m)
+        except TimeoutError:
+            pass
 
     def open_page(self):
         target = self.send("Target.createTarget", {"url": "about:blank"}, session=False)["targetId"]
@@ -161,7 +157,6 @@ def report_job(binary, work, tmp):
         r = subprocess.run([binary, "report"] + args, capture_output=True, text=True)
         check(r.returncode == 2 and expect in r.stderr, f"report {' '.join(args[-2:])}: exit 2, '{expect}' "
               f"(got {r.returncode}: {r.stderr.strip()[-200:]})")
-    return page
 
 
 def browse(page, work, screenshot_out):
@@ -242,7 +237,7 @@ def main():
     screenshot = sys.argv[3] if len(sys.argv) == 4 else None
     check(os.path.exists(os.path.join(work, "report.html")), "the demo pipeline (pipeline --report) wrote report.html")
     with tempfile.TemporaryDirectory() as tmp:
-        page = report_job(binary, work, tmp)
+        report_job(binary, work, tmp)
         # The page is read where the pipeline wrote it: its links are relative to the work folder.
         browse(os.path.join(work, "report.html"), work, screenshot)
     if failures:

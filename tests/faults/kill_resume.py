@@ -32,6 +32,9 @@ import time
 import h5py
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "e2e"))
+from pipeline import write_pairs_task  # noqa: E402  (the pipeline tests' pairs task: one writer)
+
 BIN, FIXTURES = sys.argv[1], sys.argv[2]
 SEED = int(sys.argv[3]) if len(sys.argv) > 3 else int(time.time() * 1000) % 1000000
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", "2", "-x", "OMP_NUM_THREADS=1"]
@@ -264,13 +267,7 @@ try:
                                                       "the loss log equals the uninterrupted run's")
 
     # ---- pipeline: every stage on the eval fixture model ----
-    ptask = W("pairs.jsonl")
-    words = ["cat", "house", "tree", "river", "stone", "bird", "cloud", "road", "apple", "light", "sea", "hill"]
-    with open(ptask, "w") as f:
-        for i in range(24):
-            a, b = words[i % len(words)], words[(i * 5 + 1) % len(words)]
-            f.write(json.dumps({"context": f"Which comes first, {a} or {b}?\nAnswer:", "choices": [f" {a}", f" {b}"],
-                                "gold": i % 2}) + "\n")
+    ptask = write_pairs_task(work)
     pipeline = ["pipeline", "--model", tok_model, "--train-task", ptask, "--eval-task", ptask, "--num-examples", "16",
                 "--adapters", "1,1", "--k", "1", "--steps", "8", "--save-every", "2", "--warmup", "1",
                 "--batch-size", "4", "--lr", "1e-3", "--modes", "uniform,share", "--tp", "2"]
