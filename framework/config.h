@@ -12,8 +12,10 @@ namespace crash {
 
 class ModelFamily;
 
-// rope_scaling of type "llama3" (LLaMA-3.1 and later).
+// rope_scaling of type "llama3" (LLaMA-3.1 and later) or "linear" (Gemma-3's global layers:
+// every frequency divided by factor).
 struct RopeScaling {
+  bool linear = false;
   double factor = 8.0;
   double low_freq_factor = 1.0;
   double high_freq_factor = 4.0;
@@ -60,6 +62,16 @@ struct ModelConfig {
   bool slides(int64_t layer) const {
     return sliding_window > 0 && (sliding_layers.empty() || sliding_layers[static_cast<size_t>(layer)]);
   }
+  // The rotary base of sliding layers, without scaling (Gemma-3's rope_local_base_freq); 0: they
+  // use rope_theta and rope_scaling as the other layers do.
+  double sliding_rope_theta = 0;
+
+  // Gemma (framework/models/gemma.cpp): the attention scores' scale (query_pre_attn_scalar^-1/2;
+  // 0: head_dim^-1/2), and tanh soft-capping cap * tanh(x / cap) of the attention scores before
+  // the mask and of the logits (0: none).
+  double attention_scale = 0;
+  double attention_softcap = 0;
+  double logit_softcap = 0;
 
   // Dropout rates of training (HF semantics; framework/models/dropout.h): OPT `dropout` on the
   // attention and MLP outputs before each residual add (HF's default 0.1 when absent), and

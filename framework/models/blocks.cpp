@@ -15,14 +15,17 @@ torch::Tensor activation(const std::string& name, torch::Tensor x) {
   return torch::gelu(x, "tanh");  // gelu_new, gelu_pytorch_tanh
 }
 
-RMSNormImpl::RMSNormImpl(int64_t dim, double eps, CommPtr tp) : eps_(eps), tp_(std::move(tp)) {
-  weight = register_parameter("weight", torch::ones({dim}));
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps, CommPtr tp, bool unit_offset)
+    : eps_(eps), tp_(std::move(tp)), unit_offset_(unit_offset) {
+  weight = register_parameter("weight", unit_offset ? torch::zeros({dim}) : torch::ones({dim}));
 }
 
 torch::Tensor RMSNormImpl::forward(const torch::Tensor& x) {
   auto xf = x.to(torch::kFloat32);
   auto var = xf.pow(2).mean(-1, /*keepdim=*/true);
   auto w = tp_ && tp_->size() > 1 ? copy_to_tp(weight, tp_) : weight;
+  // Gemma scales in float32 and rounds once; LLaMA rounds the normalised x, then scales.
+  if (unit_offset_) return ((xf * torch::rsqrt(var + eps_)) * (w.to(torch::kFloat32) + 1.0)).to(x.scalar_type());
   return w * (xf * torch::rsqrt(var + eps_)).to(x.scalar_type());
 }
 
@@ -60,8 +63,8 @@ SelfAttentionImpl::SelfAttentionImpl(const AttentionShape& s) : head_dim_(s.head
   }
   out_proj = register_module(s.out_name, row_linear(s.heads * D, s.hidden, s.out_bias, tp));
   if (s.qk_norm) {
-    q_norm = register_module("q_norm", RMSNorm(D, s.norm_eps, tp));
-    k_norm = register_module("k_norm", RMSNorm(D, s.norm_eps, tp));
+    q_norm = register_module("q_norm", RMSNorm(D, s.norm_eps, tp, s.norm_unit_offset));
+    k_norm = register_module("k_norm", RMSNorm(D, s.norm_eps, tp, s.norm_unit_offset));
   }
 }
 
@@ -85,7 +88,7 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
   k = k.transpose(1, 2);
   auto v = v_proj->forward(h).view({B, T, KV, D}).transpose(1, 2);
   if (rotary_) {
-    auto cos = ctx.cos.unsqueeze(1), sin = ctx.sin.unsqueeze(1);
+    auto cos = ctx.cos_of(layer).unsqueeze(1), sin = ctx.sin_of(layer).unsqueeze(1);
     q = q * cos + rotate_half(q) * sin;
     k = k * cos + rotate_half(k) * sin;
   }
@@ -104,16 +107,17 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
   const int64_t Tk = k.size(2), rep = H / KV;
   // Grouped-query attention without copying K/V: the `rep` query heads of a group share a matmul.
   auto qg = q.reshape({B * KV, rep * T, D});
-  const double scale = 1.0 / std::sqrt(static_cast<double>(D));
+  const double scale = ctx.scale_of(D);
   torch::Tensor scores;
   const auto& mask_bias = ctx.bias_of(layer);
-  if (q.scalar_type() == torch::kFloat32) {  // scale, product and mask in one BLAS call
+  if (q.scalar_type() == torch::kFloat32 && ctx.softcap == 0) {  // scale, product and mask in one BLAS call
     auto bias = mask_bias.expand({B, KV * rep, T, Tk}).reshape({B * KV, rep * T, Tk});
     scores = torch::baddbmm(bias, qg, k.reshape({B * KV, Tk, D}).transpose(1, 2), 1.0, scale).view({B, H, T, Tk});
   } else {
-    scores =
-        torch::matmul(qg, k.reshape({B * KV, Tk, D}).transpose(1, 2)).view({B, H, T, Tk}).to(torch::kFloat32) * scale +
-        mask_bias;
+    scores = softcap_scores(torch::matmul(qg, k.reshape({B * KV, Tk, D}).transpose(1, 2)).view({B, H, T, Tk}) * scale,
+                            ctx.softcap)
+                 .to(torch::kFloat32) +
+             mask_bias;
   }
   auto probs = torch::softmax(scores, -1).to(v.scalar_type());
   if (ctx.dropout_attention()) probs = attention_probs_dropout(probs, ctx, layer, first_head_);
@@ -121,12 +125,19 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
   return out_proj->forward(out.transpose(1, 2).reshape({B, T, H * D}));
 }
 
-torch::Tensor rotary_inverse_frequencies(const ModelConfig& c) {
+torch::Tensor softcap_scores(const torch::Tensor& x, double cap) {
+  if (cap <= 0) return x;
+  return (x / cap).tanh() * cap;  // not in place: tanh's backward keeps its output
+}
+
+torch::Tensor rotary_inverse_frequencies(const ModelConfig& c, bool sliding) {
   const int64_t dim = c.head_dim;
+  const double theta = sliding && c.sliding_rope_theta > 0 ? c.sliding_rope_theta : c.rope_theta;
   auto exponent = torch::arange(0, dim, 2, torch::kInt64).to(torch::kFloat32) / static_cast<double>(dim);
-  auto inv_freq = 1.0 / torch::pow(c.rope_theta, exponent);
-  if (!c.rope_scaling) return inv_freq;
+  auto inv_freq = 1.0 / torch::pow(theta, exponent);
+  if (!c.rope_scaling || (sliding && c.sliding_rope_theta > 0)) return inv_freq;
   const RopeScaling& s = *c.rope_scaling;
+  if (s.linear) return inv_freq / s.factor;
   const double old_len = static_cast<double>(s.original_max_position_embeddings);
   const double low_wavelen = old_len / s.low_freq_factor, high_wavelen = old_len / s.high_freq_factor;
   auto wavelen = 2 * M_PI / inv_freq;

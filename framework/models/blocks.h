@@ -16,13 +16,15 @@ class RMSNormImpl : public torch::nn::Module {
  public:
   // `tp`: set when each TP rank normalises only its own part of the rows (Qwen3's per-head q/k
   // norms): the weight's gradient is then summed over the group.
-  RMSNormImpl(int64_t dim, double eps, CommPtr tp = nullptr);
+  // `unit_offset`: Gemma's norm, x_hat * (1 + weight), its weight starting at zero.
+  RMSNormImpl(int64_t dim, double eps, CommPtr tp = nullptr, bool unit_offset = false);
   torch::Tensor forward(const torch::Tensor& x);
   torch::Tensor weight;
 
  private:
   double eps_;
   CommPtr tp_;
+  bool unit_offset_;
 };
 TORCH_MODULE(RMSNorm);
 
@@ -36,7 +38,8 @@ struct AttentionShape {
   CommPtr tp;
   bool qkv_bias = false, out_bias = false;
   bool rotary = false;
-  bool qk_norm = false;  // RMSNorm over each head of q and k before the rotary embedding (Qwen3)
+  bool qk_norm = false;           // RMSNorm over each head of q and k before the rotary embedding (Qwen3, Gemma-3)
+  bool norm_unit_offset = false;  // those norms as Gemma's (RMSNormImpl)
   double norm_eps = 1e-6;
   std::string out_name = "o_proj";  // OPT calls it out_proj
 };
@@ -61,7 +64,10 @@ TORCH_MODULE(SelfAttention);
 // Rotary tables for positions [B, T]: cos and sin [B, T, head_dim], as HF computes them.
 std::pair<torch::Tensor, torch::Tensor> rotary_tables(const torch::Tensor& inv_freq, const torch::Tensor& positions,
                                                       torch::ScalarType dtype);
-// HF's inverse frequencies, with llama3 scaling when configured.
-torch::Tensor rotary_inverse_frequencies(const ModelConfig& c);
+// HF's inverse frequencies, with llama3 or linear scaling when configured; `sliding`: those of
+// the sliding layers (their own base, unscaled, where the config gives one).
+torch::Tensor rotary_inverse_frequencies(const ModelConfig& c, bool sliding = false);
+// cap * tanh(x / cap); x itself when cap is 0.
+torch::Tensor softcap_scores(const torch::Tensor& x, double cap);
 
 }  // namespace crash

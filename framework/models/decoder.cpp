@@ -40,7 +40,7 @@ AttentionContext CausalLM::attention_context(const torch::Tensor& mask_all, cons
     return torch::zeros(allowed.sizes(), torch::TensorOptions().dtype(torch::kFloat32).device(dev))
         .masked_fill_(allowed.logical_not(), std::numeric_limits<float>::lowest());
   };
-  AttentionContext ctx;
+  AttentionContext ctx = base_context(positions);
   ctx.bias = additive((key_index <= query_index).view({1, 1, Tq, Tk}).logical_and(keys));
   // HF's sliding-window overlay on cache positions: key k is kept for query q while k > q - window.
   // A left-padded or packed row's real tokens are contiguous, so this counts real tokens.
@@ -49,20 +49,27 @@ AttentionContext CausalLM::attention_context(const torch::Tensor& mask_all, cons
     auto band = (key_index <= query_index).logical_and(key_index > query_index - w);
     ctx.window_bias = additive(band.view({1, 1, Tq, Tk}).logical_and(keys));
   }
-  auto inv_freq = rotary_inv_freq();
-  if (inv_freq.defined()) {
-    auto dtype = parameters().empty() ? torch::kFloat32 : parameters().front().scalar_type();
-    std::tie(ctx.cos, ctx.sin) = rotary_tables(inv_freq, positions, dtype);
-  }
   return ctx;
 }
 
-bool CausalLM::windowed(int64_t keys, AttentionContext& ctx) const {
-  if (config_.sliding_window == 0 || config_.sliding_window >= keys) return false;
-  ctx.sliding.resize(static_cast<size_t>(config_.num_layers));
+AttentionContext CausalLM::base_context(const torch::Tensor& positions) const {
+  AttentionContext ctx;
   bool any = false;
-  for (int64_t l = 0; l < config_.num_layers; ++l) any |= (ctx.sliding[static_cast<size_t>(l)] = config_.slides(l));
-  return any;
+  for (int64_t l = 0; l < config_.num_layers; ++l) any |= config_.slides(l);
+  if (any)
+    for (int64_t l = 0; l < config_.num_layers; ++l) ctx.sliding.push_back(config_.slides(l));
+  ctx.scale = config_.attention_scale;
+  ctx.softcap = config_.attention_softcap;
+  auto dtype = parameters().empty() ? torch::kFloat32 : parameters().front().scalar_type();
+  if (auto inv_freq = rotary_inv_freq(); inv_freq.defined())
+    std::tie(ctx.cos, ctx.sin) = rotary_tables(inv_freq, positions, dtype);
+  if (auto inv_freq = sliding_rotary_inv_freq(); inv_freq.defined() && any)
+    std::tie(ctx.sliding_cos, ctx.sliding_sin) = rotary_tables(inv_freq, positions, dtype);
+  return ctx;
+}
+
+bool CausalLM::windowed(int64_t keys, const AttentionContext& ctx) const {
+  return !ctx.sliding.empty() && config_.sliding_window < keys;
 }
 
 TokenPacking TokenPacking::of(const torch::Tensor& mask) {
@@ -85,7 +92,7 @@ torch::Tensor TokenPacking::pack(const torch::Tensor& padded) const {
 }
 
 AttentionContext CausalLM::attention_context(const TokenPacking& packing, const torch::Tensor& positions) const {
-  AttentionContext ctx;
+  AttentionContext ctx = base_context(positions);
   const int64_t T = packing.longest;
   auto dev = positions.device();
   ctx.bias = torch::full({T, T}, std::numeric_limits<float>::lowest(),
@@ -98,11 +105,6 @@ AttentionContext CausalLM::attention_context(const TokenPacking& packing, const 
     ctx.window_bias = ctx.bias.masked_fill(far, std::numeric_limits<float>::lowest());
   }
   ctx.row_offsets = packing.row_offsets;
-  auto inv_freq = rotary_inv_freq();
-  if (inv_freq.defined()) {
-    auto dtype = parameters().empty() ? torch::kFloat32 : parameters().front().scalar_type();
-    std::tie(ctx.cos, ctx.sin) = rotary_tables(inv_freq, positions, dtype);
-  }
   return ctx;
 }
 

@@ -5,6 +5,7 @@
 #pragma once
 #include <torch/torch.h>
 
+#include <cmath>
 #include <map>
 #include <memory>
 #include <vector>
@@ -73,11 +74,24 @@ struct AttentionContext {
   // sliding_window or more positions back. Undefined when no layer slides or the window spans
   // every key of the pass.
   torch::Tensor window_bias;
-  std::vector<bool> sliding;  // per model layer (slot)
+  std::vector<bool> sliding;  // per model layer (slot); empty when no layer slides
+  bool slides(int64_t layer) const { return !sliding.empty() && sliding[static_cast<size_t>(layer)]; }
   const torch::Tensor& bias_of(int64_t layer) const {
-    return window_bias.defined() && sliding[static_cast<size_t>(layer)] ? window_bias : bias;
+    return window_bias.defined() && slides(layer) ? window_bias : bias;
   }
   torch::Tensor cos, sin;  // rotary tables [B, Tq, head_dim] ([1, N, head_dim] packed); undefined for learned positions
+  // Sliding layers' own tables where their rotary base differs (Gemma-3's local layers).
+  torch::Tensor sliding_cos, sliding_sin;
+  const torch::Tensor& cos_of(int64_t layer) const {
+    return sliding_cos.defined() && slides(layer) ? sliding_cos : cos;
+  }
+  const torch::Tensor& sin_of(int64_t layer) const {
+    return sliding_sin.defined() && slides(layer) ? sliding_sin : sin;
+  }
+  // Scores are scale * q.k (0: head_dim^-1/2), then softcap * tanh(scores / softcap) when
+  // softcap > 0 (Gemma-2), then the mask.
+  double scale = 0, softcap = 0;
+  double scale_of(int64_t head_dim) const { return scale > 0 ? scale : 1.0 / std::sqrt(static_cast<double>(head_dim)); }
   std::vector<int64_t> row_offsets;  // packed passes (hidden states [1, N, d]): TokenPacking::row_offsets
   bool packed() const { return !row_offsets.empty(); }
   std::shared_ptr<const DropoutContext> dropout;  // training passes only; null: deterministic
@@ -152,8 +166,13 @@ class CausalLM : public torch::nn::Module {
 
  protected:
   virtual torch::Tensor rotary_inv_freq() const { return {}; }
-  // Whether a pass over `keys` keys needs ctx.window_bias; fills ctx.sliding if so.
-  bool windowed(int64_t keys, AttentionContext& ctx) const;
+  // Sliding layers' inverse frequencies where they differ from rotary_inv_freq(); undefined otherwise.
+  virtual torch::Tensor sliding_rotary_inv_freq() const { return {}; }
+  // What every pass's context holds besides its mask: which layers slide, the scores' scale and
+  // cap, the rotary tables for `positions`.
+  AttentionContext base_context(const torch::Tensor& positions) const;
+  // Whether a pass over `keys` keys needs ctx.window_bias.
+  bool windowed(int64_t keys, const AttentionContext& ctx) const;
   // Converts a freshly built piece to the shard's dtype before the next is built.
   template <class M>
   M place(M m) {

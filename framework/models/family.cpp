@@ -96,8 +96,9 @@ std::vector<TensorSpec> ModelFamily::tensors(const ModelConfig& c) const {
 
 const std::vector<const ModelFamily*>& model_families() {
   // A new family adds its line here (and its file to framework/CMakeLists.txt).
-  static const std::vector<const ModelFamily*> all = {&opt_family(), &llama_family(), &qwen2_family(), &qwen3_family(),
-                                                      &mistral_family()};
+  static const std::vector<const ModelFamily*> all = {&opt_family(),   &llama_family(),   &qwen2_family(),
+                                                      &qwen3_family(), &mistral_family(), &gemma2_family(),
+                                                      &gemma3_family()};
   return all;
 }
 

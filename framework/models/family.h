@@ -96,5 +96,7 @@ const ModelFamily& llama_family();
 const ModelFamily& qwen2_family();
 const ModelFamily& qwen3_family();
 const ModelFamily& mistral_family();
+const ModelFamily& gemma2_family();
+const ModelFamily& gemma3_family();
 
 }  // namespace crash

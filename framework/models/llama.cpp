@@ -1,6 +1,6 @@
-// LLaMA family (LlamaForCausalLM): RMSNorm, rotary positions (llama3 scaling optional),
-// grouped-query attention, SwiGLU MLP, tied or untied embeddings. The LLaMA-style model here
-// serves every family of framework/models/llama.h (Qwen2, Qwen3).
+// LLaMA family (LlamaForCausalLM): RMSNorm, rotary positions (llama3 or linear scaling optional),
+// grouped-query attention, SwiGLU MLP, tied or untied embeddings. Its layer serves Qwen2, Qwen3
+// and Mistral too (framework/models/llama.h).
 #include "framework/models/llama.h"
 
 #include "framework/config.h"
@@ -16,39 +16,11 @@ namespace crash {
 
 namespace {
 
-class LlamaMLP : public torch::nn::Module {
- public:
-  LlamaMLP(const ModelConfig& c, const CommPtr& tp) : act_(c.activation) {
-    gate_proj = register_module("gate_proj", column_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, tp));
-    up_proj = register_module("up_proj", column_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, tp));
-    down_proj = register_module("down_proj", row_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp));
-  }
-  torch::Tensor forward(const torch::Tensor& x) {
-    return down_proj->forward(activation(act_, gate_proj->forward(x)) * up_proj->forward(x));
-  }
-  ColumnParallelLinear gate_proj{nullptr}, up_proj{nullptr};
-  RowParallelLinear down_proj{nullptr};
-
- private:
-  std::string act_;
-};
-
 class LlamaLayer : public torch::nn::Module {
  public:
   LlamaLayer(const ModelConfig& c, const CommPtr& tp) {
-    AttentionShape s;
-    s.tp = tp;
-    s.hidden = c.hidden_size;
-    s.heads = c.num_heads;
-    s.kv_heads = c.num_kv_heads;
-    s.head_dim = c.head_dim;
-    s.qkv_bias = c.qkv_bias;
-    s.out_bias = c.out_bias;
-    s.qk_norm = static_cast<const LlamaStyleFamily&>(*c.family).qk_norm();
-    s.norm_eps = c.norm_eps;
-    s.rotary = true;
-    self_attn = register_module("self_attn", SelfAttention(s));
-    mlp = register_module("mlp", std::make_shared<LlamaMLP>(c, tp));
+    self_attn = register_module("self_attn", llama_style_attention(c, tp));
+    mlp = register_module("mlp", std::make_shared<GatedMLP>(c, tp));
     input_layernorm = register_module("input_layernorm", RMSNorm(c.hidden_size, c.norm_eps));
     post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(c.hidden_size, c.norm_eps));
   }
@@ -63,50 +35,8 @@ class LlamaLayer : public torch::nn::Module {
     return f.add_(h);
   }
   SelfAttention self_attn{nullptr};
-  std::shared_ptr<LlamaMLP> mlp;
+  std::shared_ptr<GatedMLP> mlp;
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
-};
-
-class LlamaLM : public LayerStackLM<LlamaLayer> {
- public:
-  LlamaLM(const ModelConfig& config, const ModelShard& shard) : LayerStackLM(config, shard) {
-    const ModelConfig& c = config_;
-    auto model = register_module("model", std::make_shared<Holder>());
-    if (has_embedding())
-      embed_tokens =
-          model->register_module("embed_tokens", place(VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp_)));
-    build_layers(*model);
-    if (has_head()) {
-      norm = model->register_module("norm", RMSNorm(c.hidden_size, c.norm_eps));
-      if (!c.tie_word_embeddings || !has_embedding())
-        lm_head = register_module("lm_head", place(ColumnParallelLinear(c.hidden_size, c.vocab_size, vocab_start(),
-                                                                        local_vocab(), false, tp_)));
-    }
-    inv_freq_ = rotary_inverse_frequencies(c);
-  }
-
-  torch::Tensor embed(const torch::Tensor& ids, const torch::Tensor& positions) override {
-    return embed_tokens->forward(ids);
-  }
-  torch::Tensor finish(const torch::Tensor& h) override { return norm->forward(h); }
-  torch::Tensor head_local(const torch::Tensor& h) override {
-    return lm_head ? lm_head->forward(h) : local_linear(copy_to_tp(h, tp_), embed_tokens->weight);
-  }
-  torch::Tensor default_positions(const torch::Tensor& mask_all, int64_t new_tokens) const override {
-    const int64_t total = mask_all.size(1);
-    auto pos =
-        torch::arange(total - new_tokens, total, torch::TensorOptions().dtype(torch::kInt64).device(mask_all.device()));
-    return pos.unsqueeze(0).expand({mask_all.size(0), new_tokens});
-  }
-
- protected:
-  torch::Tensor rotary_inv_freq() const override { return inv_freq_; }
-
- private:
-  VocabParallelEmbedding embed_tokens{nullptr};
-  ColumnParallelLinear lm_head{nullptr};
-  RMSNorm norm{nullptr};
-  torch::Tensor inv_freq_;
 };
 
 class LlamaFamily : public LlamaStyleFamily {
@@ -120,6 +50,33 @@ class LlamaFamily : public LlamaStyleFamily {
 };
 
 }  // namespace
+
+GatedMLP::GatedMLP(const ModelConfig& c, const CommPtr& tp) : act_(c.activation) {
+  gate_proj = register_module("gate_proj", column_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, tp));
+  up_proj = register_module("up_proj", column_linear(c.hidden_size, c.intermediate_size, c.mlp_bias, tp));
+  down_proj = register_module("down_proj", row_linear(c.intermediate_size, c.hidden_size, c.mlp_bias, tp));
+}
+
+torch::Tensor GatedMLP::forward(const torch::Tensor& x) {
+  return down_proj->forward(activation(act_, gate_proj->forward(x)) * up_proj->forward(x));
+}
+
+SelfAttention llama_style_attention(const ModelConfig& c, const CommPtr& tp) {
+  const auto& family = static_cast<const LlamaStyleFamily&>(*c.family);
+  AttentionShape s;
+  s.tp = tp;
+  s.hidden = c.hidden_size;
+  s.heads = c.num_heads;
+  s.kv_heads = c.num_kv_heads;
+  s.head_dim = c.head_dim;
+  s.qkv_bias = c.qkv_bias;
+  s.out_bias = c.out_bias;
+  s.qk_norm = family.qk_norm();
+  s.norm_unit_offset = family.unit_offset_norms();
+  s.norm_eps = c.norm_eps;
+  s.rotary = true;
+  return SelfAttention(s);
+}
 
 void read_llama_style(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
   read_sizes(c, j, src, "intermediate_size");
@@ -152,30 +109,34 @@ void read_llama_style(ModelConfig& c, const nlohmann::json& j, const std::string
     where = src + " rope_scaling";
   }
   if (c.rope_theta <= 0) fail("{}: rope_theta must be positive, got {}", where, c.rope_theta);
-  if (!rs.is_null()) {
-    std::string type = rs.contains("rope_type") ? json_field<std::string>(rs, "rope_type", where)
-                                                : json_field_or<std::string>(rs, "type", "default", where);
-    if (type == "default") {
-      // no scaling
-    } else if (type == "llama3") {
-      RopeScaling s;
-      s.factor = json_field<double>(rs, "factor", where);
-      s.low_freq_factor = json_field<double>(rs, "low_freq_factor", where);
-      s.high_freq_factor = json_field<double>(rs, "high_freq_factor", where);
-      s.original_max_position_embeddings = json_field<int64_t>(rs, "original_max_position_embeddings", where);
-      if (s.factor <= 0 || s.high_freq_factor <= s.low_freq_factor)
-        fail("{}: factor must be positive and high_freq_factor > low_freq_factor", where);
-      c.rope_scaling = s;
-    } else {
-      fail("{}: rope type '{}' is not supported (expected 'llama3' or 'default')", where, type);
-    }
-  }
+  if (!rs.is_null()) c.rope_scaling = read_rope_scaling(rs, where);
   c.attention_dropout = json_field_or<double>(j, "attention_dropout", 0.0, src);
   c.pad_token_id = json_field_or<int64_t>(j, "pad_token_id", -1, src);
   c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", 1, src);
   c.eos_token_id = j.contains("eos_token_id") && j.at("eos_token_id").is_array()
                        ? (j.at("eos_token_id").empty() ? -1 : j.at("eos_token_id")[0].get<int64_t>())
                        : json_field_or<int64_t>(j, "eos_token_id", 2, src);
+}
+
+std::optional<RopeScaling> read_rope_scaling(const nlohmann::json& rs, const std::string& where) {
+  std::string type = rs.contains("rope_type") ? json_field<std::string>(rs, "rope_type", where)
+                                              : json_field_or<std::string>(rs, "type", "default", where);
+  if (type == "default") return std::nullopt;
+  RopeScaling s;
+  s.factor = json_field<double>(rs, "factor", where);
+  if (type == "linear") {
+    if (s.factor <= 0) fail("{}: factor must be positive", where);
+    s.linear = true;
+    return s;
+  }
+  if (type != "llama3")
+    fail("{}: rope type '{}' is not supported (expected 'llama3', 'linear' or 'default')", where, type);
+  s.low_freq_factor = json_field<double>(rs, "low_freq_factor", where);
+  s.high_freq_factor = json_field<double>(rs, "high_freq_factor", where);
+  s.original_max_position_embeddings = json_field<int64_t>(rs, "original_max_position_embeddings", where);
+  if (s.factor <= 0 || s.high_freq_factor <= s.low_freq_factor)
+    fail("{}: factor must be positive and high_freq_factor > low_freq_factor", where);
+  return s;
 }
 
 void read_qwen_style(ModelConfig& c, const nlohmann::json& j, const std::string& src) {
@@ -214,7 +175,7 @@ std::map<std::string, nlohmann::json> QwenFamily::layer_config_lists(const Model
 }
 
 std::shared_ptr<CausalLM> LlamaStyleFamily::build(const ModelConfig& config, const ModelShard& shard) const {
-  return std::make_shared<LlamaLM>(config, shard);
+  return std::make_shared<LlamaStyleLM<LlamaLayer>>(config, shard);
 }
 
 std::vector<TensorSpec> LlamaStyleFamily::layer_tensors(const ModelConfig& c) const {

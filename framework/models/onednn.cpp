@@ -109,10 +109,11 @@ struct RowPlan {
   bool usable = false;
 };
 
-using RowKey = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>;
+using RowKey =
+    std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float>;
 
-std::shared_ptr<RowPlan> make_row_plan(int64_t KV, int64_t rep, int64_t L, int64_t D, const torch::Tensor& q,
-                                       const torch::Tensor& k, const torch::Tensor& v) {
+std::shared_ptr<RowPlan> make_row_plan(int64_t KV, int64_t rep, int64_t L, int64_t D, float scale,
+                                       const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v) {
   auto plan = std::make_shared<RowPlan>();
   const auto& engine = cpu_engine();
   const int64_t H = KV * rep;
@@ -125,7 +126,7 @@ std::shared_ptr<RowPlan> make_row_plan(int64_t KV, int64_t rep, int64_t L, int64
   dnnl::post_ops sum;
   sum.append_sum(1.0f);
   dnnl::primitive_attr attr;
-  attr.set_output_scales(0, {1.0f / std::sqrt(static_cast<float>(D))});
+  attr.set_output_scales(0, {scale});
   attr.set_post_ops(sum);
   dnnl::matmul::primitive_desc scores(dnnl::matmul::desc(plan->q, plan->k, plan->s), attr, engine);
   dnnl::softmax_forward::primitive_desc softmax(
@@ -156,13 +157,15 @@ std::optional<torch::Tensor> onednn_packed_attention(const torch::Tensor& q, con
   if (bias.scalar_type() != torch::kFloat32) return std::nullopt;
   const int64_t H = q.size(1), KV = k.size(1), N = q.size(2), D = q.size(3), rep = H / KV;
   const int64_t B = static_cast<int64_t>(ctx.row_offsets.size()) - 1;
+  const auto scale = static_cast<float>(ctx.scale_of(D));
   static PlanCache<RowKey, RowPlan> cache;
   std::vector<std::shared_ptr<RowPlan>> plans(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) {
     const int64_t L = ctx.row_offsets[b + 1] - ctx.row_offsets[b];
     if (L == 0) continue;
-    const RowKey key{KV, rep, L, D, q.stride(1), q.stride(2), k.stride(1), k.stride(2), v.stride(1), v.stride(2)};
-    plans[b] = cache.get(key, [&] { return make_row_plan(KV, rep, L, D, q, k, v); });
+    const RowKey key{KV,          rep,         L,           D,           q.stride(1), q.stride(2),
+                     k.stride(1), k.stride(2), v.stride(1), v.stride(2), scale};
+    plans[b] = cache.get(key, [&] { return make_row_plan(KV, rep, L, D, scale, q, k, v); });
     if (!plans[b]->usable) return std::nullopt;
   }
   auto out = torch::empty({N, H, D}, q.options());

@@ -38,7 +38,7 @@ def main():
         grid = ["--tp", tp, "--pp", pp, "--threads", "1"]
     failures = 0
     names = ("opt_preln", "opt_postln_proj", "llama_gqa", "llama3_scaled", "qwen2_bias", "qwen3_kv1", "mistral_swa",
-             "qwen2_swa")
+             "qwen2_swa", "gemma2_softcap", "gemma3_local_rope")
     for name in names:
         g = read_safetensors(os.path.join(fixtures, "golden", name + ".safetensors"))
         ids, mask = g["right_ids"], g["right_mask"]
@@ -59,7 +59,9 @@ def main():
                 for l in range(n):
                     diffs.append(np.abs(h5[f"hidden_states/{l}"][()] - g[f"right_hidden_{l}"])[keep].max())
                 ok = max(diffs) <= 1e-4 and n == len([k for k in g if k.startswith("right_hidden_")])
-                ok = ok and h5.attrs["model_type"] == name.split("_")[0].replace("llama3", "llama") and h5.attrs["num_examples"] == len(ids)
+                with open(os.path.join(fixtures, "models", name, "config.json")) as f:
+                    model_type = json.load(f)["model_type"]
+                ok = ok and h5.attrs["model_type"] == model_type and h5.attrs["num_examples"] == len(ids)
         print(f"{'ok  ' if ok else 'FAIL'} {name}: max abs diff {max(diffs):.2e} over logits and {n} hidden states")
         failures += not ok
     print(f"{len(names) - failures} passed, {failures} failed")

@@ -64,7 +64,8 @@ TEST_P(FamilyDescriptor, ListsExactlyTheTensorsOfTheBuiltModel) {
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, FamilyDescriptor,
                          ::testing::Values("opt_preln", "opt_postln_proj", "llama_gqa", "llama_mha_tied",
-                                           "llama3_scaled", "qwen2_bias", "qwen3_kv1", "mistral_swa", "qwen2_swa"));
+                                           "llama3_scaled", "qwen2_bias", "qwen3_kv1", "mistral_swa", "qwen2_swa",
+                                           "gemma2_softcap", "gemma3_local_rope"));
 
 TEST(Families, EachModelTypeHasOneFamily) {
   std::set<std::string> seen;
