@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""`crash-hpc eval` against lm-eval's own results (tests/fixtures/eval/expected.json, made by
-tests/fixtures/eval/generate.py with lm-eval's HFLM).
+"""`crash-hpc eval` against lm-eval's own results on two fixtures: tests/fixtures/eval/ (an OPT with the
+OPT tokenizer, which has a BOS; expected.json made by generate.py with lm-eval's HFLM) and
+tests/fixtures/eval/qwen2/ (a Qwen2: q/k/v biases, tied head, Qwen2's tokenizer, no BOS, so lm-eval
+conditions an empty context on EOS; made by generate_qwen2.py; mc, gen and lm only).
 
 usage: eval_matches_lm_eval.py CRASH_HPC FIXTURES [NP TP PP]
-Prepares the fixture's tasks, runs eval on NP ranks (mpirun when NP > 1) with --tp/--pp, and checks
+Prepares each fixture's tasks, runs eval on NP ranks (mpirun when NP > 1) with --tp/--pp, and checks
 against lm-eval:
   mc     every choice's log-likelihood within 1e-4, the predictions and acc/acc_norm (and stderr) equal
   webqs  (lm-eval's own webqs task: several gold aliases) every choice's log-likelihood within 1e-4,
@@ -31,20 +33,22 @@ def run(cmd, **kw):
     return r
 
 
+FIXTURE = ""  # the fixture being checked, named in failures
+
+
 def check(cond, what):
     if not cond:
-        sys.exit(f"FAIL: {what}")
+        sys.exit(f"FAIL ({FIXTURE}): {what}")
 
 
-def main():
-    crash, fixtures = sys.argv[1], sys.argv[2]
-    np_, tp, pp = (int(x) for x in sys.argv[3:6]) if len(sys.argv) > 3 else (1, 1, 1)
-    here = os.path.join(fixtures, "eval")
+def check_fixture(crash, here, np_, tp, pp):
+    """Prepares and evaluates one fixture folder's tasks (those its expected.json holds) with its
+    model/, checks them against expected.json; returns the largest log-likelihood difference."""
     model = os.path.join(here, "model")
     with open(os.path.join(here, "expected.json")) as f:
         exp = json.load(f)
     with tempfile.TemporaryDirectory() as tmp:
-        names = ("mc", "gen", "lm", "webqs", "race")
+        names = [n for n in ("mc", "gen", "lm", "webqs", "race") if n in exp]
         for name in names:
             run([crash, "prepare", "--task", os.path.join(here, f"{name}.jsonl"), "--tokenizer", model, "--out",
                  os.path.join(tmp, name), "--window", str(exp["window"])])
@@ -79,6 +83,8 @@ def main():
 
     # lm-eval's own tasks: per choice log-likelihood, per example score, the metrics it reports.
     for name, score in (("webqs", "exact_match"), ("race", "acc")):
+        if name not in exp:
+            continue
         e = exp[name]
         rows = [d for d in det if d["task"] == name]
         check(len(rows) == len(e["logliks"]), f"{name}: one detail line per document")
@@ -115,7 +121,17 @@ def main():
     for k in ("nll", "perplexity", "bits_per_token"):
         v = res["lm"]["metrics"][k]["value"]
         check(math.isclose(v, exp["lm"][k], rel_tol=1e-6), f"{k} {v} vs {exp['lm'][k]}")
-    print(f"ok: np {np_} tp {tp} pp {pp}; largest log-likelihood difference vs lm-eval {worst:.3g}")
+    return worst
+
+
+def main():
+    crash, fixtures = sys.argv[1], sys.argv[2]
+    np_, tp, pp = (int(x) for x in sys.argv[3:6]) if len(sys.argv) > 3 else (1, 1, 1)
+    # OPT (the OPT tokenizer, BOS) and Qwen2 (q/k/v biases, tied head, no BOS; fixtures/eval/qwen2).
+    global FIXTURE
+    for FIXTURE, here in (("opt", os.path.join(fixtures, "eval")), ("qwen2", os.path.join(fixtures, "eval", "qwen2"))):
+        worst = check_fixture(crash, here, np_, tp, pp)
+        print(f"ok: {FIXTURE}, np {np_} tp {tp} pp {pp}; largest log-likelihood difference vs lm-eval {worst:.3g}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ task written in prepare's format (loss on the gold continuation only).
                                              --dropout 0 is today's run; resume is exact; bad rates refused
   train_grids.py CRASH_HPC FIXTURES sift     SIFT (--sparse-increment): RHO=1 equals dense AdamW, exactly k
                                              entries train, the same mask on DP2/TP2/TP2xPP2, resume,
-                                             increments and merge, bad input
+                                             increments and merge, bad input; on Qwen2 (qwen2_bias) 1 rank
+                                             vs TP2 and merge
 
 Debian's python3 (numpy, h5py) only.
 """
@@ -354,6 +355,44 @@ try:
                 logits[name] = h["logits"][:]
         d = float(np.abs(logits["merged"] - logits["s1/model"]).max())
         check(d <= TOL, f"merged model's logits vs the trained model's: max diff {d:.3g}")
+
+        # A new family: Qwen2 with q/k/v biases (split with their columns under TP), two KV heads and
+        # tied embeddings (one tensor, one increment). TP2 selects the same k entries and gives 1 rank's
+        # increments and losses; merge adds the increments to the base.
+        qwen = os.path.join(FIXTURES, "models", "qwen2_bias")
+        qargs = ["train", "--model", qwen, "--data", data, "--batch-size", "4", "--lr", "3e-3", "--warmup", "2",
+                 "--weight-decay", "0.01", "--seed", "5", "--steps", "4", "--train-all", "--sparse-increment", str(rho)]
+        run(qargs + ["--out", out("q1"), "--save-increments", out("q1.safetensors")])
+        qsrc, q1 = model_tensors(qwen), model_tensors(out("q1/model"))
+        qinc = read_increments(out("q1.safetensors"))
+        check(sorted(q1) == sorted(qsrc) and "lm_head.weight" not in qinc and sorted(qinc) == sorted(qsrc),
+              f"qwen2: increments of every tensor, the tied head once ({len(qinc)})")
+        check(all(len(qinc[n][0]) == int(np.floor(rho * qsrc[n].size)) + 1 for n in qinc),
+              "qwen2: exactly floor(rho numel) + 1 entries per tensor")
+        ok = True
+        for n, (idx, delta) in qinc.items():
+            mask = np.zeros(qsrc[n].size, bool)
+            mask[idx] = True
+            ok &= np.array_equal(qsrc[n].reshape(-1)[~mask], q1[n].reshape(-1)[~mask])
+            ok &= np.array_equal(q1[n].reshape(-1)[idx] - qsrc[n].reshape(-1)[idx], delta)
+        check(ok, "qwen2: only the k entries move, increments = trained - base (bitwise)")
+        run(qargs + ["--out", out("q_tp2"), "--save-increments", out("q_tp2.safetensors"), "--tp", "2"], 2)
+        inc = read_increments(out("q_tp2.safetensors"))
+        real = [n for n in qinc if not n.endswith("k_proj.bias")]  # see the k_proj.bias note above
+        check(sorted(inc) == sorted(qinc) and all(np.array_equal(inc[n][0], qinc[n][0]) for n in real),
+              f"qwen2 TP2: the same k-set as 1 rank in all {len(real)} tensors with a real gradient")
+        d = max(float(np.abs(inc[n][1] - qinc[n][1]).max()) for n in real)
+        check(d <= TOL, f"qwen2 TP2: increments max diff {d:.3g} from 1 rank's")
+        compare(losses(out("q1")), losses(out("q_tp2")), "qwen2 TP2 vs 1 rank, SIFT losses")
+        run(["merge", "--model", qwen, "--increments", out("q1.safetensors"), "--out", out("q_merged")])
+        merged = model_tensors(out("q_merged"))
+        ok = sorted(merged) == sorted(qsrc)
+        for n in qsrc:
+            want = qsrc[n].reshape(-1).copy()
+            want[qinc[n][0]] += qinc[n][1]
+            ok &= np.array_equal(merged[n].reshape(-1), want)
+        d = max(float(np.abs(merged[n] - q1[n]).max()) for n in q1)
+        check(ok and d <= TOL, f"qwen2: merged weights == base + increments (bitwise, fp32), {d:.3g} from the trained")
 
         # Bad input: one line, exit code 2.
         def expect_error(name, args, *words):
