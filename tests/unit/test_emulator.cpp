@@ -131,7 +131,8 @@ void expect_emulator_runs_plan(const std::string& model, const EmulatorPlan& pla
 TEST(EmulatorFolder, UniformRemoveShareOnEveryFamily) {
   torch::set_num_threads(2);
   // Qwen's per-layer layer_types follow the slots (a wrong length would not load).
-  for (std::string model : {"opt_preln", "llama_gqa", "qwen2_bias", "qwen3_kv1", "mistral_swa", "qwen2_swa"}) {
+  for (std::string model : {"opt_preln", "llama_gqa", "qwen2_bias", "qwen3_kv1", "mistral_swa", "qwen2_swa",
+                            "gemma2_softcap", "gemma3_local_rope"}) {
     SCOPED_TRACE(model);
     const int64_t L = CheckpointReader(fixture("models/" + model)).config().num_layers;
     ASSERT_EQ(L, 4);

@@ -8,6 +8,7 @@
 
 #include "framework/checkpoint.h"
 #include "framework/config.h"
+#include "framework/models/blocks.h"
 #include "framework/models/decoder.h"
 #include "framework/models/family.h"
 #include "tests/unit/test_util.h"
@@ -254,6 +255,85 @@ TEST(Families, SlidingWindowBiasKeepsTheLastWindowKeys) {
   // A window as long as the pass changes nothing: no second bias is made.
   auto short_mask = torch::ones({1, 3}, torch::kInt64);
   EXPECT_FALSE(model->attention_context(short_mask, model->default_positions(short_mask, 3)).window_bias.defined());
+}
+
+nlohmann::json tiny_gemma(const std::string& type) {
+  return {{"model_type", type},     {"vocab_size", 100},        {"hidden_size", 64},        {"intermediate_size", 96},
+          {"num_hidden_layers", 7}, {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"head_dim", 16}};
+}
+
+TEST(Families, GemmaDefaultsAsTheirHFConfigClasses) {
+  // Gemma-2: every other layer slides from the first, 4096 tokens; caps 50 and 30 when absent.
+  auto g2 = ModelConfig::from_json(tiny_gemma("gemma2"), "g/config.json");
+  EXPECT_EQ(g2.sliding_window, 4096);
+  EXPECT_EQ(sliding_of(g2), (std::vector<bool>{true, false, true, false, true, false, true}));
+  EXPECT_DOUBLE_EQ(g2.attention_softcap, 50.0);
+  EXPECT_DOUBLE_EQ(g2.logit_softcap, 30.0);
+  EXPECT_DOUBLE_EQ(g2.attention_scale, 1.0 / 16.0);  // query_pre_attn_scalar 256
+  EXPECT_DOUBLE_EQ(g2.sliding_rope_theta, 0.0);
+  EXPECT_EQ(g2.activation, "gelu_pytorch_tanh");
+  EXPECT_TRUE(g2.tie_word_embeddings);
+  EXPECT_EQ(g2.bos_token_id, 2);
+  EXPECT_EQ(g2.eos_token_id, 1);
+  // null: no cap.
+  auto j = tiny_gemma("gemma2");
+  j["attn_logit_softcapping"] = nullptr;
+  j["final_logit_softcapping"] = nullptr;
+  auto uncapped = ModelConfig::from_json(j, "g/config.json");
+  EXPECT_EQ(uncapped.attention_softcap, 0.0);
+  EXPECT_EQ(uncapped.logit_softcap, 0.0);
+  // Gemma-3: every sixth layer global, q/k norms, local base 10000 unscaled, global 1e6 scaled.
+  j = tiny_gemma("gemma3_text");
+  j["rope_scaling"] = {{"rope_type", "linear"}, {"factor", 8.0}};
+  auto g3 = ModelConfig::from_json(j, "g/config.json");
+  EXPECT_EQ(sliding_of(g3), (std::vector<bool>{true, true, true, true, true, false, true}));
+  EXPECT_EQ(g3.attention_softcap, 0.0);
+  EXPECT_EQ(g3.logit_softcap, 0.0);
+  EXPECT_DOUBLE_EQ(g3.rope_theta, 1e6);
+  EXPECT_DOUBLE_EQ(g3.sliding_rope_theta, 10000.0);
+  ASSERT_TRUE(g3.rope_scaling && g3.rope_scaling->linear);
+  EXPECT_TRUE(has_tensor(g3, "self_attn.q_norm.weight"));
+  EXPECT_TRUE(has_tensor(g3, "post_feedforward_layernorm.weight"));
+  EXPECT_FALSE(has_tensor(g2, "self_attn.q_norm.weight"));
+  // The global layers' frequencies are divided by the factor; the sliding layers' are not.
+  auto global = rotary_inverse_frequencies(g3), local = rotary_inverse_frequencies(g3, /*sliding=*/true);
+  auto exponent = torch::arange(0, 16, 2).to(torch::kFloat32) / 16.0;
+  EXPECT_TRUE(torch::allclose(global, 1.0 / torch::pow(1e6, exponent) / 8.0));
+  EXPECT_TRUE(torch::allclose(local, 1.0 / torch::pow(10000.0, exponent)));
+  // sliding_window_pattern where layer_types is absent; layer_types first.
+  j["sliding_window_pattern"] = 3;
+  EXPECT_EQ(sliding_of(ModelConfig::from_json(j, "g/config.json")),
+            (std::vector<bool>{true, true, false, true, true, false, true}));
+  // An emulator re-indexes layer_types: the family always spells them out.
+  EXPECT_EQ(g3.family->layer_config_lists(g3).at("layer_types").size(), 7u);
+}
+
+TEST(Families, GemmaFieldsThatChangeTheModelFailNamingThem) {
+  for (const char* type : {"gemma2", "gemma3_text"}) {
+    auto j = tiny_gemma(type);
+    j["use_bidirectional_attention"] = true;
+    test::expect_user_error([&] { ModelConfig::from_json(j, "g/config.json"); }, {"use_bidirectional_attention"});
+    j = tiny_gemma(type);
+    j["sliding_window"] = nullptr;
+    test::expect_user_error([&] { ModelConfig::from_json(j, "g/config.json"); }, {"sliding_window", "null"});
+    j = tiny_gemma(type);
+    j["rope_scaling"] = {{"rope_type", "yarn"}, {"factor", 4.0}};
+    test::expect_user_error([&] { ModelConfig::from_json(j, "g/config.json"); }, {"rope_scaling", "yarn"});
+    j = tiny_gemma(type);
+    j["attn_logit_softcapping"] = -1.0;
+    test::expect_user_error([&] { ModelConfig::from_json(j, "g/config.json"); }, {"attn_logit_softcapping"});
+    j = tiny_gemma(type);
+    j["query_pre_attn_scalar"] = 0;
+    test::expect_user_error([&] { ModelConfig::from_json(j, "g/config.json"); }, {"query_pre_attn_scalar"});
+  }
+  auto j = tiny_gemma("gemma3_text");
+  j["rope_parameters"] = {{"sliding_attention", {{"rope_type", "linear"}, {"factor", 2.0}, {"rope_theta", 10.0}}},
+                          {"full_attention", {{"rope_type", "default"}, {"rope_theta", 1e6}}}};
+  test::expect_user_error([&] { ModelConfig::from_json(j, "g/config.json"); }, {"sliding_attention", "not supported"});
+  j["rope_parameters"] = {{"rope_type", "default"}, {"rope_theta", 1e6}};
+  test::expect_user_error([&] { ModelConfig::from_json(j, "g/config.json"); }, {"rope_parameters", "full_attention"});
+  j = tiny_gemma("gemma3");  // the multimodal model's config: its text_config is a gemma3_text one
+  test::expect_user_error([&] { ModelConfig::from_json(j, "g/config.json"); }, {"gemma3", "not supported"});
 }
 
 TEST(Families, OneListOfHFFolderFiles) {
