@@ -9,9 +9,10 @@
   pipeline.py BINARY resume_train FIXTURES
       A pipeline whose fine-tuning stopped after it had saved a best model resumes the fine-tuning (not skips it)
       and ends with the uninterrupted run's numbers.
-  pipeline.py BINARY grid FIXTURES NP TP PP
-      The pipeline on a tiny fixture model on an MPI grid equals the one-rank run: the same
-      clusters and the same evaluation numbers of every stage (within 1e-5).
+  pipeline.py BINARY grid FIXTURES NP TP PP [MODEL]
+      The pipeline on a tiny fixture model (MODEL, a folder under FIXTURES with a tokenizer;
+      default eval/model, an OPT) on an MPI grid equals the one-rank run: the same clusters and
+      the same evaluation numbers of every stage (within 1e-5).
 """
 import json
 import os
@@ -114,8 +115,8 @@ def write_pairs_task(folder):
     return task
 
 
-def grid(binary, fixtures, np_, tp, pp):
-    model = os.path.join(fixtures, "eval", "model")
+def grid(binary, fixtures, np_, tp, pp, model="eval/model"):
+    model = os.path.join(fixtures, model)
     with tempfile.TemporaryDirectory() as tmp:
         task = write_pairs_task(tmp)
         grid_runs(binary, model, task, tmp, np_, tp, pp)
@@ -192,7 +193,7 @@ def main():
     elif mode == "resume_train":
         resume_train(binary, sys.argv[3])
     else:
-        grid(binary, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+        grid(binary, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), *sys.argv[7:8])
     print(f"{'FAILED' if failures else 'passed'}: {len(failures)} failure(s)")
     sys.exit(1 if failures else 0)
 
