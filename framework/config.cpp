@@ -58,6 +58,10 @@ ModelConfig ModelConfig::from_json(const nlohmann::json& j, const std::string& s
   if (c.sliding_window < 0) fail("{}: field 'sliding_window' must be positive, got {}", src, c.sliding_window);
   if (!c.sliding_layers.empty() && static_cast<int64_t>(c.sliding_layers.size()) != c.num_layers)
     fail("{}: {} per-layer attention types for {} layers", src, c.sliding_layers.size(), c.num_layers);
+  if (j.contains("eos_token_id") && j.at("eos_token_id").is_array())
+    c.eos_token_ids = json_field<std::vector<int64_t>>(j, "eos_token_id", src);
+  else if (c.eos_token_id >= 0)
+    c.eos_token_ids = {c.eos_token_id};
   c.family->check_config(c, src);
   return c;
 }

@@ -84,6 +84,9 @@ struct ModelConfig {
   int64_t pad_token_id = -1;
   int64_t bos_token_id = -1;
   int64_t eos_token_id = -1;
+  // Every id config.json's eos_token_id lists (Gemma-3, LLaMA-3.1-Instruct and Qwen2.5-Instruct
+  // give several); eos_token_id is the first.
+  std::vector<int64_t> eos_token_ids;
 
   // CRaSh "share" emulators (framework/emulator.h): the slot whose weights layer l uses, from
   // config.json's "crash_shared_layers"; empty when every layer has its own.

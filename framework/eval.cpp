@@ -227,7 +227,8 @@ TaskResult generation(DistributedLM& model, const PreparedTask& task, const Eval
   const int64_t max_context = c.max_positions - max_new;
   if (max_context <= 0)
     fail("--max-new-tokens {} leaves no room for a context in the model's {} positions", max_new, c.max_positions);
-  const int64_t eos = c.eos_token_id >= 0 ? c.eos_token_id : tok->eos_id().value_or(-1);
+  std::vector<int64_t> stop = o.stop_ids.empty() ? c.eos_token_ids : o.stop_ids;
+  if (auto eos = tok->eos_id()) stop.push_back(*eos);  // lm-eval also stops at the tokenizer's EOS text
   const int64_t N = static_cast<int64_t>(task.examples.size());
   std::vector<std::vector<int64_t>> contexts;
   for (const auto& ex : task.examples) {
@@ -267,7 +268,9 @@ TaskResult generation(DistributedLM& model, const PreparedTask& task, const Eval
         if (done[i]) continue;
         out[i].push_back(n_a[i]);
         seqs[i].push_back(n_a[i]);
-        if (n_a[i] == eos || tok->decode(out[i], true).find('\n') != std::string::npos) done[i] = true;
+        if (std::find(stop.begin(), stop.end(), n_a[i]) != stop.end() ||
+            tok->decode(out[i], true).find('\n') != std::string::npos)
+          done[i] = true;
         all_done = all_done && done[i];
       }
       if (all_done) break;
@@ -399,6 +402,15 @@ void check_task_tokenizer(const PreparedTask& task, const std::string& model_dir
   if (slurp(theirs) != slurp(mine.string()))
     fail("{}: prepared with tokenizer {}, which differs from the model's {} (prepare it again with --tokenizer {})",
          task.dir, theirs, mine.string(), model_dir);
+}
+
+std::vector<int64_t> generation_stop_ids(const std::string& model_dir, const ModelConfig& c) {
+  const auto path = (std::filesystem::path(model_dir) / "generation_config.json").string();
+  if (!std::filesystem::exists(path)) return c.eos_token_ids;
+  const auto j = read_json_file(path);
+  if (!j.contains("eos_token_id") || j.at("eos_token_id").is_null()) return c.eos_token_ids;
+  if (j.at("eos_token_id").is_array()) return json_field<std::vector<int64_t>>(j, "eos_token_id", path);
+  return {json_field<int64_t>(j, "eos_token_id", path)};
 }
 
 std::string task_name(const PreparedTask& task) {

@@ -5,8 +5,9 @@
 //                    Several golds (lm-eval's multiple targets, WebQuestions): exact_match = any
 //                    gold choice is the greedy continuation (every token the argmax), the only
 //                    metric lm-eval reports for them
-//   generation       (free generation, not lm-eval's WebQuestions) greedy decoding until EOS, a
-//                    newline or max_new_tokens, decoded with the
+//   generation       (free generation, not lm-eval's WebQuestions) greedy decoding until a stop
+//                    id (generation_stop_ids: every EOS id HF's generate() stops at, and the
+//                    tokenizer's EOS), a newline or max_new_tokens, decoded with the
 //                    model's tokenizer and cut at the first newline; exact_match against any
 //                    answer after normalisation (normalize_answer)
 //   text             token-level perplexity over every non-first token of each window
@@ -27,7 +28,13 @@ namespace crash {
 struct EvalOptions {
   int64_t batch_size = 8;       // rows per forward
   int64_t max_new_tokens = 32;  // generation
+  // Generation ends at any of these (and at the tokenizer's EOS); empty: the config's eos ids.
+  std::vector<int64_t> stop_ids;
 };
+
+// The ids HF's generate() stops at for the model in `model_dir`: generation_config.json's
+// eos_token_id (one or a list) where the folder has one, else config.json's.
+std::vector<int64_t> generation_stop_ids(const std::string& model_dir, const ModelConfig& c);
 
 struct Metric {
   std::string name;

@@ -61,6 +61,7 @@ nlohmann::json evaluate_all(const std::string& dir, const std::shared_ptr<Proces
   model.stage().eval();
   EvalOptions options;
   options.batch_size = batch;
+  options.stop_ids = generation_stop_ids(dir, job_model.config());
   for (const auto& t : tasks) out.push_back(evaluate_task(model, t, options, job_model.tokenizer()).to_json());
   return out;
 }

@@ -50,6 +50,7 @@ int eval_run(const po::variables_map& vm) {
 
   JobModel job_model(model_dir, grid_choice(vm));
   const ModelConfig& cfg = job_model.config();
+  options.stop_ids = generation_stop_ids(model_dir, cfg);
   std::vector<PreparedTask> tasks;
   for (const auto& dir : data) {
     tasks.push_back(read_prepared(dir, limit, cfg.vocab_size));

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
 
 #include "framework/eval.h"
 #include "framework/json_fields.h"
@@ -114,6 +115,41 @@ TEST(Eval, MultipleTargetsScoreExactMatchAsLmEval) {
   EXPECT_EQ(r.metrics[0].name, "exact_match");
   EXPECT_DOUBLE_EQ(r.metrics[0].value, expected["exact_match"].get<double>());
   EXPECT_NEAR(r.metrics[0].stderr_, expected["exact_match_stderr"].get<double>(), 1e-12);
+}
+
+TEST(Eval, GenerationStopsAtAnyOfTheModelsStopIds) {
+  test::TempDir tmp;
+  const auto model_dir = test::fixture("eval/model");
+  PrepareOptions po;
+  prepare_task(test::fixture("eval/gen.jsonl"), model_dir, tmp / "gen", po);
+  CheckpointReader ckpt(model_dir);
+  auto task = read_prepared(tmp / "gen");
+  DistributedLM model(ckpt, ProcessGrid::create({1, 1}));
+  auto tok = Tokenizer::load(model_dir + "/tokenizer.json");
+  // Every id a stop id: each generation is its first token, a prefix of the unstopped one.
+  EvalOptions every, plain;
+  for (int64_t i = 0; i < ckpt.config().vocab_size; ++i) every.stop_ids.push_back(i);
+  auto a = evaluate_task(model, task, every, &tok), b = evaluate_task(model, task, plain, &tok);
+  ASSERT_EQ(a.details.size(), b.details.size());
+  size_t shorter = 0;
+  for (size_t i = 0; i < a.details.size(); ++i) {
+    const auto first = a.details[i]["generation"].get<std::string>(),
+               whole = b.details[i]["generation"].get<std::string>();
+    EXPECT_EQ(whole.rfind(first, 0), 0u) << first << " | " << whole;
+    shorter += first.size() < whole.size();
+  }
+  EXPECT_GT(shorter, 0u);
+  // The ids: generation_config.json's (one or a list) where there is one, else config.json's.
+  const auto c = ckpt.config();
+  EXPECT_EQ(generation_stop_ids(tmp.str(), c), c.eos_token_ids);
+  EXPECT_EQ(c.eos_token_ids, std::vector<int64_t>{c.eos_token_id});
+  auto write_text = [](const std::string& path, const std::string& text) { std::ofstream(path) << text; };
+  write_text(tmp / "generation_config.json", R"({"eos_token_id": [1, 106]})");
+  EXPECT_EQ(generation_stop_ids(tmp.str(), c), (std::vector<int64_t>{1, 106}));
+  write_text(tmp / "generation_config.json", R"({"eos_token_id": 7})");
+  EXPECT_EQ(generation_stop_ids(tmp.str(), c), std::vector<int64_t>{7});
+  write_text(tmp / "generation_config.json", R"({"eos_token_id": "x"})");
+  test::expect_user_error([&] { generation_stop_ids(tmp.str(), c); }, {"generation_config.json", "eos_token_id"});
 }
 
 TEST(Eval, BadInputIsAUserError) {
