@@ -236,6 +236,8 @@ def plot_importance(f):
         im = ax.imshow(np.ma.masked_invalid(angular.T), origin="lower", cmap="viridis", interpolation="nearest",
                        extent=(-0.5, angular.shape[0] - 0.5, 0.5, angular.shape[1] + 0.5), aspect="auto")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="d(l, n)")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
         ax.set_xlabel("first layer l of the block")
         ax.set_ylabel("block size n")
         ax.set_title("Angular distance of blocks [l, l+n) (lower: removed first)")
