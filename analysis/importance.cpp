@@ -41,17 +41,18 @@ std::vector<int64_t> token_offsets(const ArchiveReader& archive) {
 }  // namespace
 
 void check_importance_archive(const ArchiveReader& archive, const ImportanceOptions& options) {
-  if (archive.num_layers() < 2) fail("{}: an archive of {} hidden states has no layer to score", archive.path(),
-                                     archive.num_layers());
+  if (archive.num_layers() < 2)
+    fail("{}: an archive of {} hidden states has no layer to score", archive.path(), archive.num_layers());
   if (!archive.pooled()) return;
   const std::string pooling = archive.attribute("pooling");
   if (options.block_influence)
     fail("{}: block influence needs every token, but this archive is pooled ({}); collect it with --pooling none",
          archive.path(), pooling.empty() ? "unknown pooling" : pooling);
   if (options.angular_distance && pooling != "last")
-    fail("{}: angular distance needs each example's last token, but this archive is pooled with '{}'; collect it "
-         "with --pooling none or last",
-         archive.path(), pooling);
+    fail(
+        "{}: angular distance needs each example's last token, but this archive is pooled with '{}'; collect it "
+        "with --pooling none or last",
+        archive.path(), pooling);
 }
 
 HiddenStateScores archive_importance(const ArchiveReader& archive, const ImportanceOptions& options,

@@ -58,7 +58,8 @@ void write_importance_file(const std::string& path, const ImportanceRecord& r, b
     out.attribute(d, "definition",
                   "[l][n-1] = d(l, n) = mean over examples of arccos(cos(h_l, h_{l+n})) / pi: the block of n layers "
                   "l..l+n-1; NaN where l + n > L or the widths differ");
-    out.attribute(d, "hidden_states", "h_l = hidden_states[l], h_{l+n} = hidden_states[l+n]; each example's last token");
+    out.attribute(d, "hidden_states",
+                  "h_l = hidden_states[l], h_{l+n} = hidden_states[l+n]; each example's last token");
     out.attribute(d, "prune", "for a block size n, the lowest d(l, n) first");
     out.attribute(d, "num_examples", r.num_examples);
     out.attribute(d, "archive", r.archive);

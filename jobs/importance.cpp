@@ -8,8 +8,8 @@
 #include <chrono>
 #include <filesystem>
 #include <memory>
-#include <optional>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -174,9 +174,8 @@ int importance_run(const po::variables_map& vm) {
   auto comm = ProcessGrid::create(GridSizes{})->world();
   if (archive && scores_from_archive) {
     const int64_t N = archive->num_examples();
-    spdlog::info("importance: {} ({} layers), {} examples, {} rows of {}, {} rank(s)", record.model,
-                 record.num_layers, N, archive->num_rows(), archive->pooled() ? "last tokens" : "tokens",
-                 comm->size());
+    spdlog::info("importance: {} ({} layers), {} examples, {} rows of {}, {} rank(s)", record.model, record.num_layers,
+                 N, archive->num_rows(), archive->pooled() ? "last tokens" : "tokens", comm->size());
     const int64_t mine = N * (comm->rank() + 1) / comm->size() - N * comm->rank() / comm->size();
     Progress progress("importance (this rank's share)", mine, "examples");
     options.progress = [&](int64_t n) { progress.advance(n); };
