@@ -9,6 +9,7 @@ The kind of IN is read from the file itself:
   /kl and /js (lens)                two heat maps side by side
   /alpha and /loss (landscape)      loss along the line between two models
   /a, /b and /loss (landscape)      contour plot of the loss plane, theta0/theta1/theta2 marked
+  importance file (importance)      every score over depth; the angular distance of blocks as a heat map
 Needs only numpy, h5py and matplotlib (Debian's python3-* packages)."""
 import argparse
 import json
@@ -204,6 +205,48 @@ def plot_plane(f):
     return fig
 
 
+IMPORTANCE_LABELS = {
+    "block_influence": "Block Influence (ShortGPT): 1 - mean cos($h_l$, $h_{l+1}$)",
+    "cka_importance": "1 - CKA($h_l$, $h_{l+1}$) (CRaSh)",
+}
+
+
+def plot_importance(f):
+    """Scores of decoder layers over depth (left) and d(l, n) of n-layer blocks (right)."""
+    methods = [m for m in json.loads(text(f.attrs.get("methods", "[]"))) if m in f]
+    angular = f["angular_distance"][()] if "angular_distance" in f else None
+    fig, axes = plt.subplots(1, 2 if angular is not None else 1, figsize=(12.0 if angular is not None else 6.6, 4.8),
+                             squeeze=False)
+    ax = axes[0][0]
+    for m in methods:
+        if m == "angular_distance":
+            y, label = angular[:, 0], "angular distance of one layer, d(l, 1) (Gromov et al.)"
+        else:
+            y, label = f[m][()], IMPORTANCE_LABELS.get(m, m)
+        ax.plot(np.arange(len(y)), y, marker="o", markersize=3.5, linewidth=1.5, label=label)
+    ax.set_xlabel("decoder layer l")
+    ax.set_ylabel("score (higher: more important)")
+    ax.set_title("Layer importance over depth")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if len(methods):
+        layer_ticks(ax, int(f.attrs.get("num_layers", 1)), "x")
+    if angular is not None:
+        ax = axes[0][1]
+        im = ax.imshow(np.ma.masked_invalid(angular.T), origin="lower", cmap="viridis", interpolation="nearest",
+                       extent=(-0.5, angular.shape[0] - 0.5, 0.5, angular.shape[1] + 0.5), aspect="auto")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="d(l, n)")
+        ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("first layer l of the block")
+        ax.set_ylabel("block size n")
+        ax.set_title("Angular distance of blocks [l, l+n) (lower: removed first)")
+    name = model_name(dict(f.attrs))
+    fig.suptitle("Layer importance" + (f" ({name})" if name else ""))
+    fig.tight_layout()
+    return fig
+
+
 def figure_of(path, clusters=None):
     """The figure of one crash-hpc output (the kind read from the file), as a matplotlib figure."""
     with open(path, "rb") as f:
@@ -213,6 +256,8 @@ def figure_of(path, clusters=None):
     import h5py
 
     with h5py.File(path, "r") as f:
+        if text(f.attrs.get("format", "")).startswith("crash-hpc importance"):
+            return plot_importance(f)
         if "cka" in f:
             return plot_cka(f, clusters)
         if "kl" in f and "js" in f:
@@ -222,12 +267,12 @@ def figure_of(path, clusters=None):
         if "a" in f and "b" in f and "loss" in f:
             return plot_plane(f)
         fail(f"{path}: not a file this script plots (expected /cka, /kl and /js, /alpha and /loss, "
-             f"or /a, /b and /loss; found {sorted(f.keys())})")
+             f"or /a, /b and /loss, or an importance file; found {sorted(f.keys())})")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="a crash-hpc output: CKA, lens or landscape HDF5, or a clusters JSON")
+    p.add_argument("input", help="a crash-hpc output: CKA, lens, landscape or importance HDF5, or a clusters JSON")
     p.add_argument("--clusters", help="clusters JSON: draw its blocks on a CKA heat map")
     p.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args()

@@ -63,6 +63,8 @@ void collect_options(po::options_description& o);
 int collect_run(const po::variables_map& vm);
 void similarity_options(po::options_description& o);
 int similarity_run(const po::variables_map& vm);
+void importance_options(po::options_description& o);
+int importance_run(const po::variables_map& vm);
 void cluster_options(po::options_description& o);
 int cluster_run(const po::variables_map& vm);
 void train_options(po::options_description& o);
