@@ -1,6 +1,7 @@
 #include "framework/trainer.h"
 
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <cmath>
@@ -17,6 +18,7 @@
 #include "framework/emulator.h"
 #include "framework/optim.h"
 #include "framework/prepared.h"
+#include "framework/recompute.h"
 #include "framework/sift.h"
 #include "framework/token_input.h"
 #include "framework/train_checkpoint.h"
@@ -157,6 +159,7 @@ void check_train_options(const TrainOptions& o, int world_size) {
   if (o.sift_selection_passes < 1) fail("--sift-selection-passes must be at least 1, got {}", o.sift_selection_passes);
   if (!o.save_increments.empty() && !o.sparse_increment)
     fail("--save-increments {}: needs --sparse-increment (only SIFT trains increments)", o.save_increments);
+  parse_recompute(o.recompute);
   if (!o.distill_from.empty()) {
     if (o.kd_alpha < 0 || o.kd_alpha > 1) fail("--kd-alpha must be in [0, 1], got {}", o.kd_alpha);
     if (o.kd_temperature <= 0) fail("--kd-temperature must be positive, got {}", o.kd_temperature);
@@ -298,6 +301,7 @@ void Trainer::load_model() {
   dopts.pp_layers = o_.pp_layers;
   model_ = std::make_unique<DistributedLM>(*ckpt_, grid_, dopts);
   model_->set_trainable(trains_);
+  model_->set_recompute(parse_recompute(o_.recompute));
   // The teacher of knowledge distillation: the full model on the same grid, inference only.
   if (teacher_ckpt_) {
     DistributedOptions topts;
@@ -307,6 +311,8 @@ void Trainer::load_model() {
   }
   tied_ = cfg.tie_word_embeddings ? cfg.embedding_name() : "";
   std::tie(hidden_dropout_, attention_dropout_) = train_dropout(o_, cfg);
+  if (model_->recompute() != Recompute::None)
+    spdlog::info("activation recomputation: {}", recompute_name(model_->recompute()));
   spdlog::info("dropout {} on residual branches, {} on attention probabilities{}", hidden_dropout_, attention_dropout_,
                o_.dropout ? " (--dropout)" : " (config.json)");
 }
@@ -571,6 +577,10 @@ TrainSummary Trainer::finish() {
     for (const auto& s : optimizer_->state())
       if (s.kind != "param") bytes += s.value.numel() * static_cast<int64_t>(s.value.element_size());
     spdlog::info("optimizer state: {} bytes on rank {}", bytes, grid_->rank());
+    // Peak resident memory of this process so far (Linux reports KiB): what recomputation shrinks.
+    struct rusage usage {};
+    getrusage(RUSAGE_SELF, &usage);
+    spdlog::info("peak RSS: {} KiB on rank {}", usage.ru_maxrss, grid_->rank());
   }
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
   TrainSummary summary;

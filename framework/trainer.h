@@ -59,6 +59,9 @@ struct TrainOptions {
   // 1/passes of the parameters (more passes: less memory, a slower first step).
   int sift_selection_passes = 4;
   std::string save_increments;  // SIFT: write the increments (index + trained - base) here at the end
+  // Activation recomputation (framework/recompute.h): none, full or selective. Memory and time
+  // only: the numbers are those of none, so a checkpoint resumes with any of them.
+  std::string recompute = "none";
 };
 
 // One training example: tokens, and from which position on they are targets (each predicted
@@ -106,7 +109,7 @@ class TrainLog;
 
 // One training run, collective over the world. The constructor does everything before the
 // first step (checks, output folder, model, optimiser, resumed state); run() trains. A new
-// feature lands as one of the steps below, each of which a subclass-free reader can follow:
+// feature lands as a step of its own, or inside the step it belongs to:
 //   check_resume -> load_model -> set_up_optimizer -> restore  (constructor)
 //   per step: select_sift_mask (first step only) -> train_step -> validate -> save_or_stop
 class Trainer {

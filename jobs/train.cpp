@@ -47,7 +47,11 @@ void train_options(po::options_description& o) {
       "sparse-increment", po::value<double>(),
       "SIFT: train only each tensor's top floor(RHO numel) + 1 entries by the first step's |gradient|, 0 < RHO <= 1")(
       "save-increments", po::value<std::string>()->default_value(""),
-      "SIFT: write the increments (index + trained - base) to this .safetensors file at the end");
+      "SIFT: write the increments (index + trained - base) to this .safetensors file at the end")(
+      "recompute", po::value<std::string>()->default_value("none"),
+      "activation recomputation, as Megatron-LM's: none; full (each decoder layer keeps only its input and runs "
+      "again in backward); selective (only attention's scores, softmax and probabilities @ V run again). The "
+      "gradients are those of none, bit for bit");
   add_grid_options(o, "compute dtype: float32, bfloat16 or float16 (master weights fp32)");
 }
 
@@ -86,6 +90,7 @@ int train_run(const po::variables_map& vm) {
   if (vm.count("sparse-increment")) t.sparse_increment = vm["sparse-increment"].as<double>();
   t.sift_selection_passes = vm["sift-selection-passes"].as<int>();
   t.save_increments = vm["save-increments"].as<std::string>();
+  t.recompute = vm["recompute"].as<std::string>();
   // Every option is checked in one place: check_train_options (framework/trainer.h).
   Trainer(t).run();
   return 0;
