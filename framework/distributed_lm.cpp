@@ -82,6 +82,7 @@ struct MicroBatches {
   std::vector<torch::Tensor> ids, mask, positions;       // packed: ids and positions [1, N]
   std::vector<TokenPacking> packing;                     // packed passes only
   std::vector<std::shared_ptr<DropoutContext>> dropout;  // training passes with dropout only
+  Recompute recompute = Recompute::None;                 // training passes only
   MicroBatches(const CausalLM& model, const torch::Tensor& ids_all, const torch::Tensor& mask_all, int n,
                bool packed = false) {
     if (n < 1 || ids_all.size(0) % n != 0) fail("{} rows do not split into {} micro-batches", ids_all.size(0), n);
@@ -99,6 +100,7 @@ struct MicroBatches {
     auto ctx =
         packing.empty() ? m.attention_context(mask[i], positions[i]) : m.attention_context(packing[i], positions[i]);
     if (!dropout.empty()) ctx.dropout = dropout[static_cast<size_t>(i)];
+    ctx.recompute_attention = recompute == Recompute::Selective;
     return ctx;
   }
 };
@@ -123,9 +125,17 @@ StageStep stage_step(CausalLM& m, const MicroBatches& mb, torch::Device device,
   };
   step.run = [&m, &mb, on_hidden](const torch::Tensor& x, int i) {
     auto ctx = mb.context(m, i);
+    std::shared_ptr<const AttentionContext> held;
     auto h = x;
     for (int64_t l = m.first_layer(); l < m.end_layer(); ++l) {
-      h = m.run_layer(l, h, ctx, nullptr);
+      if (mb.recompute == Recompute::Full && torch::GradMode::is_enabled()) {
+        // The closure outlives this call (backward runs it again): it holds the context.
+        if (!held) held = std::make_shared<const AttentionContext>(ctx);
+        h = recomputed(
+            [&m, l, held](const std::vector<torch::Tensor>& x) { return m.run_layer(l, x[0], *held, nullptr); }, {h});
+      } else {
+        h = m.run_layer(l, h, ctx, nullptr);
+      }
       // The last layer's output is reported after the final norm, as HF does.
       if (on_hidden && l + 1 < m.config().num_layers) on_hidden(l + 1, h);
     }
@@ -208,6 +218,7 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
   if (labels.defined() && labels.sizes() != ids.sizes())
     fail("labels of shape {} do not match the batch's {}", fmt::join(labels.sizes(), "x"), fmt::join(ids.sizes(), "x"));
   MicroBatches mb(m, ids, mask, micro_batches);
+  mb.recompute = recompute_;
   if (dropout && (dropout->hidden > 0 || dropout->attention > 0)) {
     const int64_t rows = ids.size(0) / micro_batches;
     for (int i = 0; i < micro_batches; ++i) {

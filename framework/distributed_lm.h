@@ -13,6 +13,7 @@
 
 #include "framework/checkpoint.h"
 #include "framework/models/decoder.h"
+#include "framework/recompute.h"
 #include "parallel/grid.h"
 #include "parallel/pipeline.h"
 
@@ -86,6 +87,11 @@ class DistributedLM {
                           const torch::Tensor& labels = {}, double total_tokens = 0, const Distillation* kd = nullptr,
                           const Dropout* dropout = nullptr);
 
+  // Activation recomputation of training passes (framework/recompute.h): gradients are those of
+  // Recompute::None bit for bit; only what is held between forward and backward changes.
+  void set_recompute(Recompute r) { recompute_ = r; }
+  Recompute recompute() const { return recompute_; }
+
   // The same loss without gradients. `tokens` (if given) receives the global target count, so
   // that several batches can be averaged by token.
   double evaluate_loss(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
@@ -129,6 +135,7 @@ class DistributedLM {
   torch::Tensor tied_embedding_;  // first or last stage's copy when the embedding is tied across PP
   std::string source_dir_;
   GradientSource gradient_source_;
+  Recompute recompute_ = Recompute::None;
 };
 
 // Next-token targets: ids shifted left, ignore_index where the target or the position is padding.

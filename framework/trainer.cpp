@@ -1,6 +1,7 @@
 #include "framework/trainer.h"
 
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 
 #include <chrono>
 #include <cmath>
@@ -17,6 +18,7 @@
 #include "framework/emulator.h"
 #include "framework/optim.h"
 #include "framework/prepared.h"
+#include "framework/recompute.h"
 #include "framework/sift.h"
 #include "framework/token_input.h"
 #include "framework/train_checkpoint.h"
@@ -127,7 +129,7 @@ nlohmann::json schedule_options(const TrainOptions& o, const ModelConfig& cfg) {
                       {"kd_alpha", o.kd_alpha},
                       {"kd_temperature", o.kd_temperature}};
   // Only SIFT runs carry the key, so dense checkpoints written before it still resume.
-  if (o.sparse_increment > 0) j["sparse_increment"] = o.sparse_increment;
+  if (o.sparse_increment) j["sparse_increment"] = *o.sparse_increment;
   // Likewise only runs with dropout carry its rates.
   const auto [hidden, attention] = train_dropout(o, cfg);
   if (hidden > 0 || attention > 0) {
@@ -137,7 +139,9 @@ nlohmann::json schedule_options(const TrainOptions& o, const ModelConfig& cfg) {
   return j;
 }
 
-void check_options(const TrainOptions& o, int world_size) {
+}  // namespace
+
+void check_train_options(const TrainOptions& o, int world_size) {
   if (o.steps <= 0) fail("--steps must be positive, got {}", o.steps);
   if (o.batch_size <= 0) fail("--batch-size must be positive, got {}", o.batch_size);
   if (o.micro_batches <= 0) fail("--micro-batches must be positive, got {}", o.micro_batches);
@@ -146,12 +150,16 @@ void check_options(const TrainOptions& o, int world_size) {
   if (o.warmup < 0) fail("--warmup must not be negative, got {}", o.warmup);
   if (o.weight_decay < 0) fail("--weight-decay must not be negative, got {}", o.weight_decay);
   if (o.eval_every < 0 || o.save_every < 0) fail("--eval-every and --save-every must not be negative");
+  if (o.log_interval <= 0) fail("--log-interval must be positive, got {}", o.log_interval);
+  if (o.keep_checkpoints < 1) fail("--keep-checkpoints must be at least 1");
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
   if (o.dropout && !(*o.dropout >= 0 && *o.dropout < 1)) fail("--dropout must be in [0, 1), got {}", *o.dropout);
-  if (o.sparse_increment < 0 || o.sparse_increment > 1 || std::isnan(o.sparse_increment))
-    fail("--sparse-increment must be in (0, 1], got {}", o.sparse_increment);
-  if (!o.save_increments.empty() && o.sparse_increment <= 0)
+  if (o.sparse_increment && !(*o.sparse_increment > 0 && *o.sparse_increment <= 1))
+    fail("--sparse-increment must be in (0, 1], got {}", *o.sparse_increment);
+  if (o.sift_selection_passes < 1) fail("--sift-selection-passes must be at least 1, got {}", o.sift_selection_passes);
+  if (!o.save_increments.empty() && !o.sparse_increment)
     fail("--save-increments {}: needs --sparse-increment (only SIFT trains increments)", o.save_increments);
+  parse_recompute(o.recompute);
   if (!o.distill_from.empty()) {
     if (o.kd_alpha < 0 || o.kd_alpha > 1) fail("--kd-alpha must be in [0, 1], got {}", o.kd_alpha);
     if (o.kd_temperature <= 0) fail("--kd-temperature must be positive, got {}", o.kd_temperature);
@@ -164,6 +172,8 @@ void check_options(const TrainOptions& o, int world_size) {
   if ((o.batch_size / per_pass) % o.micro_batches != 0)
     fail("each rank's {} rows per pass do not split into --micro-batches {}", o.batch_size / per_pass, o.micro_batches);
 }
+
+namespace {
 
 // Which parameters train: the emulator plan's adapter layers, or all of them.
 std::function<bool(const std::string&)> trainable_rule(const TrainOptions& o, const ModelConfig& cfg) {
@@ -183,6 +193,8 @@ std::function<bool(const std::string&)> trainable_rule(const TrainOptions& o, co
     return l && layers.count(*l) != 0;
   };
 }
+
+}  // namespace
 
 // Rank 0 appends JSON lines and flushes each, so a killed run leaves whole lines.
 class TrainLog {
@@ -217,332 +229,370 @@ class TrainLog {
   std::ofstream out_;
 };
 
-}  // namespace
-
-TrainSummary train(const TrainOptions& o) {
+Trainer::Trainer(const TrainOptions& options) : o_(options), best_val_(std::numeric_limits<double>::infinity()) {
   install_stop_handlers();  // before anything slow: a signal during loading is not fatal
-  World& world = World::get();
-  CheckpointReader ckpt(o.model);
-  const ModelConfig& cfg = ckpt.config();
-  auto grid = ProcessGrid::create(o.grid);
+  ckpt_ = std::make_unique<CheckpointReader>(o_.model);
+  const ModelConfig& cfg = ckpt_->config();
+  grid_ = ProcessGrid::create(o_.grid);
   // The student and the teacher are checked against the grid before any data or weight is read.
-  validate_model_grid(cfg, grid->layout(), o.pp_layers);
-  check_options(o, world.size());
-  auto trains = trainable_rule(o, cfg);
-  std::optional<CheckpointReader> teacher_ckpt;
-  if (!o.distill_from.empty()) {
-    teacher_ckpt.emplace(o.distill_from);
-    const ModelConfig& tc = teacher_ckpt->config();
+  validate_model_grid(cfg, grid_->layout(), o_.pp_layers);
+  check_train_options(o_, World::get().size());
+  trains_ = trainable_rule(o_, cfg);
+  if (!o_.distill_from.empty()) {
+    teacher_ckpt_ = std::make_unique<CheckpointReader>(o_.distill_from);
+    const ModelConfig& tc = teacher_ckpt_->config();
     if (tc.vocab_size != cfg.vocab_size)
-      fail("--distill-from {}: vocabulary of {} tokens, but the student's has {}", o.distill_from, tc.vocab_size,
+      fail("--distill-from {}: vocabulary of {} tokens, but the student's has {}", o_.distill_from, tc.vocab_size,
            cfg.vocab_size);
-    validate_model_grid(tc, grid->layout());
+    validate_model_grid(tc, grid_->layout());
   }
+  tokenizer_ = model_tokenizer(o_.model);
+  const Tokenizer* tok = tokenizer_ ? &*tokenizer_ : nullptr;
+  data_ = read_train_data(o_.data, cfg, tok);
+  if (!o_.val_data.empty()) val_ = read_train_data(o_.val_data, cfg, tok);
 
-  const auto tokenizer = model_tokenizer(o.model);
-  const Tokenizer* tok = tokenizer ? &*tokenizer : nullptr;
-  const TrainData data = read_train_data(o.data, cfg, tok);
-  std::optional<TrainData> val;
-  if (!o.val_data.empty()) val = read_train_data(o.val_data, cfg, tok);
+  check_resume();
+  load_model();
+  set_up_optimizer();
+  restore();
+  log_ = std::make_unique<TrainLog>((fs::path(out_) / "train_log.jsonl").string(), grid_->rank() == 0, start_);
+}
 
-  // The output folder: a new run needs it empty (or --overwrite); --resume needs a checkpoint.
-  const fs::path out(o.out), ckpt_root = out / "checkpoints";
-  std::optional<std::string> resume_from;
-  if (o.resume) {
-    resume_from = latest_train_checkpoint(ckpt_root.string());
-    if (!resume_from)
-      fail("{}: no complete checkpoint to resume from (run without --resume to start)", ckpt_root.string());
-  } else if (fs::exists(out) && !fs::is_empty(out) && !o.overwrite) {
-    fail("{}: already exists; pass --resume to continue it or --overwrite to replace it", o.out);
+Trainer::~Trainer() = default;
+
+void Trainer::check_resume() {
+  const ModelConfig& cfg = ckpt_->config();
+  const fs::path out(o_.out);
+  out_ = out.string();
+  ckpt_root_ = (out / "checkpoints").string();
+  if (o_.resume) {
+    resume_from_ = latest_train_checkpoint(ckpt_root_);
+    if (!resume_from_) fail("{}: no complete checkpoint to resume from (run without --resume to start)", ckpt_root_);
+  } else if (fs::exists(out) && !fs::is_empty(out) && !o_.overwrite) {
+    fail("{}: already exists; pass --resume to continue it or --overwrite to replace it", o_.out);
   }
-  nlohmann::json manifest;
-  if (resume_from) {
-    manifest = read_train_manifest(*resume_from);
-    const std::string mpath = *resume_from + "/manifest.json";
-    const auto& t = manifest["trainer"];
-    const auto want = schedule_options(o, cfg);
+  if (resume_from_) {
+    manifest_ = read_train_manifest(*resume_from_);
+    const std::string mpath = *resume_from_ + "/manifest.json";
+    const auto& t = manifest_["trainer"];
+    const auto want = schedule_options(o_, cfg);
     for (const auto& [key, value] : want.items())
       if (!t["options"].contains(key) || t["options"][key] != value)
         fail("{}: written with {} = {}, but this run has {} (resume with the same options)", mpath, key,
              t["options"].value(key, nlohmann::json()).dump(), value.dump());
-    if (t["data_hash"].get<std::string>() != fmt::format("{:016x}", data.hash))
-      fail("{}: the training data {} differs from the data this checkpoint was trained on", mpath, o.data);
-    if (t["model_config"] != cfg.raw) fail("{}: written for another model than {}", mpath, o.model);
+    if (t["data_hash"].get<std::string>() != fmt::format("{:016x}", data_.hash))
+      fail("{}: the training data {} differs from the data this checkpoint was trained on", mpath, o_.data);
+    if (t["model_config"] != cfg.raw) fail("{}: written for another model than {}", mpath, o_.model);
   }
 
-  if (o.overwrite && grid->rank() == 0) {
+  if (o_.overwrite && grid_->rank() == 0) {
     std::error_code ec;
     fs::remove_all(out, ec);
   }
-  grid->world()->barrier();
-  if (grid->rank() == 0) fs::create_directories(ckpt_root);
-  grid->world()->barrier();
+  grid_->world()->barrier();
+  if (grid_->rank() == 0) fs::create_directories(ckpt_root_);
+  grid_->world()->barrier();
+}
 
+void Trainer::load_model() {
+  const ModelConfig& cfg = ckpt_->config();
   DistributedOptions dopts;
-  dopts.dtype = o.dtype;
-  dopts.pp_layers = o.pp_layers;
-  DistributedLM model(ckpt, grid, dopts);
-  model.set_trainable(trains);
+  dopts.dtype = o_.dtype;
+  dopts.pp_layers = o_.pp_layers;
+  model_ = std::make_unique<DistributedLM>(*ckpt_, grid_, dopts);
+  model_->set_trainable(trains_);
+  model_->set_recompute(parse_recompute(o_.recompute));
   // The teacher of knowledge distillation: the full model on the same grid, inference only.
-  std::unique_ptr<DistributedLM> teacher;
-  if (teacher_ckpt) {
+  if (teacher_ckpt_) {
     DistributedOptions topts;
-    topts.dtype = o.dtype;
-    teacher = std::make_unique<DistributedLM>(*teacher_ckpt, grid, topts);
-    teacher->set_trainable([](const std::string&) { return false; });
+    topts.dtype = o_.dtype;
+    teacher_ = std::make_unique<DistributedLM>(*teacher_ckpt_, grid_, topts);
+    teacher_->set_trainable([](const std::string&) { return false; });
   }
-  auto params = model.trainable();
+  tied_ = cfg.tie_word_embeddings ? cfg.embedding_name() : "";
+  std::tie(hidden_dropout_, attention_dropout_) = train_dropout(o_, cfg);
+  if (model_->recompute() != Recompute::None)
+    spdlog::info("activation recomputation: {}", recompute_name(model_->recompute()));
+  spdlog::info("dropout {} on residual branches, {} on attention probabilities{}", hidden_dropout_, attention_dropout_,
+               o_.dropout ? " (--dropout)" : " (config.json)");
+}
+
+void Trainer::set_up_optimizer() {
+  auto params = model_->trainable();
   {
     auto count = torch::full({1}, static_cast<double>(params.size()), torch::kFloat64);
-    grid->world()->allreduce(count);
-    if (count.item<double>() == 0) fail("{}: no parameter trains", o.model);
+    grid_->world()->allreduce(count);
+    if (count.item<double>() == 0) fail("{}: no parameter trains", o_.model);
   }
   std::vector<OptimParam> oparams;
-  SliceMap slices;
   int64_t trained_numel = 0;
   for (auto& p : params) {
     oparams.push_back({p.name, p.tensor, p.in_norm});
-    slices[p.name] = p.slice;
+    slices_[p.name] = p.slice;
     if (p.in_norm) trained_numel += p.tensor.numel();
   }
   AdamWOptions aopts;
-  aopts.beta1 = o.beta1;
-  aopts.beta2 = o.beta2;
-  aopts.eps = o.eps;
-  aopts.weight_decay = o.weight_decay;
-  std::unique_ptr<Optimizer> optimizer;
-  SparseAdamW* sift = nullptr;
-  if (o.sparse_increment > 0) {
+  aopts.beta1 = o_.beta1;
+  aopts.beta2 = o_.beta2;
+  aopts.eps = o_.eps;
+  aopts.weight_decay = o_.weight_decay;
+  if (o_.sparse_increment) {
     std::vector<SiftParam> sp;
     for (size_t i = 0; i < oparams.size(); ++i) {
-      const auto& slice = slices[oparams[i].name];
+      const auto& slice = slices_[oparams[i].name];
       const int64_t n = oparams[i].param.numel();
       sp.push_back({oparams[i], slice, slice ? n / slice->length * slice->full : n});
     }
-    auto s = std::make_unique<SparseAdamW>(sp, o.sparse_increment, aopts, grid->tp_group(), grid->tp_rank(),
-                                           grid->dp_group());
-    sift = s.get();
-    optimizer = std::move(s);
+    auto s = std::make_unique<SparseAdamW>(sp, *o_.sparse_increment, aopts, grid_->tp_group(), grid_->tp_rank(),
+                                           grid_->dp_group());
+    sift_ = s.get();
+    optimizer_ = std::move(s);
+    // SIFT's reductions act on the masked entries it keeps once the mask exists.
+    SparseAdamW* sift = sift_;
+    model_->set_gradient_source([sift](const torch::Tensor& p) { return sift->gradient_of(p); });
   } else {
-    optimizer = std::make_unique<AdamW>(oparams, aopts);
+    optimizer_ = std::make_unique<AdamW>(oparams, aopts);
   }
-  const std::vector<CommPtr> norm_groups = {grid->tp_group(), grid->pp_group()};
-  {
-    auto n = torch::full({1}, static_cast<double>(trained_numel), torch::kFloat64);
-    grid->tp_group()->allreduce(n);
-    grid->pp_group()->allreduce(n);
-    spdlog::info("training {} parameters of {} on {}", static_cast<int64_t>(n.item<double>()), o.model,
-                 grid->describe());
+  norm_groups_ = {grid_->tp_group(), grid_->pp_group()};
+  auto n = torch::full({1}, static_cast<double>(trained_numel), torch::kFloat64);
+  grid_->tp_group()->allreduce(n);
+  grid_->pp_group()->allreduce(n);
+  spdlog::info("training {} parameters of {} on {}", static_cast<int64_t>(n.item<double>()), o_.model,
+               grid_->describe());
+}
+
+void Trainer::restore() {
+  if (!resume_from_) return;
+  load_train_checkpoint(*resume_from_, *grid_, *optimizer_, slices_, tied_);
+  start_ = manifest_["step"].get<int64_t>();
+  const auto& t = manifest_["trainer"];
+  if (!t["best_val"].is_null()) best_val_ = t["best_val"].get<double>();
+  best_step_ = t.value("best_step", int64_t(-1));
+  spdlog::info("resuming from {} (step {}, written on tp {} pp {} dp {})", *resume_from_, start_,
+               manifest_["grid"]["tp"].get<int>(), manifest_["grid"]["pp"].get<int>(),
+               manifest_["grid"]["dp"].get<int>());
+}
+
+int64_t Trainer::example_at(int64_t position) {
+  const int64_t N = static_cast<int64_t>(data_.examples.size());
+  const int64_t epoch = position / N;
+  auto it = orders_.find(epoch);
+  if (it == orders_.end()) {
+    while (orders_.size() > 1) orders_.erase(orders_.begin());
+    it = orders_.emplace(epoch, epoch_order(N, o_.seed, epoch)).first;
   }
-  const std::string tied = cfg.tie_word_embeddings ? cfg.embedding_name() : "";
+  return it->second[static_cast<size_t>(position % N)];
+}
 
-  const auto rates = train_dropout(o, cfg);
-  const double hidden_dropout = rates.first, attention_dropout = rates.second;
-  spdlog::info("dropout {} on residual branches, {} on attention probabilities{}", hidden_dropout, attention_dropout,
-               o.dropout ? " (--dropout)" : " (config.json)");
-
-  // SIFT's reductions act on the masked entries it keeps once the mask exists.
-  if (sift) model.set_gradient_source([sift](const torch::Tensor& p) { return sift->gradient_of(p); });
-
-  int64_t start = 0, best_step = -1;
-  double best_val = std::numeric_limits<double>::infinity();
-  if (resume_from) {
-    load_train_checkpoint(*resume_from, *grid, *optimizer, slices, tied);
-    start = manifest["step"].get<int64_t>();
-    const auto& t = manifest["trainer"];
-    if (!t["best_val"].is_null()) best_val = t["best_val"].get<double>();
-    best_step = t.value("best_step", int64_t(-1));
-    spdlog::info("resuming from {} (step {}, written on tp {} pp {} dp {})", *resume_from, start,
-                 manifest["grid"]["tp"].get<int>(), manifest["grid"]["pp"].get<int>(),
-                 manifest["grid"]["dp"].get<int>());
+Trainer::StepRows Trainer::step_rows(int64_t step) {
+  const int64_t B = o_.batch_size;
+  StepRows s;
+  s.rows.resize(static_cast<size_t>(B));
+  for (int64_t i = 0; i < B; ++i) {
+    s.rows[static_cast<size_t>(i)] = example_at(step * B + i);
+    const auto& x = data_.examples[static_cast<size_t>(s.rows[static_cast<size_t>(i)])];
+    const auto n = static_cast<int64_t>(x.tokens.size());
+    s.length = std::max(s.length, n);
+    s.targets += static_cast<double>(std::max<int64_t>(0, n - x.loss_from));
+    s.tokens += static_cast<double>(n);
   }
-  TrainLog log((out / "train_log.jsonl").string(), grid->rank() == 0, start);
+  return s;
+}
 
-  const int64_t N = static_cast<int64_t>(data.examples.size());
-  const int64_t B = o.batch_size, K = o.grad_accum, dp = grid->dp();
-  const int64_t per_rank = B / (K * dp);
-  const int64_t pad = cfg.pad_token_id;
-  std::map<int64_t, std::vector<int64_t>> orders;  // epoch -> order (the last two are kept)
-  auto example_at = [&](int64_t position) {
-    const int64_t epoch = position / N;
-    auto it = orders.find(epoch);
-    if (it == orders.end()) {
-      while (orders.size() > 1) orders.erase(orders.begin());
-      it = orders.emplace(epoch, epoch_order(N, o.seed, epoch)).first;
-    }
-    return it->second[static_cast<size_t>(position % N)];
-  };
+TrainBatch Trainer::pass_batch(const StepRows& s, int64_t k) const {
+  const int64_t B = o_.batch_size, K = o_.grad_accum, per_rank = B / (K * grid_->dp());
+  const auto first = s.rows.begin() + k * (B / K) + grid_->dp_rank() * per_rank;
+  return make_batch(data_, std::vector<int64_t>(first, first + per_rank), s.length, ckpt_->config().pad_token_id);
+}
 
-  auto validate = [&]() {
-    double sum = 0, tokens = 0;
-    const auto& v = val->examples;
-    const int64_t n = static_cast<int64_t>(v.size());
-    for (int64_t first = 0; first < n; first += B) {
-      const int64_t count = std::min(B, n - first);
-      // Every DP rank takes the same number of rows (fillers past the end), micro-batch aligned.
-      int64_t mine = (count + dp - 1) / dp;
-      mine = (mine + o.micro_batches - 1) / o.micro_batches * o.micro_batches;
-      std::vector<int64_t> rows;
-      int64_t length = 1;
-      for (int64_t i = first; i < first + count; ++i)
-        length = std::max<int64_t>(length, static_cast<int64_t>(v[static_cast<size_t>(i)].tokens.size()));
-      for (int64_t r = 0; r < mine; ++r) {
-        const int64_t i = first + grid->dp_rank() * mine + r;
-        rows.push_back(i < first + count ? i : -1);
-      }
-      auto batch = make_batch(*val, rows, length, pad);
-      double t = 0;
-      const double loss = model.evaluate_loss(batch.ids, batch.mask, o.micro_batches, batch.labels, &t);
-      sum += loss * t;
-      tokens += t;
-    }
-    return sum / std::max(1.0, tokens);
-  };
+DistributedLM::Dropout Trainer::pass_dropout(int64_t step, int64_t k) const {
+  // Pass k's rows hold the step's slots from k * (B / K) + dp_rank * per_rank on: the
+  // dropout masks follow the example's slot, not the rank that runs it.
+  const int64_t B = o_.batch_size, K = o_.grad_accum, per_rank = B / (K * grid_->dp());
+  return DistributedLM::Dropout{hidden_dropout_, attention_dropout_, o_.seed, step,
+                                k * (B / K) + grid_->dp_rank() * per_rank};
+}
 
-  auto trainer_state = [&](int64_t step) {
-    return nlohmann::json{
-        {"step", step},           {"options", schedule_options(o, cfg)},
-        {"data", o.data},         {"data_hash", fmt::format("{:016x}", data.hash)},
-        {"data_examples", N},     {"data_position", step * B},
-        {"epoch", step * B / N},  {"order", "mt19937_64(seed * 1000003 + epoch) Fisher-Yates per epoch"},
-        {"val_data", o.val_data}, {"best_val", std::isfinite(best_val) ? nlohmann::json(best_val) : nlohmann::json()},
-        {"best_step", best_step}, {"model", o.model},
-        {"model_config", cfg.raw}};
-  };
+void Trainer::select_sift_mask(int64_t step, const StepRows& s) {
+  auto first = pass_batch(s, 0);
+  const auto groups = sift_->selection_groups(o_.sift_selection_passes, {tied_, "lm_head.weight"});
+  const auto& ps = optimizer_->params();
+  for (const auto& group : groups) {
+    for (const auto& p : ps) p.param.requires_grad_(false);
+    for (size_t i : group) ps[i].param.requires_grad_(true);
+    const auto drop = pass_dropout(step, 0);
+    model_->forward_backward(first.ids, first.mask, o_.micro_batches, true, first.labels, std::max(1.0, s.targets),
+                             nullptr, &drop);
+    sift_->select(group);
+  }
+  for (const auto& p : ps) p.param.requires_grad_(true);
+  sift_->arm();
+  spdlog::info("SIFT: mask selected in {} passes over the first micro-batch", groups.size());
+}
 
-  TrainSummary summary;
-  const auto run_start = std::chrono::steady_clock::now();
-  double tokens_done = 0, last_loss = 0;
-  int64_t ran = 0;
-  // Sums over the steps since the last log line: its loss is their mean, its rate their tokens/s.
-  struct {
-    double loss = 0, tokens = 0, seconds = 0;
-    int64_t steps = 0;
-  } interval;
-  for (int64_t step = start; step < o.steps; ++step) {
-    const auto t0 = std::chrono::steady_clock::now();
-    optimizer->zero_grad();
-    std::vector<int64_t> rows(static_cast<size_t>(B));
+Trainer::StepResult Trainer::train_step(int64_t step) {
+  const auto t0 = std::chrono::steady_clock::now();
+  optimizer_->zero_grad();
+  const StepRows s = step_rows(step);
+  if (sift_ && !sift_->selected()) select_sift_mask(step, s);
+  StepResult r;
+  const int64_t K = o_.grad_accum;
+  for (int64_t k = 0; k < K; ++k) {
+    auto batch = pass_batch(s, k);
+    std::optional<DistributedLM::Distillation> kd;
+    if (teacher_)
+      kd = DistributedLM::Distillation{teacher_->forward(batch.ids, batch.mask, o_.micro_batches, false).logits,
+                                       o_.kd_alpha, o_.kd_temperature};
+    const auto drop = pass_dropout(step, k);
+    r.loss += model_->forward_backward(batch.ids, batch.mask, o_.micro_batches, k == K - 1, batch.labels,
+                                       std::max(1.0, s.targets), kd ? &*kd : nullptr, &drop);
+  }
+  r.grad_norm = optimizer_->clip_gradients(o_.clip, norm_groups_);
+  r.lr = linear_schedule(o_.lr, step, o_.warmup, o_.steps);
+  optimizer_->step(r.lr);
+  r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  r.tokens = s.tokens;
+  return r;
+}
+
+double Trainer::validate() {
+  const int64_t B = o_.batch_size, dp = grid_->dp();
+  double sum = 0, tokens = 0;
+  const auto& v = val_->examples;
+  const int64_t n = static_cast<int64_t>(v.size());
+  for (int64_t first = 0; first < n; first += B) {
+    const int64_t count = std::min(B, n - first);
+    // Every DP rank takes the same number of rows (fillers past the end), micro-batch aligned.
+    int64_t mine = (count + dp - 1) / dp;
+    mine = (mine + o_.micro_batches - 1) / o_.micro_batches * o_.micro_batches;
+    std::vector<int64_t> rows;
     int64_t length = 1;
-    double targets = 0, tokens = 0;
-    for (int64_t i = 0; i < B; ++i) {
-      rows[static_cast<size_t>(i)] = example_at(step * B + i);
-      const auto& x = data.examples[static_cast<size_t>(rows[static_cast<size_t>(i)])];
-      const auto n = static_cast<int64_t>(x.tokens.size());
-      length = std::max(length, n);
-      targets += static_cast<double>(std::max<int64_t>(0, n - x.loss_from));
-      tokens += static_cast<double>(n);
+    for (int64_t i = first; i < first + count; ++i)
+      length = std::max<int64_t>(length, static_cast<int64_t>(v[static_cast<size_t>(i)].tokens.size()));
+    for (int64_t r = 0; r < mine; ++r) {
+      const int64_t i = first + grid_->dp_rank() * mine + r;
+      rows.push_back(i < first + count ? i : -1);
     }
-    auto slice_batch = [&](int64_t k) {
-      const auto first = rows.begin() + k * (B / K) + grid->dp_rank() * per_rank;
-      return make_batch(data, std::vector<int64_t>(first, first + per_rank), length, pad);
-    };
-    // Pass k's rows hold the step's slots from k * (B / K) + dp_rank * per_rank on: the
-    // dropout masks follow the example's slot, not the rank that runs it.
-    auto dropout_of = [&](int64_t k) {
-      return DistributedLM::Dropout{hidden_dropout, attention_dropout, o.seed, step,
-                                    k * (B / K) + grid->dp_rank() * per_rank};
-    };
-    if (sift && !sift->selected()) {
-      // The mask, from the first micro-batch's gradient, in passes that each compute the dense
-      // gradients of a part of the parameters only (the rest frozen for that pass).
-      auto first = slice_batch(0);
-      const auto groups = sift->selection_groups(o.sift_selection_passes, {tied, "lm_head.weight"});
-      const auto& ps = optimizer->params();
-      for (const auto& group : groups) {
-        for (const auto& p : ps) p.param.requires_grad_(false);
-        for (size_t i : group) ps[i].param.requires_grad_(true);
-        const auto drop = dropout_of(0);
-        model.forward_backward(first.ids, first.mask, o.micro_batches, true, first.labels, std::max(1.0, targets),
-                               nullptr, &drop);
-        sift->select(group);
-      }
-      for (const auto& p : ps) p.param.requires_grad_(true);
-      sift->arm();
-      spdlog::info("SIFT: mask selected in {} passes over the first micro-batch", groups.size());
-    }
-    double loss = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      auto batch = slice_batch(k);
-      std::optional<DistributedLM::Distillation> kd;
-      if (teacher)
-        kd = DistributedLM::Distillation{teacher->forward(batch.ids, batch.mask, o.micro_batches, false).logits,
-                                         o.kd_alpha, o.kd_temperature};
-      const auto drop = dropout_of(k);
-      loss += model.forward_backward(batch.ids, batch.mask, o.micro_batches, k == K - 1, batch.labels,
-                                     std::max(1.0, targets), kd ? &*kd : nullptr, &drop);
-    }
-    const double norm = optimizer->clip_gradients(o.clip, norm_groups);
-    const double lr = linear_schedule(o.lr, step, o.warmup, o.steps);
-    optimizer->step(lr);
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    tokens_done += tokens;
-    ++ran;
-    last_loss = loss;
-    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
-    log.write({{"step", step + 1},
-               {"loss", loss},
-               {"lr", lr},
-               {"grad_norm", norm},
-               {"tokens", tokens},
-               {"tokens_per_s", tokens / seconds},
-               {"seconds", seconds},
-               {"dropout", hidden_dropout},
-               {"attention_dropout", attention_dropout}});
-    interval.loss += loss;
-    interval.tokens += tokens;
-    interval.seconds += seconds;
-    ++interval.steps;
-    if ((step + 1) % o.log_interval == 0 || ran == 1 || step + 1 == o.steps) {
-      spdlog::info("step {}/{}: loss {:.4f}, lr {:.3g}, grad norm {:.3f}, {:.0f} tokens/s, {} left", step + 1, o.steps,
-                   interval.loss / interval.steps, lr, norm, interval.tokens / interval.seconds,
-                   duration_text(elapsed / ran * (o.steps - step - 1)));
-      interval = {};
-    }
-
-    const bool last = step + 1 == o.steps;
-    if (val && ((o.eval_every > 0 && (step + 1) % o.eval_every == 0) || last)) {
-      const double v = validate();
-      const bool better = v < best_val;
-      if (better) {
-        best_val = v;
-        best_step = step + 1;
-        model.save_model((out / "model").string());
-      }
-      log.write({{"step", step + 1}, {"val_loss", v}, {"best", better}});
-      spdlog::info("step {}: validation loss {:.4f}{}", step + 1, v, better ? " (best so far, saved)" : "");
-    }
-    if (last && !val) model.save_model((out / "model").string());
-    const bool save = (o.save_every > 0 && (step + 1) % o.save_every == 0) || last;
-    // SIGUSR1/SIGTERM (a batch job near its time limit): every rank stops after the same step
-    // with a checkpoint, and --resume continues exactly from it.
-    const bool stop = !last && stop_agreed(*grid->world());
-    if (save || stop)
-      save_train_checkpoint(ckpt_root.string(), step + 1, *grid, *optimizer, slices, trainer_state(step + 1),
-                            o.keep_checkpoints);
-    if (stop)
-      throw StopRequested(
-          fmt::format("stopped by a signal after step {} of {}; checkpoint in {} (run again with --resume)", step + 1,
-                      o.steps, ckpt_root.string()));
-    if (o.stop_after > 0 && ran >= o.stop_after) break;
+    auto batch = make_batch(*val_, rows, length, ckpt_->config().pad_token_id);
+    double t = 0;
+    const double loss = model_->evaluate_loss(batch.ids, batch.mask, o_.micro_batches, batch.labels, &t);
+    sum += loss * t;
+    tokens += t;
   }
-  if (sift && !o.save_increments.empty() && start + ran == o.steps)
-    save_increments(o.save_increments, *sift, *grid, ckpt, cfg.tie_word_embeddings ? "lm_head.weight" : "");
+  return sum / std::max(1.0, tokens);
+}
+
+nlohmann::json Trainer::trainer_state(int64_t step) const {
+  const int64_t N = static_cast<int64_t>(data_.examples.size()), B = o_.batch_size;
+  return nlohmann::json{{"step", step},
+                        {"options", schedule_options(o_, ckpt_->config())},
+                        {"data", o_.data},
+                        {"data_hash", fmt::format("{:016x}", data_.hash)},
+                        {"data_examples", N},
+                        {"data_position", step * B},
+                        {"epoch", step * B / N},
+                        {"order", "mt19937_64(seed * 1000003 + epoch) Fisher-Yates per epoch"},
+                        {"val_data", o_.val_data},
+                        {"best_val", std::isfinite(best_val_) ? nlohmann::json(best_val_) : nlohmann::json()},
+                        {"best_step", best_step_},
+                        {"model", o_.model},
+                        {"model_config", ckpt_->config().raw}};
+}
+
+void Trainer::log_step(int64_t step, const StepResult& r) {
+  tokens_done_ += r.tokens;
+  ++ran_;
+  last_loss_ = r.loss;
+  const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
+  log_->write({{"step", step + 1},
+               {"loss", r.loss},
+               {"lr", r.lr},
+               {"grad_norm", r.grad_norm},
+               {"tokens", r.tokens},
+               {"tokens_per_s", r.tokens / r.seconds},
+               {"seconds", r.seconds},
+               {"dropout", hidden_dropout_},
+               {"attention_dropout", attention_dropout_}});
+  interval_.loss += r.loss;
+  interval_.tokens += r.tokens;
+  interval_.seconds += r.seconds;
+  ++interval_.steps;
+  if ((step + 1) % o_.log_interval == 0 || ran_ == 1 || step + 1 == o_.steps) {
+    spdlog::info("step {}/{}: loss {:.4f}, lr {:.3g}, grad norm {:.3f}, {:.0f} tokens/s, {} left", step + 1, o_.steps,
+                 interval_.loss / interval_.steps, r.lr, r.grad_norm, interval_.tokens / interval_.seconds,
+                 duration_text(elapsed / ran_ * (o_.steps - step - 1)));
+    interval_ = {};
+  }
+}
+
+void Trainer::evaluate_and_keep(int64_t done) {
+  const bool last = done == o_.steps;
+  const std::string model_dir = (fs::path(out_) / "model").string();
+  if (val_ && ((o_.eval_every > 0 && done % o_.eval_every == 0) || last)) {
+    const double v = validate();
+    const bool better = v < best_val_;
+    if (better) {
+      best_val_ = v;
+      best_step_ = done;
+      model_->save_model(model_dir);
+    }
+    log_->write({{"step", done}, {"val_loss", v}, {"best", better}});
+    spdlog::info("step {}: validation loss {:.4f}{}", done, v, better ? " (best so far, saved)" : "");
+  }
+  if (last && !val_) model_->save_model(model_dir);
+}
+
+void Trainer::save_or_stop(int64_t done) {
+  const bool last = done == o_.steps;
+  const bool save = (o_.save_every > 0 && done % o_.save_every == 0) || last;
+  // SIGUSR1/SIGTERM (a batch job near its time limit): every rank stops after the same step
+  // with a checkpoint, and --resume continues exactly from it.
+  const bool stop = !last && stop_agreed(*grid_->world());
+  if (save || stop)
+    save_train_checkpoint(ckpt_root_, done, *grid_, *optimizer_, slices_, trainer_state(done), o_.keep_checkpoints);
+  if (stop)
+    throw StopRequested(
+        fmt::format("stopped by a signal after step {} of {}; checkpoint in {} (run again with --resume)", done,
+                    o_.steps, ckpt_root_));
+}
+
+TrainSummary Trainer::run() {
+  run_start_ = std::chrono::steady_clock::now();
+  for (int64_t step = start_; step < o_.steps; ++step) {
+    log_step(step, train_step(step));
+    evaluate_and_keep(step + 1);
+    save_or_stop(step + 1);
+    if (o_.stop_after > 0 && ran_ >= o_.stop_after) break;
+  }
+  return finish();
+}
+
+TrainSummary Trainer::finish() {
+  const ModelConfig& cfg = ckpt_->config();
+  if (sift_ && !o_.save_increments.empty() && start_ + ran_ == o_.steps)
+    save_increments(o_.save_increments, *sift_, *grid_, *ckpt_, cfg.tie_word_embeddings ? "lm_head.weight" : "");
   {
     // Optimiser memory (moments, masters, SIFT's indices) of this rank: what SIFT shrinks.
     int64_t bytes = 0;
-    for (const auto& s : optimizer->state())
+    for (const auto& s : optimizer_->state())
       if (s.kind != "param") bytes += s.value.numel() * static_cast<int64_t>(s.value.element_size());
-    spdlog::info("optimizer state: {} bytes on rank {}", bytes, grid->rank());
+    spdlog::info("optimizer state: {} bytes on rank {}", bytes, grid_->rank());
+    // Peak resident memory of this process so far (Linux reports KiB): what recomputation shrinks.
+    struct rusage usage {};
+    getrusage(RUSAGE_SELF, &usage);
+    spdlog::info("peak RSS: {} KiB on rank {}", usage.ru_maxrss, grid_->rank());
   }
-  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
-  summary.steps = ran;
-  summary.last_loss = last_loss;
-  summary.best_val = best_val;
-  summary.tokens_per_second = total > 0 ? tokens_done / total : 0;
-  spdlog::info("trained {} steps in {}: {:.0f} tokens/s; model in {}", ran, duration_text(total),
-               summary.tokens_per_second, (out / "model").string());
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
+  TrainSummary summary;
+  summary.steps = ran_;
+  summary.last_loss = last_loss_;
+  summary.best_val = best_val_;
+  summary.tokens_per_second = total > 0 ? tokens_done_ / total : 0;
+  spdlog::info("trained {} steps in {}: {:.0f} tokens/s; model in {}", ran_, duration_text(total),
+               summary.tokens_per_second, (fs::path(out_) / "model").string());
   return summary;
 }
+
+TrainSummary train(const TrainOptions& options) { return Trainer(options).run(); }
 
 }  // namespace crash

@@ -5,14 +5,23 @@
 #pragma once
 #include <torch/types.h>
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "framework/checkpoint.h"
 #include "framework/config.h"
+#include "framework/distributed_lm.h"
+#include "framework/optim.h"
+#include "framework/sift.h"
 #include "framework/tokenizer.h"
+#include "framework/train_checkpoint.h"
 #include "parallel/grid.h"
 
 namespace crash {
@@ -44,12 +53,15 @@ struct TrainOptions {
   double kd_alpha = 0.5, kd_temperature = 2.0;
   int64_t stop_after = 0;  // tests: end (as if killed) after this many steps of this run
   // SIFT (framework/sift.h): rho in (0, 1] trains each tensor's top floor(rho numel) + 1
-  // entries by the first step's |gradient|; 0: dense AdamW.
-  double sparse_increment = 0;
+  // entries by the first step's |gradient|; absent: dense AdamW.
+  std::optional<double> sparse_increment;
   // SIFT: backward passes that select the mask, each with the dense gradients of about
   // 1/passes of the parameters (more passes: less memory, a slower first step).
   int sift_selection_passes = 4;
   std::string save_increments;  // SIFT: write the increments (index + trained - base) here at the end
+  // Activation recomputation (framework/recompute.h): none, full or selective. Memory and time
+  // only: the numbers are those of none, so a checkpoint resumes with any of them.
+  std::string recompute = "none";
 };
 
 // One training example: tokens, and from which position on they are targets (each predicted
@@ -88,6 +100,100 @@ struct TrainSummary {
 
 // The dropout rates a run trains with: {residual branches, attention probabilities}.
 std::pair<double, double> train_dropout(const TrainOptions& options, const ModelConfig& config);
+
+// Throws UserError naming the first option out of range: every option of `train` is checked
+// here and nowhere else. `world_size`: the ranks the grid is made of.
+void check_train_options(const TrainOptions& options, int world_size);
+
+class TrainLog;
+
+// One training run, collective over the world. The constructor does everything before the
+// first step (checks, output folder, model, optimiser, resumed state); run() trains. A new
+// feature lands as a step of its own, or inside the step it belongs to:
+//   check_resume -> load_model -> set_up_optimizer -> restore  (constructor)
+//   per step: select_sift_mask (first step only) -> train_step -> validate -> save_or_stop
+class Trainer {
+ public:
+  explicit Trainer(const TrainOptions& options);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+  TrainSummary run();
+
+ private:
+  // The output folder: a new run needs it empty (or --overwrite), --resume a checkpoint written
+  // with the same schedule, data and model.
+  void check_resume();
+  // The student (its trainable parameters marked) and the distillation teacher on the grid.
+  void load_model();
+  // AdamW, or SIFT's sparse AdamW, over this rank's trainable parameters.
+  void set_up_optimizer();
+  // The resumed checkpoint's weights, moments and best validation so far.
+  void restore();
+
+  // Global batch slot `position` of the run: which example, in epoch order.
+  int64_t example_at(int64_t position);
+  struct StepRows {
+    std::vector<int64_t> rows;  // the step's examples, B of them
+    int64_t length = 1;         // the longest
+    double targets = 0, tokens = 0;
+  };
+  StepRows step_rows(int64_t step);
+  // This rank's rows of pass k of a step.
+  TrainBatch pass_batch(const StepRows& s, int64_t k) const;
+  DistributedLM::Dropout pass_dropout(int64_t step, int64_t k) const;
+  // SIFT: the mask, from the first pass's gradient, in passes that each compute the dense
+  // gradients of a part of the parameters only.
+  void select_sift_mask(int64_t step, const StepRows& s);
+  struct StepResult {
+    double loss = 0, grad_norm = 0, lr = 0, tokens = 0, seconds = 0;
+  };
+  // Forward/backward over --grad-accum passes, clipping, one optimiser step.
+  StepResult train_step(int64_t step);
+  // Mean loss per target token over the validation data.
+  double validate();
+  // Validation, the best model, the final model; after step `done` (1-based).
+  void evaluate_and_keep(int64_t done);
+  // Checkpoint every --save-every steps and at the end; a stop signal saves and throws
+  // StopRequested.
+  void save_or_stop(int64_t done);
+  nlohmann::json trainer_state(int64_t step) const;
+  void log_step(int64_t step, const StepResult& r);
+  TrainSummary finish();
+
+  const TrainOptions o_;
+  std::unique_ptr<CheckpointReader> ckpt_, teacher_ckpt_;
+  std::shared_ptr<ProcessGrid> grid_;
+  std::function<bool(const std::string&)> trains_;
+  std::optional<Tokenizer> tokenizer_;
+  TrainData data_;
+  std::optional<TrainData> val_;
+  std::string out_, ckpt_root_;
+  std::optional<std::string> resume_from_;
+  nlohmann::json manifest_;
+
+  std::unique_ptr<DistributedLM> model_, teacher_;
+  std::unique_ptr<Optimizer> optimizer_;
+  SparseAdamW* sift_ = nullptr;
+  SliceMap slices_;
+  std::vector<CommPtr> norm_groups_;
+  std::string tied_;
+  double hidden_dropout_ = 0, attention_dropout_ = 0;
+
+  int64_t start_ = 0, best_step_ = -1;
+  double best_val_ = 0;
+  std::map<int64_t, std::vector<int64_t>> orders_;  // epoch -> order (the last two are kept)
+  std::unique_ptr<TrainLog> log_;
+
+  int64_t ran_ = 0;
+  double tokens_done_ = 0, last_loss_ = 0;
+  std::chrono::steady_clock::time_point run_start_;
+  // Sums over the steps since the last log line: its loss is their mean, its rate their tokens/s.
+  struct {
+    double loss = 0, tokens = 0, seconds = 0;
+    int64_t steps = 0;
+  } interval_;
+};
 
 // Runs the whole training (collective over the world); throws UserError on bad input.
 TrainSummary train(const TrainOptions& options);

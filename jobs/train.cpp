@@ -2,8 +2,6 @@
 // with checkpoints that resume exactly (framework/trainer.h).
 #include "framework/trainer.h"
 #include "jobs/job.h"
-#include "parallel/errors.h"
-#include "parallel/world.h"
 
 namespace crash {
 
@@ -49,7 +47,11 @@ void train_options(po::options_description& o) {
       "sparse-increment", po::value<double>(),
       "SIFT: train only each tensor's top floor(RHO numel) + 1 entries by the first step's |gradient|, 0 < RHO <= 1")(
       "save-increments", po::value<std::string>()->default_value(""),
-      "SIFT: write the increments (index + trained - base) to this .safetensors file at the end");
+      "SIFT: write the increments (index + trained - base) to this .safetensors file at the end")(
+      "recompute", po::value<std::string>()->default_value("none"),
+      "activation recomputation, as Megatron-LM's: none; full (each decoder layer keeps only its input and runs "
+      "again in backward); selective (only attention's scores, softmax and probabilities @ V run again). The "
+      "gradients are those of none, bit for bit");
   add_grid_options(o, "compute dtype: float32, bfloat16 or float16 (master weights fp32)");
 }
 
@@ -69,16 +71,11 @@ int train_run(const po::variables_map& vm) {
   t.clip = vm["clip"].as<double>();
   t.eps = vm["adam-eps"].as<double>();
   t.seed = vm["seed"].as<uint64_t>();
-  if (vm.count("dropout")) {
-    t.dropout = vm["dropout"].as<double>();
-    if (!(*t.dropout >= 0 && *t.dropout < 1)) fail("--dropout must be in [0, 1), got {}", *t.dropout);
-  }
+  if (vm.count("dropout")) t.dropout = vm["dropout"].as<double>();
   t.eval_every = vm["eval-every"].as<int64_t>();
   t.save_every = vm["save-every"].as<int64_t>();
   t.log_interval = vm["log-interval"].as<int64_t>();
-  if (t.log_interval <= 0) fail("--log-interval must be positive, got {}", t.log_interval);
   t.keep_checkpoints = vm["keep-checkpoints"].as<int>();
-  if (t.keep_checkpoints < 1) fail("--keep-checkpoints must be at least 1");
   t.train_all = vm["train-all"].as<bool>();
   const GridChoice grid = grid_choice(vm);
   t.dtype = grid.model.dtype;
@@ -90,15 +87,12 @@ int train_run(const po::variables_map& vm) {
   t.kd_alpha = vm["kd-alpha"].as<double>();
   t.kd_temperature = vm["kd-temperature"].as<double>();
   t.stop_after = vm["stop-after"].as<int64_t>();
-  if (vm.count("sparse-increment")) {
-    t.sparse_increment = vm["sparse-increment"].as<double>();
-    if (!(t.sparse_increment > 0 && t.sparse_increment <= 1))
-      fail("--sparse-increment must be in (0, 1], got {}", vm["sparse-increment"].as<double>());
-  }
+  if (vm.count("sparse-increment")) t.sparse_increment = vm["sparse-increment"].as<double>();
   t.sift_selection_passes = vm["sift-selection-passes"].as<int>();
-  if (t.sift_selection_passes < 1) fail("--sift-selection-passes must be at least 1, got {}", t.sift_selection_passes);
   t.save_increments = vm["save-increments"].as<std::string>();
-  train(t);
+  t.recompute = vm["recompute"].as<std::string>();
+  // Every option is checked in one place: check_train_options (framework/trainer.h).
+  Trainer(t).run();
   return 0;
 }
 

@@ -69,9 +69,15 @@ InferenceLinear& inference_linear() {
 
 void set_inference_linear(InferenceLinear kernel) { inference_linear() = std::move(kernel); }
 
+namespace {
+thread_local bool training_kernels = false;
+}  // namespace
+TrainingKernelsGuard::TrainingKernelsGuard() : previous_(training_kernels) { training_kernels = true; }
+TrainingKernelsGuard::~TrainingKernelsGuard() { training_kernels = previous_; }
+
 torch::Tensor local_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b) {
   const auto& kernel = inference_linear();
-  if (kernel && !torch::GradMode::is_enabled()) {
+  if (kernel && !torch::GradMode::is_enabled() && !training_kernels) {
     if (auto y = kernel(x, w, b)) return *y;
   }
   return torch::linear(x, w, b);

@@ -28,6 +28,17 @@ torch::Tensor scatter_to_tp(const torch::Tensor& x, const CommPtr& tp);
 using InferenceLinear =
     std::function<std::optional<torch::Tensor>(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b)>;
 void set_inference_linear(InferenceLinear kernel);
+// While one lives, this thread's local_linear skips that kernel even without grad mode: a
+// forward that is run again for its gradients (activation recomputation) must match bit for bit.
+struct TrainingKernelsGuard {
+  TrainingKernelsGuard();
+  ~TrainingKernelsGuard();
+  TrainingKernelsGuard(const TrainingKernelsGuard&) = delete;
+  TrainingKernelsGuard& operator=(const TrainingKernelsGuard&) = delete;
+
+ private:
+  bool previous_;
+};
 torch::Tensor local_linear(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& b = {});
 
 // Which part of a full (checkpoint) tensor a rank holds: `length` entries from `start` along

@@ -4,6 +4,7 @@
 
 #include "framework/models/dropout.h"
 #include "framework/models/packed_attention.h"
+#include "framework/recompute.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -104,24 +105,37 @@ torch::Tensor SelfAttentionImpl::forward(const torch::Tensor& h, const Attention
     cache->k = k;
     cache->v = v;
   }
-  const int64_t Tk = k.size(2), rep = H / KV;
-  // Grouped-query attention without copying K/V: the `rep` query heads of a group share a matmul.
-  auto qg = q.reshape({B * KV, rep * T, D});
-  const double scale = ctx.scale_of(D);
-  torch::Tensor scores;
-  const auto& mask_bias = ctx.bias_of(layer);
-  if (q.scalar_type() == torch::kFloat32 && ctx.softcap == 0) {  // scale, product and mask in one BLAS call
-    auto bias = mask_bias.expand({B, KV * rep, T, Tk}).reshape({B * KV, rep * T, Tk});
-    scores = torch::baddbmm(bias, qg, k.reshape({B * KV, Tk, D}).transpose(1, 2), 1.0, scale).view({B, H, T, Tk});
+  // The core (scores, softmax, dropout, probabilities @ V); selective recomputation keeps only
+  // q, k, v and runs it again in backward (framework/recompute.h).
+  auto core = [this, B, T, H, KV, D, layer](const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                                            const AttentionContext& ctx) {
+    const int64_t Tk = k.size(2), rep = H / KV;
+    // Grouped-query attention without copying K/V: the `rep` query heads of a group share a matmul.
+    auto qg = q.reshape({B * KV, rep * T, D});
+    const double scale = ctx.scale_of(D);
+    torch::Tensor scores;
+    const auto& mask_bias = ctx.bias_of(layer);
+    if (q.scalar_type() == torch::kFloat32 && ctx.softcap == 0) {  // scale, product and mask in one BLAS call
+      auto bias = mask_bias.expand({B, KV * rep, T, Tk}).reshape({B * KV, rep * T, Tk});
+      scores = torch::baddbmm(bias, qg, k.reshape({B * KV, Tk, D}).transpose(1, 2), 1.0, scale).view({B, H, T, Tk});
+    } else {
+      scores = softcap_scores(torch::matmul(qg, k.reshape({B * KV, Tk, D}).transpose(1, 2)).view({B, H, T, Tk}) * scale,
+                              ctx.softcap)
+                   .to(torch::kFloat32) +
+               mask_bias;
+    }
+    auto probs = torch::softmax(scores, -1).to(v.scalar_type());
+    if (ctx.dropout_attention()) probs = attention_probs_dropout(probs, ctx, layer, first_head_);
+    return torch::bmm(probs.view({B * KV, rep * T, Tk}), v.reshape({B * KV, Tk, D})).view({B, H, T, D});
+  };
+  torch::Tensor out;
+  if (ctx.recompute_attention && torch::GradMode::is_enabled()) {
+    auto held = std::make_shared<const AttentionContext>(ctx);
+    out = recomputed([core, held](const std::vector<torch::Tensor>& x) { return core(x[0], x[1], x[2], *held); },
+                     {q, k, v});
   } else {
-    scores = softcap_scores(torch::matmul(qg, k.reshape({B * KV, Tk, D}).transpose(1, 2)).view({B, H, T, Tk}) * scale,
-                            ctx.softcap)
-                 .to(torch::kFloat32) +
-             mask_bias;
+    out = core(q, k, v, ctx);
   }
-  auto probs = torch::softmax(scores, -1).to(v.scalar_type());
-  if (ctx.dropout_attention()) probs = attention_probs_dropout(probs, ctx, layer, first_head_);
-  auto out = torch::bmm(probs.view({B * KV, rep * T, Tk}), v.reshape({B * KV, Tk, D})).view({B, H, T, D});
   return out_proj->forward(out.transpose(1, 2).reshape({B, T, H * D}));
 }
 

@@ -95,6 +95,9 @@ struct AttentionContext {
   std::vector<int64_t> row_offsets;  // packed passes (hidden states [1, N, d]): TokenPacking::row_offsets
   bool packed() const { return !row_offsets.empty(); }
   std::shared_ptr<const DropoutContext> dropout;  // training passes only; null: deterministic
+  // Selective activation recomputation (framework/recompute.h): attention keeps only q, k and v
+  // for backward and computes its core again there.
+  bool recompute_attention = false;
   bool dropout_hidden() const { return dropout && dropout->hidden > 0; }
   bool dropout_attention() const { return dropout && dropout->attention > 0; }
 };

@@ -15,6 +15,10 @@ task written in prepare's format (loss on the gold continuation only).
                                              entries train, the same mask on DP2/TP2/TP2xPP2, resume,
                                              increments and merge, bad input; on Qwen2 (qwen2_bias) 1 rank
                                              vs TP2 and merge
+  train_grids.py CRASH_HPC FIXTURES recompute  --recompute full and selective (with dropout, every parameter
+                                             training): losses, gradient norms and weights identical bit for
+                                             bit to none on 1 rank and on TP2; TP2 and PP2 equal 1 rank;
+                                             resume with another mode is exact; bad values refused
 
 Debian's python3 (numpy, h5py) only.
 """
@@ -228,6 +232,58 @@ try:
             p = run(common + ["--steps", "2", "--dropout", bad, "--out", out("x")], 1, expect=2)
             lines = [l for l in p.stderr.splitlines() if l.strip()]
             check(len(lines) == 1 and "--dropout" in lines[0], f"--dropout {bad}: {lines[-1] if lines else ''}")
+        check(not os.path.exists(out("x")), "no output left behind by the failures")
+
+    elif MODE == "recompute":
+        # Dropout on both sites, so the rerun forward must draw the masks of the first one.
+        emu_d = os.path.join(work, "emu_dropout")
+        shutil.copytree(emu, emu_d)
+        with open(os.path.join(emu_d, "config.json")) as f:
+            cfg = json.load(f)
+        cfg["attention_dropout"] = 0.1
+        with open(os.path.join(emu_d, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        rcommon = [emu_d if a == emu else a for a in common]
+        args = rcommon + ["--steps", "6", "--train-all", "--dropout", "0.1", "--micro-batches", "2"]
+
+        def log_of(name):
+            return [json.loads(l) for l in open(out(name + "/train_log.jsonl"))]
+
+        def same_run(a, b, what):
+            la, lb = log_of(a), log_of(b)
+            check([(j["step"], j["loss"], j["grad_norm"]) for j in la] == [(j["step"], j["loss"], j["grad_norm"]) for j in lb],
+                  f"{what}: identical losses and gradient norms over {len(la)} steps")
+            wa, wb = model_tensors(out(a + "/model")), model_tensors(out(b + "/model"))
+            check(sorted(wa) == sorted(wb) and all(np.array_equal(wa[n], wb[n]) for n in wa),
+                  f"{what}: identical weights after {len(la)} AdamW steps ({len(wa)} tensors)")
+
+        run(args + ["--out", out("none")])
+        for mode in ["full", "selective"]:
+            run(args + ["--out", out(mode), "--recompute", mode])
+            same_run("none", mode, f"1 rank, --recompute {mode} vs none")
+        ref, one = losses(out("none")), model_tensors(out("none/model"))
+        # k_proj.bias: softmax ignores it, so its gradient is rounding noise (see the dropout mode).
+        real = [n for n in one if not n.endswith("k_proj.bias")]
+        for name, np_, grid in [("tp2", 2, ["--tp", "2"]), ("pp2", 2, ["--pp", "2"])]:
+            for mode in ["none", "full", "selective"]:
+                run(args + ["--out", out(f"{name}_{mode}"), "--recompute", mode] + grid, np_)
+                compare(ref, losses(out(f"{name}_{mode}")), f"{name} --recompute {mode} vs 1 rank")
+                w = model_tensors(out(f"{name}_{mode}/model"))
+                d = max(float(np.abs(w[n] - one[n]).max()) for n in real)
+                check(d <= TOL, f"{name} --recompute {mode} vs 1 rank: final weights max diff {d:.3g}")
+            for mode in ["full", "selective"]:
+                same_run(f"{name}_none", f"{name}_{mode}", f"{name}, --recompute {mode} vs none")
+
+        # Recomputation changes no number, so a run resumes with another mode exactly.
+        rargs = args + ["--save-every", "2"]
+        run(rargs + ["--out", out("cut"), "--stop-after", "3"])
+        run(rargs + ["--out", out("cut"), "--resume", "--recompute", "selective"])
+        compare(ref, losses(out("cut")), "cut with none, resumed with --recompute selective", exact=True)
+
+        for bad in ["yes", "FULL", ""]:
+            p = run(common + ["--steps", "2", "--recompute", bad, "--out", out("x")], 1, expect=2)
+            lines = [l for l in p.stderr.splitlines() if l.strip()]
+            check(len(lines) == 1 and "--recompute" in lines[0], f"--recompute '{bad}': {lines[-1] if lines else ''}")
         check(not os.path.exists(out("x")), "no output left behind by the failures")
 
     elif MODE == "resume":

@@ -1,0 +1,115 @@
+#!/usr/bin/env python3
+"""Peak RSS per rank and step time of `train` with --recompute none, selective and full, in one run.
+
+The model: OPT-1.3B's shape (examples/models/opt-1.3b/config.json: d 2048, 32 heads, ffn 8192,
+vocabulary 50272, residual dropout 0.1) cut to --layers decoder layers (default 4 of 24, to fit
+the time), random fp32 weights written by build/bench/make_random_checkpoint (no PyPI), with an
+emulator plan in which every decoder layer trains (embedding and tied head frozen, as in CRaSh's
+adapter training), so the activations, which recomputation drops, are a large part of the peak.
+Each run is a child process (`mpirun -np N` with --pp N when --ranks > 1); every rank logs its
+own peak RSS (getrusage) at the end. Step time: the median of steps 2.. of train_log.jsonl.
+Ratios are against --recompute none measured in the same run; the machine's float32 GEMM rate
+(bench_gemm, LibTorch as crash-hpc links it) is measured in the run too, and each mode's rate on
+the FLOPs of a step without recomputation is printed as a fraction of it. Not part of CI:
+  python3 bench/train_memory.py [--layers 4] [--batch 4] [--seq 256] [--steps 3] [--threads 2] [--ranks 1]
+"""
+import json
+import os
+import random
+import re
+import statistics
+import subprocess
+import tempfile
+
+from common import ROOT, arguments, layer_flops, head_flops, write_tokens
+
+MODES = ["none", "selective", "full"]
+
+
+def make_model(maker, path, layers):
+    with open(os.path.join(ROOT, "examples", "models", "opt-1.3b", "config.json")) as f:
+        cfg = json.load(f)
+    cfg["num_hidden_layers"] = layers
+    cfg["torch_dtype"] = "float32"
+    have = os.path.join(path, "config.json")
+    if not (os.path.exists(have) and json.load(open(have)) == cfg):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cfg_path = path + ".config.json"
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f)
+        subprocess.run([maker, "--config", cfg_path, "--out", path, "--dtype", "float32"], check=True)
+    plan = {"format": "crash-hpc emulator plan 1", "mode": "uniform", "source_model": "opt-1.3b-shape",
+            "full_layers": layers, "adapters": [layers // 2, layers - layers // 2],
+            "slots": [{"source": l, "train": True, "stored_as": l} for l in range(layers)]}
+    with open(os.path.join(path, "crash_plan.json"), "w") as f:
+        json.dump(plan, f)
+    return cfg
+
+
+def train(a, model, data, out, mode):
+    cmd = [a.binary, "train", "--model", model, "--data", data, "--out", out, "--steps", str(a.steps),
+           "--batch-size", str(a.batch), "--lr", "1e-4", "--threads", str(a.threads), "--log-level", "info",
+           "--recompute", mode]
+    if a.ranks > 1:
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(a.ranks)] + cmd + [
+            "--pp", str(a.ranks)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    p = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    rss = {int(r): int(k) / 1024.0 for k, r in re.findall(r"peak RSS: (\d+) KiB on rank (\d+)", p.stdout + p.stderr)}
+    if len(rss) != a.ranks:
+        raise SystemExit(f"{mode}: expected a peak RSS line from each of {a.ranks} ranks:\n{p.stderr[-2000:]}")
+    steps = [json.loads(l) for l in open(os.path.join(out, "train_log.jsonl"))]
+    seconds = [j["seconds"] for j in steps if "seconds" in j]
+    return rss, statistics.median(seconds[1:] if len(seconds) > 1 else seconds), steps[-1]["loss"]
+
+
+def gemm_rate(a):
+    p = subprocess.run([a.gemm, "--threads", str(a.threads), "--rows", str(a.batch * a.seq), "--dtypes", "float32",
+                        "--repeats", "3"], check=True, capture_output=True, text=True)
+    j = json.loads([l for l in p.stdout.splitlines() if l.startswith("{")][-1])
+    rates = {k: v for k, v in j["rates"]["float32"].items() if isinstance(v, float)}
+    return max(rates.values()), rates
+
+
+def main():
+    ap = arguments(batch=4, seq=256, model="/tmp/crash-bench/opt-1.3b-shape-random-fp32", binary="crash-hpc",
+                   two_sides=False)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--ranks", type=int, default=1, help="ranks, as pipeline stages (--pp N)")
+    ap.add_argument("--maker", default=os.path.join(ROOT, "build", "bench", "make_random_checkpoint"))
+    ap.add_argument("--gemm", default=os.path.join(ROOT, "build", "bench", "bench_gemm"))
+    a = ap.parse_args()
+    model = f"{a.model}-{a.layers}l"
+    cfg = make_model(a.maker, model, a.layers)
+    d, ffn, vocab = cfg["hidden_size"], cfg["ffn_dim"], cfg["vocab_size"]
+    rnd = random.Random(0)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data.jsonl")
+        write_tokens(data, ([rnd.randrange(4, vocab) for _ in range(a.seq)] for _ in range(a.batch * a.steps)))
+        for mode in MODES:
+            results[mode] = train(a, model, data, os.path.join(tmp, mode), mode)
+    best, rates = gemm_rate(a)
+    # A step's FLOPs without recomputation: the layers forward and backward (3x), the frozen head
+    # forward and its gradient into the last hidden state (2x).
+    flops = 3 * a.layers * layer_flops([a.seq] * a.batch, d, ffn) + 2 * head_flops(a.batch * a.seq, d, vocab)
+    print(f"OPT-1.3B shape cut to {a.layers} layers (d {d}, ffn {ffn}, {cfg['num_attention_heads']} heads, "
+          f"dropout {cfg['dropout']}), random fp32 weights, every layer trains (embedding and tied head frozen); "
+          f"batch {a.batch} x {a.seq} tokens, {a.steps} steps, {a.threads} threads a rank, {a.ranks} rank(s)"
+          f"{' as pipeline stages' if a.ranks > 1 else ''}, CPU")
+    print(f"GEMM rate in this run (bench_gemm, [{a.batch * a.seq} x K] x [K x N], float32): " +
+          ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) + f" GFLOP/s; machine rate {best:.1f} GFLOP/s")
+    print(f"a step's FLOPs without recomputation: {flops / 1e12:.3f} TFLOP")
+    base_rss, base_time, base_loss = results["none"]
+    for mode in MODES:
+        rss, sec, loss = results[mode]
+        g = flops / sec / 1e9
+        per_rank = ", ".join(f"rank {r} {v:8.1f} MiB ({v / base_rss[r]:.3f})" for r, v in sorted(rss.items()))
+        print(f"  --recompute {mode:9s} peak RSS {per_rank}; step {sec:7.2f} s ({sec / base_time:.3f} of none), "
+              f"{g:6.1f} GFLOP/s = {g / best:.2f} of GEMM; last loss {loss:.6f}"
+              f"{'' if loss == base_loss else ' (DIFFERS from none)'}")
+
+
+if __name__ == "__main__":
+    main()
