@@ -1,23 +1,45 @@
-// emulate: a CRaSh emulator (uniform, remove or share) as an HF folder plus crash_plan.json.
+// emulate: a CRaSh emulator (uniform, remove or share) as an HF folder plus crash_plan.json, or
+// a pruned model of the layer-pruning baselines (prune: layers removed by name or by an
+// importance file's scores; merge: LaCo's layer collapse), optionally checked on calibration
+// examples by the cosine similarity of its final hidden states to the full model's.
 #include <spdlog/spdlog.h>
 
 #include <filesystem>
 
+#include "analysis/importance_file.h"
+#include "analysis/pruning.h"
 #include "framework/checkpoint.h"
 #include "framework/emulator.h"
+#include "framework/prepared.h"
 #include "jobs/job.h"
+#include "jobs/job_model.h"
 #include "parallel/errors.h"
+#include "parallel/world.h"
 
 namespace crash {
 
 void emulate_options(po::options_description& o) {
   o.add_options()("model", po::value<std::string>()->required(), "the full model (Hugging Face folder)")(
-      "mode", po::value<std::string>()->required(), "uniform, remove or share")(
+      "mode", po::value<std::string>()->required(), "uniform, remove, share, prune or merge")(
       "clusters", po::value<std::string>(), "the cluster job's clusters.json (remove, share; uniform: sets --keep)")(
       "keep", po::value<int64_t>(), "uniform: middle layers kept (default: as many as clusters)")(
       "adapters", po::value<std::string>()->default_value("2,2"), "trainable layers at the bottom and the top: A,B")(
-      "out", po::value<std::string>()->required(), "output folder")("overwrite", po::bool_switch(),
-                                                                    "replace an existing output");
+      "out", po::value<std::string>()->required(), "output folder")(
+      "overwrite", po::bool_switch(), "replace an existing output")("remove", po::value<std::string>(),
+                                                                    "prune: the layers to remove, e.g. 3,5-7")(
+      "from-importance", po::value<std::string>(), "prune: the importance job's file to choose the layers from")(
+      "method", po::value<std::string>(),
+      "prune --from-importance: block_influence, angular_distance, cka_importance or sleb")(
+      "ratio", po::value<double>(), "prune --from-importance: remove round(RATIO * layers)")(
+      "merge", po::value<std::string>(), "merge: contiguous groups collapsed into their first layer, e.g. 4-6,9-10")(
+      "train-last", po::value<int64_t>()->default_value(0),
+      "prune, merge: the last K layers train when healing (0: none; train --train-all trains everything)")(
+      "calibration", po::value<std::string>(),
+      "prune, merge: a prepared task; report the cosine similarity of the final hidden states (last token) of the "
+      "pruned and the full model on its examples")("calibration-examples", po::value<int64_t>()->default_value(16),
+                                                   "examples of --calibration used")(
+      "batch-size", po::value<int64_t>()->default_value(8), "calibration sequences per forward pass");
+  add_grid_options(o);
 }
 
 std::pair<int64_t, int64_t> parse_adapters(const std::string& text) {
@@ -38,15 +60,136 @@ EmulatorPlan emulator_plan(const po::variables_map& vm, int64_t layers) {
     const int64_t keep = vm.count("keep") ? vm["keep"].as<int64_t>() : static_cast<int64_t>(clusters.size());
     return plan_uniform(layers, a, b, keep);
   }
-  if (mode != "remove" && mode != "share") fail("--mode: expected uniform, remove or share, got '{}'", mode);
+  if (mode != "remove" && mode != "share")
+    fail("--mode: expected uniform, remove, share, prune or merge, got '{}'", mode);
   if (clusters.empty()) fail("--mode {} needs --clusters (the cluster job's output)", mode);
   return mode == "remove" ? plan_remove(layers, a, b, clusters) : plan_share(layers, a, b, clusters);
 }
+
+namespace {
+
+bool is_pruning(const std::string& mode) { return mode == "prune" || mode == "merge"; }
+
+// The pruned model's plan, with where its layers came from.
+EmulatorPlan pruning_plan(const po::variables_map& vm, const CheckpointReader& full) {
+  const auto mode = vm["mode"].as<std::string>();
+  const int64_t L = full.config().num_layers, train_last = vm["train-last"].as<int64_t>();
+  if (!vm["adapters"].defaulted()) fail("--adapters is for emulators; a {} model takes --train-last K", mode);
+  for (const char* o : {"clusters", "keep"})
+    if (vm.count(o)) fail("--{} is for emulators, not --mode {}", o, mode);
+  const bool by_importance = vm.count("from-importance") != 0;
+  for (const char* o : {"method", "ratio"})
+    if (vm.count(o) && !by_importance) fail("--{} goes with --from-importance", o);
+  EmulatorPlan plan;
+  if (mode == "merge") {
+    if (!vm.count("merge")) fail("--mode merge needs --merge GROUPS (e.g. 4-6,9-10)");
+    for (const char* o : {"remove", "from-importance"})
+      if (vm.count(o)) fail("--{} is for --mode prune", o);
+    const auto groups = parse_layer_groups(vm["merge"].as<std::string>(), "--merge");
+    plan = plan_merge(L, groups, train_last);
+    int64_t removed = 0;
+    for (const auto& g : groups) removed += static_cast<int64_t>(g.size()) - 1;
+    plan.pruning = {{"method", "laco"},
+                    {"reference", "LaCo (Yang et al. 2024, arXiv 2402.11187)"},
+                    {"merged_groups", groups},
+                    {"removed_count", removed},
+                    {"norms",
+                     "kept from each group's first layer, as LaCo's reference code merges only the "
+                     "attention and MLP projections"}};
+    return plan;
+  }
+  if (vm.count("merge")) fail("--merge is for --mode merge");
+  if (vm.count("remove") == by_importance)
+    fail("--mode prune needs either --remove LAYERS or --from-importance FILE --method M --ratio R");
+  if (!by_importance) {
+    const auto removed = parse_layer_list(vm["remove"].as<std::string>(), "--remove");
+    plan = plan_prune(L, removed, train_last);
+    auto sorted = removed;
+    std::sort(sorted.begin(), sorted.end());
+    plan.pruning = {{"method", "remove"}, {"removed", sorted}};
+    return plan;
+  }
+  if (!vm.count("method") || !vm.count("ratio")) fail("--from-importance needs --method and --ratio");
+  const auto file = vm["from-importance"].as<std::string>();
+  const auto method = vm["method"].as<std::string>();
+  const auto record = read_importance_file(file);
+  check_importance_model(record, file, full);
+  const auto choice = choose_from_importance(record, file, method, vm["ratio"].as<double>());
+  plan = plan_prune(L, choice.removed, train_last);
+  plan.pruning = {
+      {"method", method}, {"ratio", vm["ratio"].as<double>()}, {"removed", choice.removed}, {"scores", choice.scores}};
+  return plan;
+}
+
+// --calibration: the pruned model's final hidden states against the full model's, on the grid.
+nlohmann::json calibration_check(const po::variables_map& vm, const std::string& full_dir, const std::string& out) {
+  GridChoice choice = grid_choice(vm);
+  choice.model.pp_layers.clear();  // the two models differ in depth: balanced stages for both
+  JobModel full(full_dir, choice);
+  JobModel pruned(out, choice, full.grid());
+  const auto dir = vm["calibration"].as<std::string>();
+  const int64_t n = vm["calibration-examples"].as<int64_t>(), batch = vm["batch-size"].as<int64_t>();
+  if (n < 1) fail("--calibration-examples must be positive, got {}", n);
+  if (batch < 1) fail("--batch-size must be positive, got {}", batch);
+  const auto task = read_prepared(dir, n, full.config().vocab_size);
+  std::vector<std::vector<int64_t>> seqs;
+  for (const auto& e : task.examples) {
+    if (e.tokens.empty()) continue;
+    auto t = e.tokens;
+    if (static_cast<int64_t>(t.size()) > full.config().max_positions)
+      t.erase(t.begin(), t.end() - full.config().max_positions);
+    seqs.push_back(t);
+  }
+  if (seqs.empty()) fail("{}: no calibration examples with tokens", dir);
+  const auto a = last_token_states(full.model(), choice.model.pp_layers, seqs, batch);
+  const auto b = last_token_states(pruned.model(), choice.model.pp_layers, seqs, batch);
+  if (World::get().rank() != 0) return {};
+  const auto cos = row_cosine(a, b);
+  std::vector<double> per(cos.data_ptr<double>(), cos.data_ptr<double>() + cos.numel());
+  return {{"task", std::filesystem::absolute(dir).string()},
+          {"num_examples", seqs.size()},
+          {"hidden_state", "final (after the final norm), each example's last token"},
+          {"mean_cosine", cos.mean().item<double>()},
+          {"min_cosine", cos.min().item<double>()},
+          {"cosine", per}};
+}
+
+int pruning_run(const po::variables_map& vm) {
+  const auto out = vm["out"].as<std::string>();
+  const auto full_dir = vm["model"].as<std::string>();
+  EmulatorPlan plan;
+  run_on_rank0([&] {
+    CheckpointReader full(full_dir);
+    plan = pruning_plan(vm, full);
+    plan.source_model = std::filesystem::absolute(full_dir).string();
+    if (vm.count("calibration")) read_prepared(vm["calibration"].as<std::string>(), 1, full.config().vocab_size);
+    write_emulator_folder(full, plan, out);
+    spdlog::info("{}: {} of {} layers kept ({}), {} trainable -> {}", plan.mode, plan.slots.size(), plan.full_layers,
+                 plan.pruning.value("method", ""), plan.trainable_slots().size(), out);
+  });
+  if (!vm.count("calibration")) return 0;
+  const auto check = calibration_check(vm, full_dir, out);
+  if (World::get().rank() == 0) {
+    plan.pruning["calibration"] = check;
+    write_plan(out, plan);
+    spdlog::info(
+        "calibration: cosine similarity of the final hidden states to the full model's: mean {:.6f}, min "
+        "{:.6f} over {} examples",
+        check["mean_cosine"].get<double>(), check["min_cosine"].get<double>(), check["num_examples"].get<int64_t>());
+  }
+  return 0;
+}
+
+}  // namespace
 
 int emulate_run(const po::variables_map& vm) {
   const auto out = vm["out"].as<std::string>();
   if (std::filesystem::exists(out) && !vm["overwrite"].as<bool>())
     fail("{}: output exists (pass --overwrite to replace it)", out);
+  if (is_pruning(vm["mode"].as<std::string>())) return pruning_run(vm);
+  for (const char* o : {"remove", "from-importance", "method", "ratio", "merge", "calibration"})
+    if (vm.count(o)) fail("--{} is for --mode prune or merge", o);
+  if (!vm["train-last"].defaulted()) fail("--train-last is for --mode prune or merge; emulators take --adapters A,B");
   return run_on_rank0([&] {
     CheckpointReader full(vm["model"].as<std::string>());
     const EmulatorPlan plan = emulator_plan(vm, full.config().num_layers);

@@ -1,0 +1,50 @@
+// Which layers the layer-pruning baselines remove (docs/architecture.md section 1), and LaCo's
+// calibration check of a merged model:
+// - per-layer scores (block_influence, cka_importance): the round(R L) lowest, ties to the lower
+//   layer; a NaN score (widths that differ) is never removed;
+// - angular_distance (Gromov et al. 2024): the contiguous block [l, l + n), n = round(R L),
+//   with the smallest d(l, n), ties to the lower l;
+// - sleb: the first round(R L) layers of the file's greedy removal order.
+#pragma once
+#include <torch/types.h>
+
+#include <cstdint>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "analysis/importance_file.h"
+#include "framework/checkpoint.h"
+#include "framework/distributed_lm.h"
+
+namespace crash {
+
+// "3,5-7" -> {3, 5, 6, 7}; UserError naming `option` on anything else.
+std::vector<int64_t> parse_layer_list(const std::string& text, const std::string& option);
+// "4-6,9-10" -> {{4, 5, 6}, {9, 10}}.
+std::vector<std::vector<int64_t>> parse_layer_groups(const std::string& text, const std::string& option);
+
+// round(ratio * L) (half to even, as Python's round); UserError unless 0 < ratio < 1 and the
+// count is 1..L-1.
+int64_t layers_for_ratio(double ratio, int64_t L);
+
+// UserError when the importance file was computed for another model than `model` (depth, type,
+// or the recorded folder's config.json when it is still there).
+void check_importance_model(const ImportanceRecord& record, const std::string& file, const CheckpointReader& model);
+
+struct PruneChoice {
+  std::vector<int64_t> removed;  // increasing
+  nlohmann::json scores;         // {"file", "method", "values"}: what the choice was made from
+};
+PruneChoice choose_from_importance(const ImportanceRecord& record, const std::string& file, const std::string& method,
+                                   double ratio);
+
+// Final hidden states (HF hidden_states[-1], after the final norm) at each sequence's last
+// token, [N, d] float64 on rank 0 (undefined elsewhere). Collective over the model's grid.
+torch::Tensor last_token_states(DistributedLM& model, const std::vector<int64_t>& pp_layers,
+                                const std::vector<std::vector<int64_t>>& seqs, int64_t batch_size);
+
+// Per-row cosine similarity of two [N, d] tensors, float64 [N].
+torch::Tensor row_cosine(const torch::Tensor& a, const torch::Tensor& b);
+
+}  // namespace crash
