@@ -114,7 +114,8 @@ PruneChoice choose_from_importance(const ImportanceRecord& record, const std::st
     auto d = values_of(scores.select(1, n - 1));
     int64_t best = -1;
     for (int64_t l = 0; l + n <= L; ++l)
-      if (!std::isnan(d[static_cast<size_t>(l)]) && (best < 0 || d[static_cast<size_t>(l)] < d[static_cast<size_t>(best)]))
+      if (!std::isnan(d[static_cast<size_t>(l)]) &&
+          (best < 0 || d[static_cast<size_t>(l)] < d[static_cast<size_t>(best)]))
         best = l;
     if (best < 0) fail("{}: /angular_distance has no block of {} layers with a score", file, n);
     for (int64_t l = best; l < best + n; ++l) out.removed.push_back(l);
@@ -146,6 +147,41 @@ PruneChoice choose_from_importance(const ImportanceRecord& record, const std::st
   std::sort(out.removed.begin(), out.removed.end());
   out.scores["values"] = json_values(v);
   return out;
+}
+
+LacoResult laco_search(int64_t L, int64_t remove, int64_t merge_size, double threshold, int64_t interval,
+                       const std::function<double(const EmulatorPlan&)>& similarity) {
+  if (merge_size < 2) fail("--merge-size {}: a group needs at least 2 layers", merge_size);
+  if (interval < 1) fail("--interval must be at least 1, got {}", interval);
+  if (!(threshold >= -1 && threshold <= 1)) fail("--threshold {}: a cosine similarity, expected -1..1", threshold);
+  LacoResult r;
+  r.plan.mode = "merge";
+  r.plan.full_layers = L;
+  r.plan.bottom = r.plan.top = 0;
+  for (int64_t l = 0; l < L; ++l) r.plan.slots.push_back({l, false, l, {}, {}});
+  auto size = [&] { return static_cast<int64_t>(r.plan.slots.size()); };
+  int64_t l = size() - merge_size;
+  while (l >= 0 && r.removed < remove) {
+    const int64_t count = std::min(merge_size, remove - r.removed + 1);
+    auto candidate = merge_slots(r.plan, l, count);
+    LacoStep step;
+    const auto& slot = candidate.slots[static_cast<size_t>(l)];
+    step.layers.push_back(slot.source);
+    step.layers.insert(step.layers.end(), slot.merged.begin(), slot.merged.end());
+    step.slots = count;
+    step.similarity = similarity(candidate);
+    step.accepted = step.similarity > threshold;
+    r.steps.push_back(step);
+    if (step.accepted) {
+      r.plan = candidate;
+      r.removed += count - 1;
+      l -= interval;
+      if (l + merge_size > size()) l = size() - merge_size;
+    } else {
+      l -= 1;
+    }
+  }
+  return r;
 }
 
 torch::Tensor last_token_states(DistributedLM& model, const std::vector<int64_t>& pp_layers,

@@ -9,6 +9,7 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "analysis/importance_file.h"
 #include "framework/checkpoint.h"
 #include "framework/distributed_lm.h"
+#include "framework/emulator.h"
 
 namespace crash {
 
@@ -38,6 +40,27 @@ struct PruneChoice {
 };
 PruneChoice choose_from_importance(const ImportanceRecord& record, const std::string& file, const std::string& method,
                                    double ratio);
+
+// LaCo's search (Yang et al. 2024, Algorithm 1): from the top of the model down, collapse a
+// group of `merge_size` consecutive layers of the model merged so far into its first layer and
+// keep the merge when `similarity` (the calibration check of the candidate against the full
+// model, the same value on every rank) exceeds `threshold`; after a merge the next group starts
+// `interval` layers lower, after a rejection one lower; until `remove` layers are gone or no
+// group fits. A group is cut short so that no more than `remove` layers go. `plan` starts as the
+// full model (every layer its own slot).
+struct LacoStep {
+  std::vector<int64_t> layers;  // full-model layers of the candidate slot
+  int64_t slots = 0;            // how many slots of the current model it merged
+  double similarity = 0;
+  bool accepted = false;
+};
+struct LacoResult {
+  EmulatorPlan plan;
+  std::vector<LacoStep> steps;
+  int64_t removed = 0;
+};
+LacoResult laco_search(int64_t L, int64_t remove, int64_t merge_size, double threshold, int64_t interval,
+                       const std::function<double(const EmulatorPlan&)>& similarity);
 
 // Final hidden states (HF hidden_states[-1], after the final norm) at each sequence's last
 // token, [N, d] float64 on rank 0 (undefined elsewhere). Collective over the model's grid.

@@ -58,6 +58,12 @@ EmulatorPlan plan_share(int64_t L, int64_t a, int64_t b, const std::vector<std::
 EmulatorPlan plan_prune(int64_t L, const std::vector<int64_t>& removed, int64_t train_last);
 // LaCo: each group [l, l + k] (contiguous, disjoint, k >= 1) collapses into one slot at l.
 EmulatorPlan plan_merge(int64_t L, const std::vector<std::vector<int64_t>>& groups, int64_t train_last);
+// Marks the last `train_last` slots, and only those, as training (adapters [0, train_last]).
+void train_top(EmulatorPlan& plan, int64_t train_last);
+// Slots [first, first + count) of a merge (or prune) plan collapsed into one, as LaCo merges the
+// layers of the model it has so far: w = w_first + sum_i (w_first+i - w_first) over the full
+// model's layers (a merge of merges stays a weighted sum of the original layers).
+EmulatorPlan merge_slots(const EmulatorPlan& plan, int64_t first, int64_t count);
 // Whether a layer tensor is a norm (LaCo keeps the base layer's norms: its reference code
 // merges only the attention and MLP projections).
 bool is_norm_tensor(const std::string& hf_name);

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <map>
 
 #include "framework/atomic_file.h"
 #include "framework/emulator.h"
@@ -206,19 +207,14 @@ EmulatorPlan plan_share(int64_t L, int64_t a, int64_t b, const std::vector<std::
   return p;
 }
 
-namespace {
-
-// Marks the last `train_last` slots as the ones that train (adapters [0, train_last]).
 void train_top(EmulatorPlan& p, int64_t train_last) {
   const auto n = static_cast<int64_t>(p.slots.size());
   if (train_last < 0 || train_last > n)
     fail("--train-last {}: expected 0..{} (the pruned model's layers)", train_last, n);
   p.bottom = 0;
   p.top = train_last;
-  for (int64_t s = n - train_last; s < n; ++s) p.slots[static_cast<size_t>(s)].train = true;
+  for (int64_t s = 0; s < n; ++s) p.slots[static_cast<size_t>(s)].train = s >= n - train_last;
 }
-
-}  // namespace
 
 EmulatorPlan plan_prune(int64_t L, const std::vector<int64_t>& removed, int64_t train_last) {
   std::vector<bool> gone(static_cast<size_t>(std::max<int64_t>(L, 0)), false);
@@ -269,6 +265,43 @@ EmulatorPlan plan_merge(int64_t L, const std::vector<std::vector<int64_t>>& grou
   }
   train_top(p, train_last);
   return p;
+}
+
+EmulatorPlan merge_slots(const EmulatorPlan& plan, int64_t first, int64_t count) {
+  const auto n = static_cast<int64_t>(plan.slots.size());
+  if (first < 0 || count < 2 || first + count > n) fail("cannot merge slots {}..{} of {}", first, first + count - 1, n);
+  // Each slot as weights over the full model's layers it spans.
+  std::map<int64_t, double> w;
+  auto weights_of = [](const EmulatorSlot& s) {
+    std::map<int64_t, double> out;
+    if (s.merged.empty()) {
+      out[s.source] = 1.0;
+      return out;
+    }
+    out[s.source] = s.weights.at(0);
+    for (size_t k = 0; k < s.merged.size(); ++k) out[s.merged[k]] = s.weights.at(k + 1);
+    return out;
+  };
+  const auto base = weights_of(plan.slots[static_cast<size_t>(first)]);
+  w = base;
+  for (int64_t i = first + 1; i < first + count; ++i) {
+    for (const auto& [l, x] : weights_of(plan.slots[static_cast<size_t>(i)])) w[l] += x;
+    for (const auto& [l, x] : base) w[l] -= x;
+  }
+  EmulatorPlan out = plan;
+  EmulatorSlot slot = plan.slots[static_cast<size_t>(first)];
+  slot.merged.clear();
+  slot.weights = {w.at(slot.source)};
+  for (const auto& [l, x] : w)
+    if (l != slot.source) {
+      slot.merged.push_back(l);
+      slot.weights.push_back(x);
+    }
+  out.slots.erase(out.slots.begin() + first, out.slots.begin() + first + count);
+  out.slots.insert(out.slots.begin() + first, slot);
+  for (size_t s = 0; s < out.slots.size(); ++s) out.slots[s].stored_as = static_cast<int64_t>(s);
+  out.mode = "merge";
+  return out;
 }
 
 bool is_norm_tensor(const std::string& hf_name) {

@@ -38,7 +38,13 @@ void emulate_options(po::options_description& o) {
       "prune, merge: a prepared task; report the cosine similarity of the final hidden states (last token) of the "
       "pruned and the full model on its examples")("calibration-examples", po::value<int64_t>()->default_value(16),
                                                    "examples of --calibration used")(
-      "batch-size", po::value<int64_t>()->default_value(8), "calibration sequences per forward pass");
+      "batch-size", po::value<int64_t>()->default_value(8), "calibration sequences per forward pass")(
+      "merge-size", po::value<int64_t>()->default_value(4),
+      "merge without --merge (LaCo's search): layers collapsed per try")(
+      "threshold", po::value<double>()->default_value(0.45),
+      "LaCo's search: keep a merge while the calibration cosine similarity stays above this (0.45: LaCo's "
+      "reference setting for Llama-2)")("interval", po::value<int64_t>()->default_value(1),
+                                        "LaCo's search: layers to step down after a kept merge");
   add_grid_options(o);
 }
 
@@ -82,7 +88,8 @@ EmulatorPlan pruning_plan(const po::variables_map& vm, const CheckpointReader& f
     if (vm.count(o) && !by_importance) fail("--{} goes with --from-importance", o);
   EmulatorPlan plan;
   if (mode == "merge") {
-    if (!vm.count("merge")) fail("--mode merge needs --merge GROUPS (e.g. 4-6,9-10)");
+    if (!vm.count("merge"))
+      fail("--mode merge needs --merge GROUPS (e.g. 4-6,9-10), or --calibration and --ratio for LaCo's search");
     for (const char* o : {"remove", "from-importance"})
       if (vm.count(o)) fail("--{} is for --mode prune", o);
     const auto groups = parse_layer_groups(vm["merge"].as<std::string>(), "--merge");
@@ -121,6 +128,24 @@ EmulatorPlan pruning_plan(const po::variables_map& vm, const CheckpointReader& f
   return plan;
 }
 
+// The calibration examples' tokens (their last max_positions).
+std::vector<std::vector<int64_t>> calibration_seqs(const po::variables_map& vm, const ModelConfig& cfg) {
+  const auto dir = vm["calibration"].as<std::string>();
+  const int64_t n = vm["calibration-examples"].as<int64_t>();
+  if (n < 1) fail("--calibration-examples must be positive, got {}", n);
+  if (vm["batch-size"].as<int64_t>() < 1) fail("--batch-size must be positive, got {}", vm["batch-size"].as<int64_t>());
+  const auto task = read_prepared(dir, n, cfg.vocab_size);
+  std::vector<std::vector<int64_t>> seqs;
+  for (const auto& e : task.examples) {
+    if (e.tokens.empty()) continue;
+    auto t = e.tokens;
+    if (static_cast<int64_t>(t.size()) > cfg.max_positions) t.erase(t.begin(), t.end() - cfg.max_positions);
+    seqs.push_back(t);
+  }
+  if (seqs.empty()) fail("{}: no calibration examples with tokens", dir);
+  return seqs;
+}
+
 // --calibration: the pruned model's final hidden states against the full model's, on the grid.
 nlohmann::json calibration_check(const po::variables_map& vm, const std::string& full_dir, const std::string& out) {
   GridChoice choice = grid_choice(vm);
@@ -128,19 +153,8 @@ nlohmann::json calibration_check(const po::variables_map& vm, const std::string&
   JobModel full(full_dir, choice);
   JobModel pruned(out, choice, full.grid());
   const auto dir = vm["calibration"].as<std::string>();
-  const int64_t n = vm["calibration-examples"].as<int64_t>(), batch = vm["batch-size"].as<int64_t>();
-  if (n < 1) fail("--calibration-examples must be positive, got {}", n);
-  if (batch < 1) fail("--batch-size must be positive, got {}", batch);
-  const auto task = read_prepared(dir, n, full.config().vocab_size);
-  std::vector<std::vector<int64_t>> seqs;
-  for (const auto& e : task.examples) {
-    if (e.tokens.empty()) continue;
-    auto t = e.tokens;
-    if (static_cast<int64_t>(t.size()) > full.config().max_positions)
-      t.erase(t.begin(), t.end() - full.config().max_positions);
-    seqs.push_back(t);
-  }
-  if (seqs.empty()) fail("{}: no calibration examples with tokens", dir);
+  const int64_t batch = vm["batch-size"].as<int64_t>();
+  const auto seqs = calibration_seqs(vm, full.config());
   const auto a = last_token_states(full.model(), choice.model.pp_layers, seqs, batch);
   const auto b = last_token_states(pruned.model(), choice.model.pp_layers, seqs, batch);
   if (World::get().rank() != 0) return {};
@@ -154,13 +168,82 @@ nlohmann::json calibration_check(const po::variables_map& vm, const std::string&
           {"cosine", per}};
 }
 
+// LaCo's search: every candidate is written next to the output and run on the grid against the
+// full model's final hidden states.
+EmulatorPlan laco_plan(const po::variables_map& vm, const std::string& full_dir, const std::string& out) {
+  for (const char* o : {"remove", "from-importance", "method"})
+    if (vm.count(o)) fail("--{} is for --mode prune", o);
+  if (!vm.count("calibration") || !vm.count("ratio"))
+    fail("--mode merge without --merge runs LaCo's search: it needs --calibration DIR and --ratio R");
+  if (!vm["adapters"].defaulted()) fail("--adapters is for emulators; a merge model takes --train-last K");
+  GridChoice choice = grid_choice(vm);
+  choice.model.pp_layers.clear();
+  JobModel full(full_dir, choice);
+  const ModelConfig& cfg = full.config();
+  const int64_t L = cfg.num_layers, remove = layers_for_ratio(vm["ratio"].as<double>(), L);
+  const auto seqs = calibration_seqs(vm, cfg);
+  const int64_t batch = vm["batch-size"].as<int64_t>();
+  const auto reference = last_token_states(full.model(), {}, seqs, batch);
+  const bool rank0 = World::get().rank() == 0;
+  const std::string candidate_dir = out + ".laco-candidate";
+  auto similarity = [&](const EmulatorPlan& candidate) {
+    if (rank0) write_emulator_folder(full.checkpoint(), candidate, candidate_dir);
+    full.grid()->world()->barrier();
+    JobModel merged(candidate_dir, choice, full.grid());
+    const auto states = last_token_states(merged.model(), {}, seqs, batch);
+    auto s = torch::zeros({1}, torch::kFloat64);
+    if (rank0) s[0] = row_cosine(reference, states).mean().item<double>();
+    full.grid()->world()->broadcast(s, 0);
+    return s.item<double>();
+  };
+  const auto result = laco_search(L, remove, vm["merge-size"].as<int64_t>(), vm["threshold"].as<double>(),
+                                  vm["interval"].as<int64_t>(), similarity);
+  if (rank0) std::filesystem::remove_all(candidate_dir);
+  EmulatorPlan plan = result.plan;
+  train_top(plan, vm["train-last"].as<int64_t>());
+  nlohmann::json steps = nlohmann::json::array(), groups = nlohmann::json::array();
+  for (const auto& st : result.steps) {
+    steps.push_back(
+        {{"layers", st.layers}, {"slots", st.slots}, {"similarity", st.similarity}, {"accepted", st.accepted}});
+    spdlog::info("LaCo: layers {} as one: similarity {:.6f} -> {}", fmt::join(st.layers, ","), st.similarity,
+                 st.accepted ? "merged" : "rejected");
+  }
+  for (const auto& slot : plan.slots)
+    if (!slot.merged.empty()) {
+      std::vector<int64_t> g = {slot.source};
+      g.insert(g.end(), slot.merged.begin(), slot.merged.end());
+      groups.push_back(g);
+    }
+  if (result.removed < remove)
+    spdlog::warn("LaCo: only {} of the {} layers asked for could be merged above --threshold {}", result.removed,
+                 remove, vm["threshold"].as<double>());
+  plan.pruning = {{"method", "laco"},
+                  {"reference", "LaCo (Yang et al. 2024, arXiv 2402.11187), Algorithm 1"},
+                  {"search",
+                   {{"ratio", vm["ratio"].as<double>()},
+                    {"target_removed", remove},
+                    {"merge_size", vm["merge-size"].as<int64_t>()},
+                    {"threshold", vm["threshold"].as<double>()},
+                    {"interval", vm["interval"].as<int64_t>()},
+                    {"compared_with", "the full model (final hidden state, last token, mean cosine)"},
+                    {"steps", steps}}},
+                  {"merged_groups", groups},
+                  {"removed_count", result.removed},
+                  {"norms",
+                   "kept from each group's first layer, as LaCo's reference code merges only the attention "
+                   "and MLP projections"}};
+  return plan;
+}
+
 int pruning_run(const po::variables_map& vm) {
   const auto out = vm["out"].as<std::string>();
   const auto full_dir = vm["model"].as<std::string>();
   EmulatorPlan plan;
+  const bool search = vm["mode"].as<std::string>() == "merge" && !vm.count("merge");
+  if (search) plan = laco_plan(vm, full_dir, out);
   run_on_rank0([&] {
     CheckpointReader full(full_dir);
-    plan = pruning_plan(vm, full);
+    if (!search) plan = pruning_plan(vm, full);
     plan.source_model = std::filesystem::absolute(full_dir).string();
     if (vm.count("calibration")) read_prepared(vm["calibration"].as<std::string>(), 1, full.config().vocab_size);
     write_emulator_folder(full, plan, out);

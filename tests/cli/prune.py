@@ -7,6 +7,7 @@
   NumPy picks from the same file (lowest scores; the angular block with the lowest d(l, n); the
   first of SLEB's order), with the scores recorded in the plan; also from a file the importance
   job made;
+- merge's LaCo search: replayed in Python from its recorded similarities; its weights and tensors;
 - merge (LaCo): each merged tensor equals theta_l + sum_i (theta_l+i - theta_l) in NumPy fp64,
   norms are layer l's; --calibration's cosine similarities equal NumPy's on the forward job's
   final hidden states of both models, and 2 ranks (TP2) give the one-rank numbers;
@@ -271,6 +272,54 @@ with tempfile.TemporaryDirectory() as tmp:
         check(f"merge {groups} ({name}): calibration cosine equals NumPy on the forward job's states",
               cal["num_examples"] == 12 and diff < 1e-5 and abs(cal["mean_cosine"] - cos.mean()) < 1e-5,
               f"(mean {cal['mean_cosine']:.4f}, max diff {diff:.1e})")
+    # LaCo's search: replayed in Python from the recorded similarities (which groups it tries, what
+    # it keeps), the merged weights as sums of the original layers, the final check equal to the
+    # last kept step's similarity.
+    out = os.path.join(tmp, "llama_laco")
+    run("emulate", ["--model", llama, "--mode", "merge", "--calibration", calib, "--ratio", "0.5", "--merge-size",
+                    "2", "--threshold", "0.5", "--out", out])
+    p = plan(out)
+    steps = p["pruning"]["search"]["steps"]
+    slots = [{l: 1.0} for l in range(4)]  # each slot as weights over the original layers
+    l, removed, replay_ok, last = 4 - 2, 0, True, None
+    for st in steps:
+        if not (l >= 0 and removed < 2):
+            replay_ok = False
+            break
+        count = min(2, 2 - removed + 1)
+        merged = dict(slots[l])
+        for other in slots[l + 1:l + count]:
+            for k, v in other.items():
+                merged[k] = merged.get(k, 0.0) + v
+            for k, v in slots[l].items():
+                merged[k] -= v
+        replay_ok = replay_ok and st["layers"] == sorted(merged) and st["accepted"] == (st["similarity"] > 0.5)
+        if st["accepted"]:
+            slots = slots[:l] + [merged] + slots[l + count:]
+            removed += count - 1
+            last = st["similarity"]
+            l -= 1
+            l = len(slots) - 2 if l + 2 > len(slots) else l
+        else:
+            l -= 1
+    replay_ok = replay_ok and not (l >= 0 and removed < 2) and p["pruning"]["removed_count"] == removed
+    got = [{x["source"]: 1.0} if "merged" not in x else dict(zip([x["source"]] + x["merged"], x["weights"]))
+           for x in p["slots"]]
+    check("LaCo search: the groups tried and kept replay in Python, the plan's weights match",
+          replay_ok and got == slots and len(steps) >= 2, f"({len(steps)} steps, {removed} layers merged away)")
+    check("LaCo search: the final calibration check equals the last kept step's similarity",
+          last is not None and abs(p["pruning"]["calibration"]["mean_cosine"] - last) < 1e-9,
+          f"({p['pruning']['calibration']['mean_cosine']:.6f})")
+    s_, o_ = raw_tensors(llama), raw_tensors(out)
+    worst = 0.0
+    for slot, w in enumerate(slots):
+        first = min(w)
+        for t in [n for n in s_ if layer_of(n) == first and "norm" not in n.split(".")[-2]]:
+            want = sum(x * as_array(s_[renamed(t, k)]) for k, x in w.items())
+            worst = max(worst, float(np.max(np.abs(as_array(o_[renamed(t, slot)]) - want))))
+    check("LaCo search: the written tensors are the plan's weighted sums", worst < 1e-6, f"(worst {worst:.1e})")
+    check("LaCo search: no candidate folder left", not os.path.exists(out + ".laco-candidate"))
+
     out2 = os.path.join(tmp, "qwen2_bias_merged_tp2")
     run("emulate", ["--model", qwen2, "--mode", "merge", "--merge", "0-1,2-3", "--calibration", calib, "--tp", "2",
                     "--out", out2], np_=2)
@@ -333,6 +382,11 @@ with tempfile.TemporaryDirectory() as tmp:
                                       os.path.join(tmp, "bad")], ["at least two"]),
         ("overlapping merge groups", ["--model", llama, "--mode", "merge", "--merge", "0-1,1-2", "--out",
                                       os.path.join(tmp, "bad")], ["two merge groups"]),
+        ("LaCo search without calibration", ["--model", llama, "--mode", "merge", "--ratio", "0.5", "--out",
+                                             os.path.join(tmp, "bad")], ["--calibration"]),
+        ("LaCo search with a merge size of 1", ["--model", llama, "--mode", "merge", "--ratio", "0.5", "--calibration",
+                                                calib, "--merge-size", "1", "--out", os.path.join(tmp, "bad")],
+         ["--merge-size"]),
         ("merge past the last layer", ["--model", llama, "--mode", "merge", "--merge", "2-4", "--out",
                                        os.path.join(tmp, "bad")], ["layer 4"]),
         ("--remove with an emulator mode", ["--model", llama, "--mode", "uniform", "--keep", "1", "--remove", "1",
