@@ -10,6 +10,7 @@
 
 #include "framework/gather_outputs.h"
 #include "framework/json_fields.h"
+#include "framework/token_input.h"
 #include "parallel/errors.h"
 
 namespace crash {
@@ -182,6 +183,46 @@ LacoResult laco_search(int64_t L, int64_t remove, int64_t merge_size, double thr
     }
   }
   return r;
+}
+
+SlebResult sleb_search(int64_t L, int64_t remove,
+                       const std::function<double(const std::vector<int64_t>& removed)>& perplexity) {
+  SlebResult r;
+  r.base_perplexity = perplexity({});
+  std::vector<int64_t> removed;
+  while (static_cast<int64_t>(removed.size()) < remove) {
+    int64_t best = -1;
+    double best_ppl = std::numeric_limits<double>::infinity();
+    for (int64_t l = 0; l < L; ++l) {
+      if (std::find(removed.begin(), removed.end(), l) != removed.end()) continue;
+      auto candidate = removed;
+      candidate.push_back(l);
+      std::sort(candidate.begin(), candidate.end());
+      const double p = perplexity(candidate);
+      if (best < 0 || p < best_ppl) {
+        best = l;
+        best_ppl = p;
+      }
+    }
+    removed.push_back(best);
+    r.order.push_back(best);
+    r.perplexity.push_back(best_ppl);
+  }
+  return r;
+}
+
+double calibration_perplexity(DistributedLM& model, const std::vector<std::vector<int64_t>>& seqs, int64_t batch_size) {
+  double nll = 0, tokens = 0;
+  for (size_t b = 0; b < seqs.size(); b += static_cast<size_t>(batch_size)) {
+    const size_t e = std::min(seqs.size(), b + static_cast<size_t>(batch_size));
+    const auto batch = pad_batch(seqs, b, e, model.config().pad_token_id, false);
+    const auto targets = causal_targets(batch.ids, batch.mask);
+    const auto lp = model.token_logprobs(batch.ids, batch.mask, targets, 1);
+    nll -= lp.sum().item<double>();
+    tokens += static_cast<double>((targets != -100).sum().item<int64_t>());
+  }
+  if (tokens == 0) fail("the calibration examples have no token to predict (each needs two tokens or more)");
+  return std::exp(nll / tokens);
 }
 
 torch::Tensor last_token_states(DistributedLM& model, const std::vector<int64_t>& pp_layers,

@@ -62,6 +62,21 @@ struct LacoResult {
 LacoResult laco_search(int64_t L, int64_t remove, int64_t merge_size, double threshold, int64_t interval,
                        const std::function<double(const EmulatorPlan&)>& similarity);
 
+// SLEB (Song et al. 2024): repeat, for each remaining layer the calibration perplexity of the
+// model without it and the layers removed so far, `perplexity(removed)`; remove the layer with
+// the lowest (ties: the lower layer), until `remove` layers are gone.
+struct SlebResult {
+  std::vector<int64_t> order;      // layers in the order removed
+  std::vector<double> perplexity;  // after each removal
+  double base_perplexity = 0;      // the full model's
+};
+SlebResult sleb_search(int64_t L, int64_t remove,
+                       const std::function<double(const std::vector<int64_t>& removed)>& perplexity);
+
+// Token-level perplexity of the model on `seqs` (every next token of every sequence; each DP
+// replica runs them all), the same on every rank. Collective over the model's grid.
+double calibration_perplexity(DistributedLM& model, const std::vector<std::vector<int64_t>>& seqs, int64_t batch_size);
+
 // Final hidden states (HF hidden_states[-1], after the final norm) at each sequence's last
 // token, [N, d] float64 on rank 0 (undefined elsewhere). Collective over the model's grid.
 torch::Tensor last_token_states(DistributedLM& model, const std::vector<int64_t>& pp_layers,

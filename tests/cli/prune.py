@@ -11,6 +11,8 @@
 - merge (LaCo): each merged tensor equals theta_l + sum_i (theta_l+i - theta_l) in NumPy fp64,
   norms are layer l's; --calibration's cosine similarities equal NumPy's on the forward job's
   final hidden states of both models, and 2 ranks (TP2) give the one-rank numbers;
+- importance --methods sleb: the removal order and perplexities of a plain PyTorch run
+  (tests/fixtures/sleb/generate.py) on two fixture models, one rank and TP2; emulate from it;
 - the forward job runs on the pruned and merged folders; plugin refuses them;
 - bad input exits 2 with one line."""
 import json
@@ -339,6 +341,36 @@ with tempfile.TemporaryDirectory() as tmp:
         p = run("plugin", ["--model", full, "--emulator", emu, "--out", os.path.join(tmp, "plug")], check_rc=False)
         check(f"plugin refuses a {label} model", one_line_error(p, [label, "nothing"]) or
               one_line_error(p, [label, "no adapter"]), p.stderr.strip())
+
+    # ---- SLEB (importance --methods sleb) against plain PyTorch (tests/fixtures/sleb/generate.py) ----
+    expected = json.load(open(os.path.join(fixtures, "sleb", "expected.json")))
+    for (name, want), np_ in zip(sorted(expected["models"].items()), (1, 2)):
+        src = os.path.join(MODELS, name)
+        task = os.path.join(tmp, f"sleb_{name}")
+        os.makedirs(task)
+        with open(os.path.join(task, "shard-00000.jsonl"), "w") as f:
+            for i, t in enumerate(want["sequences"]):
+                f.write(json.dumps({"index": i, "hash": f"{i + 1:016x}", "tokens": t}) + "\n")
+        with open(os.path.join(task, "manifest.json"), "w") as f:
+            json.dump({"kind": "text", "task": "sleb", "shards": ["shard-00000.jsonl"]}, f)
+        imp_sleb = os.path.join(tmp, f"sleb_{name}.h5")
+        run("importance", ["--model", src, "--methods", "sleb", "--calibration", task, "--ratio",
+                           str(expected["ratio"]), "--out", imp_sleb] + (["--tp", "2"] if np_ > 1 else []), np_=np_)
+        with h5py.File(imp_sleb, "r") as f:
+            order, ppl = list(f["sleb_order"][()]), f["sleb_perplexity"][()]
+            methods = json.loads(f.attrs["methods"])
+        rel = float(np.max(np.abs(ppl - want["perplexity"]) / np.asarray(want["perplexity"])))
+        check(f"sleb on {name} ({np_} rank(s)): removal order {order} and perplexities as PyTorch's",
+              order == want["order"] and rel < 1e-5 and methods == ["sleb"], f"(worst relative {rel:.1e})")
+        out = os.path.join(tmp, f"{name}_sleb_pruned")
+        run("emulate", ["--model", src, "--mode", "prune", "--from-importance", imp_sleb, "--method", "sleb",
+                        "--ratio", "0.5", "--out", out])
+        removed = sorted(want["order"][:2])
+        p = check_pruned(f"emulate from sleb ({name})", src, out, [l for l in range(4) if l not in removed])
+        check(f"emulate from sleb ({name}): removes {removed}", p["pruning"]["removed"] == removed)
+    p = run("importance", ["--model", llama, "--methods", "sleb", "--calibration", calib, "--out",
+                           os.path.join(tmp, "bad.h5")], check_rc=False)
+    check("importance --methods sleb without --ratio -> exit 2", one_line_error(p, ["sleb", "--ratio"]), p.stderr.strip())
 
     # ---- bad input ----
     other = os.path.join(tmp, "other.h5")
