@@ -84,6 +84,8 @@ EmulatorPlan pruning_plan(const po::variables_map& vm, const CheckpointReader& f
   for (const char* o : {"clusters", "keep"})
     if (vm.count(o)) fail("--{} is for emulators, not --mode {}", o, mode);
   const bool by_importance = vm.count("from-importance") != 0;
+  if (mode == "merge" && vm.count("ratio"))
+    fail("--ratio with --merge GROUPS: the groups say what goes (--ratio is for LaCo's search, without --merge)");
   for (const char* o : {"method", "ratio"})
     if (vm.count(o) && !by_importance) fail("--{} goes with --from-importance", o);
   EmulatorPlan plan;

@@ -419,6 +419,8 @@ with tempfile.TemporaryDirectory() as tmp:
         ("LaCo search with a merge size of 1", ["--model", llama, "--mode", "merge", "--ratio", "0.5", "--calibration",
                                                 calib, "--merge-size", "1", "--out", os.path.join(tmp, "bad")],
          ["--merge-size"]),
+        ("--ratio with merge groups", ["--model", llama, "--mode", "merge", "--merge", "1-2", "--ratio", "0.5",
+                                       "--out", os.path.join(tmp, "bad")], ["--ratio", "LaCo's search"]),
         ("merge past the last layer", ["--model", llama, "--mode", "merge", "--merge", "2-4", "--out",
                                        os.path.join(tmp, "bad")], ["layer 4"]),
         ("--remove with an emulator mode", ["--model", llama, "--mode", "uniform", "--keep", "1", "--remove", "1",
