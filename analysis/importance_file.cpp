@@ -31,6 +31,7 @@ std::vector<std::string> importance_methods(const ImportanceRecord& r) {
   if (r.block_influence.defined()) out.push_back("block_influence");
   if (r.angular_distance.defined()) out.push_back("angular_distance");
   if (r.cka_importance.defined()) out.push_back("cka_importance");
+  if (r.sleb_order.defined()) out.push_back("sleb");
   return out;
 }
 
@@ -77,6 +78,21 @@ void write_importance_file(const std::string& path, const ImportanceRecord& r, b
     out.attribute(d, "cka_pooling", r.cka_pooling);
     out.attribute(d, "num_examples", r.cka_examples);
   }
+  if (r.sleb_order.defined()) {
+    out.write("sleb_order", r.sleb_order.to(torch::kInt64));
+    out.write("sleb_perplexity", r.sleb_perplexity.to(torch::kFloat64));
+    for (const std::string d : {"sleb_order", "sleb_perplexity"}) {
+      out.attribute(d, "method", "sleb");
+      out.attribute(d, "reference", "SLEB (Song et al. 2024, arXiv 2402.09025)");
+      out.attribute(d, "definition",
+                    "greedy: repeat, for each remaining layer the calibration perplexity with it removed; remove the "
+                    "layer with the lowest; sleb_perplexity[i] is the perplexity after removing sleb_order[0..i]");
+      out.attribute(d, "prune", "in sleb_order");
+      out.attribute(d, "calibration", r.sleb_calibration);
+      out.attribute(d, "num_examples", r.sleb_examples);
+    }
+    out.attribute("sleb_perplexity", "base_perplexity", fmt::format("{}", r.sleb_base_perplexity));
+  }
   out.attribute("/", "format", kImportanceFormat);
   out.attribute("/", "methods", nlohmann::json(methods).dump());
   out.attribute("/", "num_layers", r.num_layers);
@@ -111,6 +127,11 @@ ImportanceRecord read_importance_file(const std::string& path) {
     H5Id bi(H5Dopen2(file, "block_influence", H5P_DEFAULT), H5Dclose);
     if (bi.get() >= 0) r.num_tokens = h5_int_attribute(bi, "num_tokens", 0);
     H5Id cka(H5Dopen2(file, "cka_importance", H5P_DEFAULT), H5Dclose);
+    H5Id sleb(H5Dopen2(file, "sleb_order", H5P_DEFAULT), H5Dclose);
+    if (sleb.get() >= 0) {
+      r.sleb_calibration = h5_text_attribute(sleb, "calibration");
+      r.sleb_examples = h5_int_attribute(sleb, "num_examples", 0);
+    }
     if (cka.get() >= 0) {
       r.cka_file = h5_text_attribute(cka, "cka_file");
       r.cka_method = h5_text_attribute(cka, "cka_method");
@@ -130,6 +151,14 @@ ImportanceRecord read_importance_file(const std::string& path) {
     } else if (m == "cka_importance") {
       r.cka_importance = h5_read(path, m);
       check_shape(path, m, r.cka_importance, {L});
+    } else if (m == "sleb") {
+      r.sleb_order = h5_read(path, "sleb_order");
+      r.sleb_perplexity = h5_read(path, "sleb_perplexity");
+      const auto n = r.sleb_order.dim() == 1 ? r.sleb_order.size(0) : -1;
+      if (r.sleb_order.scalar_type() != torch::kInt64 || n < 1 || n >= L || r.sleb_order.min().item<int64_t>() < 0 ||
+          r.sleb_order.max().item<int64_t>() >= L || std::get<0>(at::_unique(r.sleb_order)).numel() != n)
+        fail("{}: /sleb_order must be int64 [n], n < {}, of distinct layers 0..{}", path, L, L - 1);
+      check_shape(path, "sleb_perplexity", r.sleb_perplexity, {n});
     } else {
       fail("{}: unknown method '{}' in attribute 'methods'", path, m);
     }

@@ -4,6 +4,8 @@
 //   /angular_distance  [L, L]  [l][n - 1] = d(l, n), block of n layers from l; NaN where l + n > L;
 //                              lower = removed first
 //   /cka_importance    [L]     1 - CKA(h_l, h_l+1); higher = more important
+//   /sleb_order        [n]     int64: SLEB's greedy removal order (first removed first)
+//   /sleb_perplexity   [n]     calibration perplexity after each removal
 // Each dataset's attributes: method, reference, definition, hidden_states (which states and
 // tokens it compares), prune (which end is removed first), and its inputs (num_examples,
 // num_tokens; archive or cka_file, cka_method, cka_pooling).
@@ -31,6 +33,11 @@ struct ImportanceRecord {
   torch::Tensor cka_importance;
   std::string cka_file, cka_method, cka_pooling;
   int64_t cka_examples = 0;
+  // SLEB: the layers in the order removed, and the perplexity after each removal.
+  torch::Tensor sleb_order, sleb_perplexity;
+  std::string sleb_calibration;
+  int64_t sleb_examples = 0;
+  double sleb_base_perplexity = 0;
   std::string tool_version;
 };
 

@@ -39,6 +39,25 @@ std::map<int64_t, std::vector<std::string>> names_by_layer(const CheckpointReade
   return out;
 }
 
+// A merged slot's tensor: sum_j w_j theta_j over its source and merged layers, in fp64, stored in
+// the source layer's dtype (LaCo's theta_l + sum_i (theta_l+i - theta_l) and merges of merges).
+torch::Tensor merged_tensor(const CheckpointReader& full, const std::string& name, const EmulatorSlot& slot) {
+  const auto base = full.view(name);
+  auto sum = base.to(torch::kFloat64) * slot.weights.at(0);
+  for (size_t k = 0; k < slot.merged.size(); ++k) {
+    const auto other = rename_layer(name, slot.merged[k]);
+    if (!full.contains(other))
+      fail("{}: layer {} has '{}' but layer {} has no '{}' to merge", full.dir(), slot.source, name, slot.merged[k],
+           other);
+    const auto t = full.view(other);
+    if (t.sizes() != base.sizes())
+      fail("{}: '{}' has shape {} but '{}' {}; layers of different shapes cannot merge", full.dir(), other,
+           fmt::join(t.sizes(), "x"), name, fmt::join(base.sizes(), "x"));
+    sum += t.to(torch::kFloat64) * slot.weights.at(k + 1);
+  }
+  return sum.to(base.scalar_type()).contiguous();
+}
+
 }  // namespace
 
 void write_emulator_folder(const CheckpointReader& full, const EmulatorPlan& plan, const std::string& out) {
@@ -54,7 +73,9 @@ void write_emulator_folder(const CheckpointReader& full, const EmulatorPlan& pla
     const auto& slot = plan.slots[s];
     if (slot.stored_as != static_cast<int64_t>(s)) continue;
     for (const auto& name : by_layer[slot.source])
-      tensors.emplace_back(rename_layer(name, static_cast<int64_t>(s)), full.view(name));
+      tensors.emplace_back(rename_layer(name, static_cast<int64_t>(s)), slot.merged.empty() || is_norm_tensor(name)
+                                                                            ? full.view(name)
+                                                                            : merged_tensor(full, name, slot));
   }
   nlohmann::json updates = {{"num_hidden_layers", plan.slots.size()}, {"crash_emulator", plan.mode}};
   auto storage = plan.storage();
@@ -84,6 +105,11 @@ bool unchanged(const torch::Tensor& emu, const torch::Tensor& full) {
 
 std::vector<std::string> write_plugin_folder(const CheckpointReader& full, const CheckpointReader& emulator,
                                              const EmulatorPlan& plan, const std::string& out) {
+  if (plan.mode == "prune" || plan.mode == "merge")
+    fail(
+        "{}: is a {} model (its layers were removed{}), not an emulator: there are no adapter layers to plug back "
+        "into the full model; evaluate it (healed or not) as it is",
+        emulator.dir(), plan.mode == "prune" ? "pruned" : "merged", plan.mode == "merge" ? " by merging" : "");
   const ModelConfig& c = full.config();
   if (plan.full_layers != c.num_layers)
     fail("{}: the emulator was made from a {}-layer model, {} has {}", emulator.dir(), plan.full_layers, full.dir(),

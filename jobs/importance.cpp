@@ -1,7 +1,8 @@
 // importance: per-layer (and per-block) importance scores of the layer-pruning baselines
 // (analysis/importance.h): Block Influence and angular distance from a token-level activation
 // archive, its examples split among all ranks; CRaSh's adjacent CKA from the similarity job's
-// output. Rank 0 writes one HDF5 file (analysis/importance_file.h) and, with --plot, a figure.
+// output; SLEB's greedy removal order by calibration perplexity, its forward passes on the grid.
+// Rank 0 writes one HDF5 file (analysis/importance_file.h) and, with --plot, a figure.
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -18,8 +19,12 @@
 #include "analysis/hdf5.h"
 #include "analysis/importance.h"
 #include "analysis/importance_file.h"
+#include "analysis/pruning.h"
+#include "framework/emulator.h"
 #include "framework/json_fields.h"
+#include "framework/prepared.h"
 #include "jobs/job.h"
+#include "jobs/job_model.h"
 #include "jobs/plot.h"
 #include "jobs/version.h"
 #include "parallel/errors.h"
@@ -30,7 +35,7 @@ namespace crash {
 
 namespace {
 
-const std::vector<std::string> kMethods = {"block_influence", "angular_distance", "cka"};
+const std::vector<std::string> kMethods = {"block_influence", "angular_distance", "cka", "sleb"};
 
 // Who made a set of hidden states: the model's config.json as recorded (compared as JSON, so a
 // copy of the model elsewhere matches), else its folder's path.
@@ -63,7 +68,7 @@ ModelOf cka_model(const std::string& path, const CkaFile& cka) {
   return m;
 }
 
-std::set<std::string> parse_methods(const std::string& text, bool archive, bool cka) {
+std::set<std::string> parse_methods(const std::string& text, bool archive, bool cka, bool calibration) {
   std::set<std::string> out;
   std::stringstream in(text);
   for (std::string m; std::getline(in, m, ',');) {
@@ -73,7 +78,12 @@ std::set<std::string> parse_methods(const std::string& text, bool archive, bool 
       continue;
     }
     if (std::find(kMethods.begin(), kMethods.end(), m) == kMethods.end())
-      fail("--methods: unknown method '{}' (expected block_influence, angular_distance, cka or all)", m);
+      fail("--methods: unknown method '{}' (expected block_influence, angular_distance, cka, sleb or all)", m);
+    if (m == "sleb") {
+      if (!calibration) fail("--methods sleb needs --model, --calibration (a prepared task) and --ratio");
+      out.insert(m);
+      continue;
+    }
     if (m == "cka" && !cka) fail("--methods cka needs --cka (the similarity job's output)");
     if (m != "cka" && !archive) fail("--methods {} needs --archive (collect --pooling none)", m);
     out.insert(m);
@@ -95,7 +105,12 @@ void importance_options(po::options_description& o) {
       "comma-separated: block_influence, angular_distance, cka, or all (every score the inputs give)")(
       "chunk-tokens", po::value<int64_t>()->default_value(8192), "archive rows read at once per hidden state")(
       "plot", po::bool_switch(), "also draw every score over depth (OUT with the extension .png)")(
-      "overwrite", po::bool_switch(), "replace an existing output file");
+      "overwrite", po::bool_switch(), "replace an existing output file")(
+      "calibration", po::value<std::string>(), "sleb: a prepared task whose examples' perplexity decides")(
+      "calibration-examples", po::value<int64_t>()->default_value(64), "sleb: examples of --calibration used")(
+      "ratio", po::value<double>(), "sleb: remove round(RATIO * layers), one at a time")(
+      "batch-size", po::value<int64_t>()->default_value(8), "sleb: sequences per forward pass");
+  add_grid_options(o);
 }
 
 int importance_run(const po::variables_map& vm) {
@@ -104,8 +119,10 @@ int importance_run(const po::variables_map& vm) {
   const int64_t chunk = vm["chunk-tokens"].as<int64_t>();
   if (chunk <= 0) fail("--chunk-tokens must be positive, got {}", chunk);
   const bool have_archive = vm.count("archive") != 0, have_cka = vm.count("cka") != 0;
-  if (!have_archive && !have_cka) fail("nothing to score: give --archive (collect --pooling none) and/or --cka");
-  const auto methods = parse_methods(vm["methods"].as<std::string>(), have_archive, have_cka);
+  const bool sleb_ready = vm.count("calibration") && vm.count("model") && vm.count("ratio");
+  if (!have_archive && !have_cka && !vm.count("calibration"))
+    fail("nothing to score: give --archive (collect --pooling none) and/or --cka, or --calibration for sleb");
+  const auto methods = parse_methods(vm["methods"].as<std::string>(), have_archive, have_cka, sleb_ready);
   if (!overwrite && std::filesystem::exists(out_path))
     fail("{}: output exists (pass --overwrite to replace it)", out_path);
 
@@ -164,6 +181,10 @@ int importance_run(const po::variables_map& vm) {
     if (record.model.empty()) record.model = c.path;
     record.num_layers = c.layers;
   }
+  if (model && !archive && !methods.count("cka")) {
+    record.num_layers = read_json_file((std::filesystem::path(model->path) / "config.json").string())
+                            .value("num_hidden_layers", int64_t(0));
+  }
   if (model) {
     const int64_t layers = read_json_file((std::filesystem::path(model->path) / "config.json").string())
                                .value("num_hidden_layers", record.num_layers);
@@ -189,6 +210,54 @@ int importance_run(const po::variables_map& vm) {
     record.archive = archive->path();
     record.num_examples = scores.num_examples;
     record.num_tokens = scores.num_tokens;
+  }
+
+  if (methods.count("sleb")) {
+    // Each candidate (the layers removed so far and one more) is written as a pruned folder
+    // next to the output and run on the grid.
+    GridChoice choice = grid_choice(vm);
+    choice.model.pp_layers.clear();
+    JobModel full(model->path, choice);
+    const int64_t L = full.config().num_layers, remove = layers_for_ratio(vm["ratio"].as<double>(), L);
+    const int64_t batch = vm["batch-size"].as<int64_t>(), n = vm["calibration-examples"].as<int64_t>();
+    if (batch < 1) fail("--batch-size must be positive, got {}", batch);
+    if (n < 1) fail("--calibration-examples must be positive, got {}", n);
+    const auto calib = vm["calibration"].as<std::string>();
+    const auto task = read_prepared(calib, n, full.config().vocab_size);
+    std::vector<std::vector<int64_t>> seqs;
+    for (const auto& e : task.examples) {
+      auto t = e.tokens;
+      if (static_cast<int64_t>(t.size()) > full.config().max_positions)
+        t.erase(t.begin(), t.end() - full.config().max_positions);
+      if (t.size() >= 2) seqs.push_back(t);
+    }
+    if (seqs.empty()) fail("{}: no calibration example of two tokens or more", calib);
+    const std::string candidate_dir = out_path + ".sleb-candidate";
+    const auto start = std::chrono::steady_clock::now();
+    int64_t runs = 0;
+    auto perplexity = [&](const std::vector<int64_t>& removed) {
+      ++runs;
+      if (removed.empty()) return calibration_perplexity(full.model(), seqs, batch);
+      if (comm->rank() == 0) write_emulator_folder(full.checkpoint(), plan_prune(L, removed, 0), candidate_dir);
+      comm->barrier();
+      JobModel pruned(candidate_dir, choice, full.grid());
+      const double p = calibration_perplexity(pruned.model(), seqs, batch);
+      spdlog::debug("sleb: without layers {}: perplexity {:.6f}", fmt::join(removed, ","), p);
+      return p;
+    };
+    const auto result = sleb_search(L, remove, perplexity);
+    if (comm->rank() == 0) std::filesystem::remove_all(candidate_dir);
+    for (size_t i = 0; i < result.order.size(); ++i)
+      spdlog::info("sleb: removed layer {} -> perplexity {:.4f}", result.order[i], result.perplexity[i]);
+    spdlog::info("sleb: {} forward runs over {} examples in {:.2f} s (full model: perplexity {:.4f})", runs,
+                 seqs.size(), std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(),
+                 result.base_perplexity);
+    record.sleb_order = torch::tensor(result.order, torch::kInt64);
+    record.sleb_perplexity = torch::tensor(result.perplexity, torch::kFloat64);
+    record.sleb_base_perplexity = result.base_perplexity;
+    record.sleb_calibration = std::filesystem::absolute(calib).string();
+    record.sleb_examples = static_cast<int64_t>(seqs.size());
+    if (record.model_type.empty()) record.model_type = full.config().model_type;
   }
 
   if (comm->rank() == 0) {
