@@ -16,12 +16,9 @@ Recompute parse_recompute(const std::string& name, const std::string& option) {
 
 const char* recompute_name(Recompute r) {
   switch (r) {
-    case Recompute::Full:
-      return "full";
-    case Recompute::Selective:
-      return "selective";
-    default:
-      return "none";
+    case Recompute::Full: return "full";
+    case Recompute::Selective: return "selective";
+    default: return "none";
   }
 }
 
