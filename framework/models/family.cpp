@@ -39,6 +39,20 @@ std::vector<bool> read_layer_types(const ModelConfig& c, const nlohmann::json& j
   return sliding;
 }
 
+int64_t read_sliding_window(const nlohmann::json& j, int64_t fallback, const std::string& src) {
+  if (!j.contains("sliding_window")) return fallback;
+  if (j.at("sliding_window").is_null()) return 0;
+  const auto window = json_field<int64_t>(j, "sliding_window", src);
+  require_positive(window, "sliding_window", src);
+  return window;
+}
+
+int64_t read_eos_token_id(const nlohmann::json& j, int64_t fallback, const std::string& src) {
+  if (j.contains("eos_token_id") && j.at("eos_token_id").is_array())
+    return j.at("eos_token_id").empty() ? -1 : j.at("eos_token_id")[0].get<int64_t>();
+  return json_field_or<int64_t>(j, "eos_token_id", fallback, src);
+}
+
 nlohmann::json layer_types_json(const ModelConfig& c) {
   auto out = nlohmann::json::array();
   for (int64_t l = 0; l < c.num_layers; ++l) out.push_back(c.slides(l) ? "sliding_attention" : "full_attention");

@@ -87,6 +87,11 @@ void read_sizes(ModelConfig& c, const nlohmann::json& j, const std::string& sour
 // HF's layer_types (num_layers read from `c`) as ModelConfig::sliding_layers: "full_attention"
 // (or the legacy "attention") or "sliding_attention"; any other type fails naming it.
 std::vector<bool> read_layer_types(const ModelConfig& c, const nlohmann::json& j, const std::string& source);
+// config.json's sliding_window: `fallback` when absent, 0 (none) when null, else a positive size.
+int64_t read_sliding_window(const nlohmann::json& j, int64_t fallback, const std::string& source);
+// config.json's eos_token_id: `fallback` when absent or null, the first entry of a list (-1 for
+// an empty one); ModelConfig::from_json keeps every entry in eos_token_ids.
+int64_t read_eos_token_id(const nlohmann::json& j, int64_t fallback, const std::string& source);
 // ModelConfig::sliding_layers as layer_types.
 nlohmann::json layer_types_json(const ModelConfig& c);
 

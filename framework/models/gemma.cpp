@@ -106,15 +106,9 @@ class GemmaFamily : public LlamaStyleFamily {
     c.attention_dropout = json_field_or<double>(j, "attention_dropout", 0.0, src);
     c.pad_token_id = json_field_or<int64_t>(j, "pad_token_id", 0, src);
     c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", 2, src);
-    c.eos_token_id = j.contains("eos_token_id") && j.at("eos_token_id").is_array()
-                         ? (j.at("eos_token_id").empty() ? -1 : j.at("eos_token_id")[0].get<int64_t>())
-                         : json_field_or<int64_t>(j, "eos_token_id", 1, src);
+    c.eos_token_id = read_eos_token_id(j, 1, src);
 
-    int64_t window = 4096;
-    if (j.contains("sliding_window")) {
-      window = j.at("sliding_window").is_null() ? 0 : json_field<int64_t>(j, "sliding_window", src);
-      if (!j.at("sliding_window").is_null()) require_positive(window, "sliding_window", src);
-    }
+    const int64_t window = read_sliding_window(j, 4096, src);
     std::vector<bool> sliding;
     if (j.contains("layer_types") && !j.at("layer_types").is_null()) {
       sliding = read_layer_types(c, j, src);

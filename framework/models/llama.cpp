@@ -113,9 +113,7 @@ void read_llama_style(ModelConfig& c, const nlohmann::json& j, const std::string
   c.attention_dropout = json_field_or<double>(j, "attention_dropout", 0.0, src);
   c.pad_token_id = json_field_or<int64_t>(j, "pad_token_id", -1, src);
   c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", 1, src);
-  c.eos_token_id = j.contains("eos_token_id") && j.at("eos_token_id").is_array()
-                       ? (j.at("eos_token_id").empty() ? -1 : j.at("eos_token_id")[0].get<int64_t>())
-                       : json_field_or<int64_t>(j, "eos_token_id", 2, src);
+  c.eos_token_id = read_eos_token_id(j, 2, src);
 }
 
 std::optional<RopeScaling> read_rope_scaling(const nlohmann::json& rs, const std::string& where) {
@@ -144,14 +142,8 @@ void read_qwen_style(ModelConfig& c, const nlohmann::json& j, const std::string&
   c.max_positions = json_field_or<int64_t>(j, "max_position_embeddings", 32768, src);
   c.bos_token_id = json_field_or<int64_t>(j, "bos_token_id", -1, src);
   if (!j.contains("eos_token_id") || j.at("eos_token_id").is_null()) c.eos_token_id = -1;
-  int64_t window = 0;
-  if (json_field_or<bool>(j, "use_sliding_window", false, src)) {
-    window = 4096;
-    if (j.contains("sliding_window")) {
-      window = j.at("sliding_window").is_null() ? 0 : json_field<int64_t>(j, "sliding_window", src);
-      if (!j.at("sliding_window").is_null()) require_positive(window, "sliding_window", src);
-    }
-  }
+  const int64_t window =
+      json_field_or<bool>(j, "use_sliding_window", false, src) ? read_sliding_window(j, 4096, src) : 0;
   std::vector<bool> sliding;
   if (j.contains("layer_types") && !j.at("layer_types").is_null()) {
     sliding = read_layer_types(c, j, src);

@@ -17,11 +17,7 @@ class MistralFamily : public LlamaStyleFamily {
     // MistralConfig has neither attention_bias nor mlp_bias: no Linear has a bias.
     c.attention_bias = c.qkv_bias = c.out_bias = c.mlp_bias = false;
     c.max_positions = json_field_or<int64_t>(j, "max_position_embeddings", 4096 * 32, src);
-    c.sliding_window = 4096;  // MistralConfig's default when the field is absent
-    if (j.contains("sliding_window")) {
-      c.sliding_window = j.at("sliding_window").is_null() ? 0 : json_field<int64_t>(j, "sliding_window", src);
-      if (!j.at("sliding_window").is_null()) require_positive(c.sliding_window, "sliding_window", src);
-    }
+    c.sliding_window = read_sliding_window(j, 4096, src);  // 4096: MistralConfig's default
   }
 };
 

@@ -117,14 +117,28 @@ TEST(Eval, MultipleTargetsScoreExactMatchAsLmEval) {
   EXPECT_NEAR(r.metrics[0].stderr_, expected["exact_match_stderr"].get<double>(), 1e-12);
 }
 
-TEST(Eval, GenerationStopsAtAnyOfTheModelsStopIds) {
+// The eval fixture model on one rank with its generation task prepared in a temporary folder.
+struct GenerationTask {
   test::TempDir tmp;
-  const auto model_dir = test::fixture("eval/model");
-  PrepareOptions po;
-  prepare_task(test::fixture("eval/gen.jsonl"), model_dir, tmp / "gen", po);
-  CheckpointReader ckpt(model_dir);
-  auto task = read_prepared(tmp / "gen");
-  DistributedLM model(ckpt, ProcessGrid::create({1, 1}));
+  std::string model_dir = test::fixture("eval/model");
+  CheckpointReader ckpt{model_dir};
+  PreparedTask task = prepare_gen();
+  DistributedLM model{ckpt, ProcessGrid::create({1, 1})};
+
+  PreparedTask prepare_gen() {
+    PrepareOptions po;
+    prepare_task(test::fixture("eval/gen.jsonl"), model_dir, tmp / "gen", po);
+    return read_prepared(tmp / "gen");
+  }
+};
+
+TEST(Eval, GenerationStopsAtAnyOfTheModelsStopIds) {
+  GenerationTask g;
+  auto& tmp = g.tmp;
+  auto& task = g.task;
+  auto& model = g.model;
+  const auto& model_dir = g.model_dir;
+  const auto& ckpt = g.ckpt;
   auto tok = Tokenizer::load(model_dir + "/tokenizer.json");
   // Every id a stop id: each generation is its first token, a prefix of the unstopped one.
   EvalOptions every, plain;
@@ -153,13 +167,10 @@ TEST(Eval, GenerationStopsAtAnyOfTheModelsStopIds) {
 }
 
 TEST(Eval, BadInputIsAUserError) {
-  test::TempDir tmp;
-  const auto model_dir = test::fixture("eval/model");
-  PrepareOptions po;
-  prepare_task(test::fixture("eval/gen.jsonl"), model_dir, tmp / "gen", po);
-  CheckpointReader ckpt(model_dir);
-  auto task = read_prepared(tmp / "gen");
-  DistributedLM model(ckpt, ProcessGrid::create({1, 1}));
+  GenerationTask g;
+  auto& tmp = g.tmp;
+  auto& task = g.task;
+  auto& model = g.model;
   EvalOptions o;
   o.batch_size = 0;
   test::expect_user_error([&] { evaluate_task(model, task, o); }, {"--batch-size"});
