@@ -10,6 +10,7 @@ The kind of IN is read from the file itself:
   /alpha and /loss (landscape)      loss along the line between two models
   /a, /b and /loss (landscape)      contour plot of the loss plane, theta0/theta1/theta2 marked
   importance file (importance)      every score over depth; the angular distance of blocks as a heat map
+  pruning study JSON (pipeline)     each task's score against the parameters kept, per method, before and after healing
 Needs only numpy, h5py and matplotlib (Debian's python3-* packages)."""
 import argparse
 import json
@@ -247,11 +248,53 @@ def plot_importance(f):
     return fig
 
 
+STUDY_COLOURS = {"uniform": "#1f77b4", "remove": "#2ca02c", "share": "#17becf", "shortgpt": "#d62728",
+                 "angular": "#ff7f0e", "sleb": "#9467bd", "laco": "#8c564b"}
+
+
+def plot_study(study):
+    """One panel per task: its score against the fraction of parameters kept, one colour per method;
+    hollow markers and dashed lines before healing, filled and solid after; the full model a star."""
+    tasks = study["tasks"]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.6 * len(tasks), 4.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        metric = study["metrics"][task]
+        for method in study["methods"]:
+            rows = sorted((r for r in study["rows"] if r["method"] == method), key=lambda r: r["kept_fraction"])
+            if not rows:
+                continue
+            colour = STUDY_COLOURS.get(method)
+            x = [r["kept_fraction"] for r in rows]
+            ax.plot(x, [r["pruned"][task] for r in rows], linestyle="--", marker="o", markerfacecolor="none",
+                    color=colour, linewidth=1.0)
+            ax.plot(x, [r["healed"][task] for r in rows], linestyle="-", marker="o", color=colour, linewidth=1.6,
+                    label=method)
+        ax.plot([1.0], [study["full"]["scores"][task]], marker="*", markersize=13, color="black", linestyle="none",
+                label="full model")
+        ax.set_xlabel("parameters kept (fraction of the full model)")
+        ax.set_ylabel(metric)
+        if metric == "perplexity":
+            ax.set_yscale("log")
+        ax.set_title(f"{task} ({metric})")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8, title="healed (solid) / pruned (dashed)", title_fontsize=8)
+    fig.suptitle(f"Layer pruning at equal budget: healing = {study['healing']}, {study['steps']} steps")
+    fig.tight_layout()
+    return fig
+
+
 def figure_of(path, clusters=None):
     """The figure of one crash-hpc output (the kind read from the file), as a matplotlib figure."""
     with open(path, "rb") as f:
         is_hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
     if not is_hdf5:
+        with open(path) as f:
+            try:
+                doc = json.load(f)
+            except ValueError:
+                doc = None
+        if isinstance(doc, dict) and str(doc.get("format", "")).startswith("crash-hpc pruning study"):
+            return plot_study(doc)
         return plot_segments(read_clusters(path))
     import h5py
 
@@ -272,7 +315,8 @@ def figure_of(path, clusters=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("input", help="a crash-hpc output: CKA, lens, landscape or importance HDF5, or a clusters JSON")
+    p.add_argument("input", help="a crash-hpc output: CKA, lens, landscape or importance HDF5, a clusters JSON or "
+                   "pruning_study.json")
     p.add_argument("--clusters", help="clusters JSON: draw its blocks on a CKA heat map")
     p.add_argument("--out", required=True, help="PNG to write")
     args = p.parse_args()

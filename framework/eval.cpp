@@ -248,32 +248,36 @@ TaskResult generation(DistributedLM& model, const PreparedTask& task, const Eval
     const int64_t first = b * B, n = std::min(B, N - first);
     std::vector<std::vector<int64_t>> seqs, out(static_cast<size_t>(n));
     for (int64_t i = 0; i < n; ++i) seqs.push_back(contexts[order[first + i]]);
-    std::vector<bool> done(static_cast<size_t>(n), false);
     // Greedy decoding by repeated forwards of right-padded rows: every family's default
-    // positions are then those of an unpadded sequence, on any grid.
-    for (int64_t step = 0; step < max_new; ++step) {
-      auto batch = pad_batch(seqs, 0, seqs.size(), pad_id(c), /*left=*/false);
-      auto result = model.forward(batch.ids, batch.mask, micro_batches(model, n), false, true);
-      auto next = torch::zeros({n}, torch::kInt64);
+    // positions are then those of an unpadded sequence, on any grid. A finished row leaves the
+    // batch (each row's logits depend on its own tokens alone).
+    std::vector<int64_t> active(static_cast<size_t>(n));
+    std::iota(active.begin(), active.end(), 0);
+    for (int64_t step = 0; step < max_new && !active.empty(); ++step) {
+      std::vector<std::vector<int64_t>> rows;
+      for (int64_t i : active) rows.push_back(seqs[i]);
+      const int64_t m = static_cast<int64_t>(active.size());
+      auto batch = pad_batch(rows, 0, rows.size(), pad_id(c), /*left=*/false);
+      auto result = model.forward(batch.ids, batch.mask, micro_batches(model, m), false, true);
+      auto next = torch::zeros({m}, torch::kInt64);
       if (grid.last_stage()) {
         auto n_a = next.accessor<int64_t, 1>();
-        for (int64_t i = 0; i < n; ++i)
-          n_a[i] = result.logits[i][static_cast<int64_t>(seqs[i].size()) - 1].argmax().item<int64_t>();
+        for (int64_t r = 0; r < m; ++r)
+          n_a[r] = result.logits[r][static_cast<int64_t>(rows[r].size()) - 1].argmax().item<int64_t>();
       }
       if (grid.pp() > 1)
         on_device(model, next, [&](torch::Tensor& d) { grid.pp_group()->broadcast(d, grid.pp() - 1); });
       auto n_a = next.accessor<int64_t, 1>();
-      bool all_done = true;
-      for (int64_t i = 0; i < n; ++i) {
-        if (done[i]) continue;
-        out[i].push_back(n_a[i]);
-        seqs[i].push_back(n_a[i]);
-        if (std::find(stop.begin(), stop.end(), n_a[i]) != stop.end() ||
-            tok->decode(out[i], true).find('\n') != std::string::npos)
-          done[i] = true;
-        all_done = all_done && done[i];
+      std::vector<int64_t> still;
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t i = active[r];
+        out[i].push_back(n_a[r]);
+        seqs[i].push_back(n_a[r]);
+        const bool stopped = std::find(stop.begin(), stop.end(), n_a[r]) != stop.end() ||
+                             tok->decode(out[i], true).find('\n') != std::string::npos;
+        if (!stopped) still.push_back(i);
       }
-      if (all_done) break;
+      active = std::move(still);
     }
     for (int64_t i = 0; i < n; ++i)
       for (size_t j = 0; j < out[i].size(); ++j)

@@ -121,6 +121,7 @@ nlohmann::json schedule_options(const TrainOptions& o, const ModelConfig& cfg) {
                       {"clip", o.clip},
                       {"seed", o.seed},
                       {"train_all", o.train_all},
+                      {"train_head", o.train_head},
                       {"dtype", std::string(c10::toString(o.dtype))},
                       {"beta1", o.beta1},
                       {"beta2", o.beta2},
@@ -128,6 +129,7 @@ nlohmann::json schedule_options(const TrainOptions& o, const ModelConfig& cfg) {
                       {"distill_from", o.distill_from},
                       {"kd_alpha", o.kd_alpha},
                       {"kd_temperature", o.kd_temperature}};
+  if (o.train_last) j["train_last"] = *o.train_last;
   // Only SIFT runs carry the key, so dense checkpoints written before it still resume.
   if (o.sparse_increment) j["sparse_increment"] = *o.sparse_increment;
   // Likewise only runs with dropout carry its rates.
@@ -153,6 +155,9 @@ void check_train_options(const TrainOptions& o, int world_size) {
   if (o.log_interval <= 0) fail("--log-interval must be positive, got {}", o.log_interval);
   if (o.keep_checkpoints < 1) fail("--keep-checkpoints must be at least 1");
   if (o.resume && o.overwrite) fail("--resume and --overwrite exclude each other");
+  if (o.train_all && (o.train_last || o.train_head))
+    fail("--train-all trains every parameter: it excludes --train-last and --train-head");
+  if (o.train_last && *o.train_last < 0) fail("--train-last must not be negative, got {}", *o.train_last);
   if (o.dropout && !(*o.dropout >= 0 && *o.dropout < 1)) fail("--dropout must be in [0, 1), got {}", *o.dropout);
   if (o.sparse_increment && !(*o.sparse_increment > 0 && *o.sparse_increment <= 1))
     fail("--sparse-increment must be in (0, 1], got {}", *o.sparse_increment);
@@ -175,22 +180,48 @@ void check_train_options(const TrainOptions& o, int world_size) {
 
 namespace {
 
-// Which parameters train: the emulator plan's adapter layers, or all of them.
+// The final norm and the LM head, as --train-head names them: every parameter outside the
+// decoder layers but the embeddings, and the token embedding where the head is tied to it.
+bool is_head_parameter(const std::string& name, const ModelConfig& cfg) {
+  if (layer_of_parameter(name)) return false;
+  if (name == cfg.embedding_name()) return cfg.tie_word_embeddings;
+  return name.find("embed") == std::string::npos;
+}
+
+// Which parameters train: the emulator plan's adapter layers (or --train-last K of the model's),
+// plus the head with --train-head; or all of them.
 std::function<bool(const std::string&)> trainable_rule(const TrainOptions& o, const ModelConfig& cfg) {
   if (o.train_all) return [](const std::string&) { return true; };
-  auto plan = read_plan(o.model);
-  if (!plan)
-    fail("{}: no crash_plan.json, so no adapter layers are known; pass --train-all to train every parameter", o.model);
-  if (static_cast<int64_t>(plan->slots.size()) != cfg.num_layers)
-    fail("{}/crash_plan.json: {} slots but config.json has {} layers", o.model, plan->slots.size(), cfg.num_layers);
-  auto slots = plan->trainable_slots();
-  if (slots.empty())
-    fail("{}/crash_plan.json: the plan has no trainable (adapter) layers; pass --train-all to train every parameter",
-         o.model);
-  std::set<int64_t> layers(slots.begin(), slots.end());
-  return [layers](const std::string& name) {
+  std::set<int64_t> layers;
+  if (o.train_last) {
+    if (*o.train_last > cfg.num_layers) fail("--train-last {}: the model has {} layers", *o.train_last, cfg.num_layers);
+    for (int64_t l = cfg.num_layers - *o.train_last; l < cfg.num_layers; ++l) layers.insert(l);
+    // Shared slots have no weights of their own: the slot they use trains instead.
+    const auto storage = cfg.shared_layers;
+    for (int64_t l : std::set<int64_t>(layers))
+      if (l < static_cast<int64_t>(storage.size())) layers.insert(storage[static_cast<size_t>(l)]);
+  } else {
+    auto plan = read_plan(o.model);
+    if (!plan)
+      fail(
+          "{}: no crash_plan.json, so no adapter layers are known; pass --train-all to train every parameter, or "
+          "--train-last K",
+          o.model);
+    if (static_cast<int64_t>(plan->slots.size()) != cfg.num_layers)
+      fail("{}/crash_plan.json: {} slots but config.json has {} layers", o.model, plan->slots.size(), cfg.num_layers);
+    auto slots = plan->trainable_slots();
+    layers.insert(slots.begin(), slots.end());
+  }
+  if (layers.empty() && !o.train_head)
+    fail(
+        "{}: no layer trains (the plan has no adapter layers, or --train-last 0); pass --train-all, --train-last K "
+        "or --train-head",
+        o.model);
+  const bool head = o.train_head;
+  return [layers, head, cfg](const std::string& name) {
     auto l = layer_of_parameter(name);
-    return l && layers.count(*l) != 0;
+    if (l) return layers.count(*l) != 0;
+    return head && is_head_parameter(name, cfg);
   };
 }
 

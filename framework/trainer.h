@@ -45,6 +45,11 @@ struct TrainOptions {
   int64_t log_interval = 10;  // a log line every N steps (and the first and last); train_log.jsonl has all
   int keep_checkpoints = 2;
   bool train_all = false, resume = false, overwrite = false;
+  // Which layers train, in place of the plan's adapters: the last K decoder layers (healing a
+  // pruned model as "Reassessing Layer Pruning" does), and with train_head the final norm and the
+  // LM head (a tied head: the embedding it is).
+  std::optional<int64_t> train_last;
+  bool train_head = false;
   torch::ScalarType dtype = torch::kFloat32;  // compute type; master weights and moments are fp32
   GridSizes grid;
   std::vector<int64_t> pp_layers;

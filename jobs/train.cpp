@@ -35,6 +35,9 @@ void train_options(po::options_description& o) {
       "time left (train_log.jsonl has every step)")("keep-checkpoints", po::value<int>()->default_value(2),
                                                     "newest checkpoints kept")(
       "train-all", po::bool_switch(), "train every parameter, not only the emulator's adapter layers")(
+      "train-last", po::value<int64_t>(),
+      "train the last K decoder layers instead of the plan's adapter layers (healing a pruned model)")(
+      "train-head", po::bool_switch(), "also train the final norm and the LM head (a tied head: the embedding)")(
       "resume", po::bool_switch(), "continue from the newest complete checkpoint in OUT/checkpoints")(
       "overwrite", po::bool_switch(), "replace an existing OUT")(
       "distill-from", po::value<std::string>()->default_value(""), "full model folder: knowledge distillation teacher")(
@@ -77,6 +80,8 @@ int train_run(const po::variables_map& vm) {
   t.log_interval = vm["log-interval"].as<int64_t>();
   t.keep_checkpoints = vm["keep-checkpoints"].as<int>();
   t.train_all = vm["train-all"].as<bool>();
+  if (vm.count("train-last")) t.train_last = vm["train-last"].as<int64_t>();
+  t.train_head = vm["train-head"].as<bool>();
   const GridChoice grid = grid_choice(vm);
   t.dtype = grid.model.dtype;
   t.grid = grid.sizes;

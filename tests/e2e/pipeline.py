@@ -13,6 +13,11 @@
       The pipeline on a tiny fixture model (MODEL, a folder under FIXTURES with a tokenizer;
       default eval/model, an OPT) on an MPI grid equals the one-rank run: the same clusters and
       the same evaluation numbers of every stage (within 1e-5).
+  pipeline.py BINARY study FIXTURES NP TP PP
+      pipeline --study pruning on the fixture OPT with every method (CRaSh's three emulators,
+      ShortGPT, angular distance, SLEB, LaCo) on multiple choice, perplexity and generation: the
+      table (markdown, JSON) and figure are written, each row's pruned model has the layers and
+      parameters its method gives, and the MPI grid's table equals the one-rank run's (1e-5).
 """
 import json
 import os
@@ -22,6 +27,9 @@ import subprocess
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from safetensors_np import read_safetensors  # noqa: E402
 
 failures = []
 
@@ -146,6 +154,101 @@ def grid_runs(binary, model, task, tmp, np_, tp, pp):
     check(worst <= 1e-5, f"evaluation numbers differ by {worst:.3g}")
 
 
+def write_study_tasks(folder):
+    """Multiple choice, a text and a generation task that fit the fixture's 64 positions."""
+    pairs = write_pairs_task(folder)
+    text = os.path.join(folder, "text.txt")
+    with open(text, "w") as f:
+        f.write("the cat sat on the house by the river.\nbirds fly over the hill and the sea.\n")
+    gen = os.path.join(folder, "gen.jsonl")
+    with open(gen, "w") as f:
+        for i, w in enumerate(["cat", "tree", "stone", "cloud", "apple", "sea"]):
+            f.write(json.dumps({"context": f"Say {w}:", "answers": [f" {w}"]}) + "\n")
+    return pairs, text, gen
+
+
+def study(binary, fixtures, np_, tp, pp):
+    model = os.path.join(fixtures, "eval", "model")
+    methods = ["uniform", "remove", "share", "shortgpt", "angular", "sleb", "laco"]
+    with tempfile.TemporaryDirectory() as tmp:
+        pairs, text, gen = write_study_tasks(tmp)
+        base = [binary, "pipeline", "--study", "pruning", "--model", model, "--train-task", pairs, "--eval-task", pairs,
+                "--eval-task", text, "--eval-task", gen, "--num-examples", "16", "--importance-examples", "8",
+                "--calibration-examples", "8", "--adapters", "1,1", "--ratio", "0.25", "--heal-layers", "1",
+                "--laco-merge-size", "2", "--laco-threshold", "0", "--steps", "3", "--warmup", "1", "--batch-size",
+                "4", "--lr", "1e-3", "--threads", "1", "--plot"]
+        one, many = os.path.join(tmp, "one"), os.path.join(tmp, "many")
+        r, seconds = run(base + ["--work", one])
+        print(f"one rank: {seconds:.1f} s", flush=True)
+        check("Layer-pruning study" in r.stdout, "the study's table is printed")
+        for rel in ["pruning_study.md", "pruning_study.json", "importance.h5", "activations_tokens.h5"]:
+            check(os.path.exists(os.path.join(one, rel)), f"{rel} written")
+        png = os.path.join(one, "pruning_study.png")
+        check(os.path.exists(png) and os.path.getsize(png) > 10_000, "the study's figure is drawn")
+        with open(os.path.join(one, "pruning_study.json")) as f:
+            table = json.load(f)
+        check([r["method"] for r in table["rows"]] == methods, f"one row per method ({[r['method'] for r in table['rows']]})")
+        check(table["metrics"] == {"pairs": "acc", "text": "perplexity", "gen": "exact_match"},
+              f"the tasks' metrics ({table['metrics']})")
+        full_params = table["full"]["parameters"]
+        for row in table["rows"]:
+            m = row["method"]
+            # 4 layers at ratio 0.25: one goes (share keeps 4 slots, storing 3; LaCo merges two into one).
+            check(row["layers"] == (4 if m == "share" else 3), f"{m}: {row['layers']} layers")
+            check(row["stored_layers"] == 3, f"{m}: {row['stored_layers']} stored layers")
+            check(row["parameters"] < full_params and abs(row["kept_fraction"] - row["parameters"] / full_params) < 1e-12,
+                  f"{m}: kept parameters {row['parameters']} of {full_params}")
+            with open(os.path.join(one, "pruning", f"{m}-r25", "model", "crash_plan.json")) as f:
+                plan = json.load(f)
+            expected_mode = {"shortgpt": "prune", "angular": "prune", "sleb": "prune", "laco": "merge"}.get(m, m)
+            check(plan["mode"] == expected_mode, f"{m}: plan mode {plan['mode']}")
+            if expected_mode == "prune":
+                method = {"shortgpt": "block_influence", "angular": "angular_distance", "sleb": "sleb"}[m]
+                check(plan["pruning"]["method"] == method, f"{m}: removed by {plan['pruning']['method']}")
+            for stage in ("pruned", "healed"):
+                check(set(row[stage]) == {"pairs", "text", "gen"}, f"{m}: {stage} scores of every task")
+        # Healing (--heal-layers 1) trains the last layer and the tied head only.
+        for m in ("shortgpt", "laco"):
+            a = read_safetensors(os.path.join(one, "pruning", f"{m}-r25", "model", "model.safetensors"))
+            b = read_safetensors(os.path.join(one, "pruning", f"{m}-r25", "heal", "model", "model.safetensors"))
+            changed = sorted(k for k in a if not (a[k] == b[k]).all())
+            # The fixture's head is untied: lm_head trains, the embedding stays.
+            head = {"lm_head.weight", "model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias"}
+            last = {k for k in a if k.startswith("model.decoder.layers.2.")}
+            check(set(changed) == head | last, f"{m}: healing changes the last layer and the head, nothing else "
+                                               f"(unexpected: {sorted(set(changed) - head - last)}, "
+                                               f"unchanged: {sorted(head | last - set(changed))})")
+        mpirun = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(np_)]
+        r, seconds = run(mpirun + base + ["--work", many, "--tp", str(tp), "--pp", str(pp)],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+        print(f"{np_} ranks (tp {tp}, pp {pp}): {seconds:.1f} s", flush=True)
+        with open(os.path.join(many, "pruning_study.json")) as f:
+            other = json.load(f)
+        worst = 0.0
+        for a, b in zip(table["rows"], other["rows"]):
+            check(a["source_layers"] == b["source_layers"] and a["method"] == b["method"],
+                  f"{a['method']}: the same layers kept on the grid")
+            for stage in ("pruned", "healed"):
+                for t in a[stage]:
+                    d = abs(a[stage][t] - b[stage][t]) / max(1.0, abs(a[stage][t]))
+                    worst = max(worst, d)
+        for t in table["full"]["scores"]:
+            a = table["full"]["scores"][t]
+            worst = max(worst, abs(a - other["full"]["scores"][t]) / max(1.0, abs(a)))
+        # The generations themselves, not only their (tiny model's) exact match.
+        texts = 0
+        for name in sorted(n for n in os.listdir(os.path.join(one, "eval")) if n.endswith(".details.jsonl")):
+            with open(os.path.join(one, "eval", name)) as fa, open(os.path.join(many, "eval", name)) as fb:
+                ga = [json.loads(x).get("generation") for x in fa]
+                gb = [json.loads(x).get("generation") for x in fb]
+            texts += sum(g is not None for g in ga)
+            check(ga == gb, f"{name}: the grid generates the same texts")
+        check(texts >= 15 * 6, f"generations compared: {texts}")
+        print(f"largest difference of the study's numbers, {np_} ranks vs 1 (relative to max(1, |x|)): {worst:.3g}; "
+              f"{texts} generations identical")
+        check(worst <= 1e-5, f"the study's numbers differ by {worst:.3g}")
+
+
 def resume_train(binary, fixtures):
     """A fine-tuning interrupted after it saved a best model (validation every 2 steps) is resumed, not skipped."""
     model = os.path.join(fixtures, "eval", "model")
@@ -190,6 +293,8 @@ def main():
     binary, mode = sys.argv[1], sys.argv[2]
     if mode == "demo":
         demo(binary, sys.argv[3], sys.argv[4])
+    elif mode == "study":
+        study(binary, sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
     elif mode == "resume_train":
         resume_train(binary, sys.argv[3])
     else:
