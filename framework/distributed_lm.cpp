@@ -147,7 +147,7 @@ StageStep stage_step(CausalLM& m, const MicroBatches& mb, torch::Device device,
 }  // namespace
 
 DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches,
-                                             bool want_hidden, bool want_logits, bool packed) {
+                                             bool want_hidden, bool want_logits, bool packed, bool vocab_parallel) {
   torch::InferenceMode guard;
   CausalLM& m = *stage_;
   MicroBatches mb(m, ids, mask, micro_batches, packed);
@@ -160,7 +160,7 @@ DistributedLM::Output DistributedLM::forward(const torch::Tensor& ids, const tor
   step.output = [&](const torch::Tensor& y, int) {
     auto h = m.finish(y);
     if (want_hidden) hidden[L].push_back(h);
-    if (want_logits) logits.push_back(m.head(h));
+    if (want_logits) logits.push_back(vocab_parallel ? m.head_local(h) : m.head(h));
   };
   run_forward(grid_->pp_group(), micro_batches, step);
   Output out;
@@ -245,8 +245,8 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
   std::vector<torch::Tensor> teacher;
   if (kd && grid_->last_stage()) {
     if (!kd->teacher_logits.defined() || kd->teacher_logits.size(0) != ids.size(0) ||
-        kd->teacher_logits.size(1) != ids.size(1) || kd->teacher_logits.size(2) != m.config().vocab_size)
-      fail("knowledge distillation: the teacher's logits do not match the batch and the vocabulary");
+        kd->teacher_logits.size(1) != ids.size(1) || kd->teacher_logits.size(2) != m.local_vocab())
+      fail("knowledge distillation: the teacher's logits do not match the batch and this rank's vocabulary columns");
     teacher = kd->teacher_logits.to(device()).chunk(micro_batches, 0);
   }
   const auto params = m.parameters();
@@ -259,17 +259,13 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
     auto losses = vocab_parallel_cross_entropy(local.reshape({-1, local.size(-1)}), t.reshape({-1}), m.vocab_start(),
                                                m.config().vocab_size, m.tp());
     if (!kd) return losses.sum() / total;
-    // The KL term needs whole distributions: the student's logits are gathered over TP
-    // (backward keeps each rank's columns), only at target positions.
+    // The KL term over the vocabulary-parallel columns of both models (no gather), at target
+    // positions only.
     const double T = kd->temperature;
     auto keep = (t.reshape({-1}) != -100).nonzero().squeeze(1);
-    auto student = gather_from_tp(local.reshape({-1, local.size(-1)}).index_select(0, keep), m.tp())
-                       .narrow(-1, 0, m.config().vocab_size)
-                       .to(torch::kFloat32);
-    auto teach =
-        teacher[static_cast<size_t>(i)].reshape({-1, m.config().vocab_size}).index_select(0, keep).to(torch::kFloat32);
-    auto log_p = torch::log_softmax(teach / T, -1), log_q = torch::log_softmax(student / T, -1);
-    auto kl = (log_p.exp() * (log_p - log_q)).sum();
+    auto student = local.reshape({-1, local.size(-1)}).index_select(0, keep);
+    auto teach = teacher[static_cast<size_t>(i)].reshape({-1, local.size(-1)}).index_select(0, keep);
+    auto kl = vocab_parallel_kl_divergence(student, teach, T, m.vocab_start(), m.config().vocab_size, m.tp()).sum();
     return ((1 - kd->alpha) * losses.sum() + kd->alpha * T * T * kl) / total;
   };
   double loss = run_1f1b(grid_->pp_group(), micro_batches, step);

@@ -50,8 +50,10 @@ class DistributedLM {
   // `logits` the LM head is skipped (collection needs hidden states only). `packed` runs only
   // the real tokens (TokenPacking): logits and hidden states are then [N, ..], the mask's
   // tokens row after row.
+  // `vocab_parallel`: the logits stay this TP rank's columns ([.., local vocabulary] from the
+  // stage's vocab_start(), as head_local gives them), not gathered over TP.
   Output forward(const torch::Tensor& ids, const torch::Tensor& mask, int micro_batches, bool hidden_states,
-                 bool logits = true, bool packed = false);
+                 bool logits = true, bool packed = false, bool vocab_parallel = false);
 
   // Log-probability of each target token under the model, without gathering the logits:
   // targets [B, T] (this DP rank's rows) name the token predicted at each position
@@ -72,7 +74,9 @@ class DistributedLM {
   // With `kd` the loss is (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T) over the target
   // tokens (knowledge distillation; Hinton et al.).
   struct Distillation {
-    torch::Tensor teacher_logits;  // [B, T, vocab] of this rank's rows, needed on the last stage
+    // [B, T, local vocabulary] of this rank's rows and TP columns (forward with vocab_parallel),
+    // needed on the last stage: no rank holds the teacher's whole-vocabulary logits.
+    torch::Tensor teacher_logits;
     double alpha = 0.5, temperature = 2.0;
   };
   // Training-time dropout of one pass (framework/models/dropout.h): the rates, and the key the

@@ -472,8 +472,10 @@ Trainer::StepResult Trainer::train_step(int64_t step) {
     auto batch = pass_batch(s, k);
     std::optional<DistributedLM::Distillation> kd;
     if (teacher_)
-      kd = DistributedLM::Distillation{teacher_->forward(batch.ids, batch.mask, o_.micro_batches, false).logits,
-                                       o_.kd_alpha, o_.kd_temperature};
+      kd = DistributedLM::Distillation{
+          teacher_->forward(batch.ids, batch.mask, o_.micro_batches, false, true, false, /*vocab_parallel=*/true)
+              .logits,
+          o_.kd_alpha, o_.kd_temperature};
     const auto drop = pass_dropout(step, k);
     r.loss += model_->forward_backward(batch.ids, batch.mask, o_.micro_batches, k == K - 1, batch.labels,
                                        std::max(1.0, s.targets), kd ? &*kd : nullptr, &drop);

@@ -265,7 +265,48 @@ struct VocabParallelCrossEntropy : torch::autograd::Function<VocabParallelCrossE
   }
 };
 
+// log-softmax over the whole vocabulary of vocabulary-parallel logits (fp32), and its exp;
+// padding columns get probability 0 and log-probability 0 (they never contribute).
+std::pair<torch::Tensor, torch::Tensor> vocab_parallel_log_softmax(const torch::Tensor& local_logits,
+                                                                   const torch::Tensor& padding, const CommPtr& tp) {
+  auto logits = local_logits.to(torch::kFloat32).masked_fill(padding, -std::numeric_limits<float>::infinity());
+  auto max = std::get<0>(logits.max(-1)).contiguous();
+  tp->allreduce(max, ReduceOp::Max);
+  auto shifted = logits - max.unsqueeze(-1);
+  auto sum = shifted.exp().sum(-1).contiguous();
+  tp->allreduce(sum, ReduceOp::Sum);
+  auto log_p = (shifted - sum.log().unsqueeze(-1)).masked_fill(padding, 0.0);
+  return {log_p, log_p.exp().masked_fill(padding, 0.0)};
+}
+
+struct VocabParallelKL : torch::autograd::Function<VocabParallelKL> {
+  static torch::Tensor forward(AutogradContext* ctx, const torch::Tensor& student_local,
+                               const torch::Tensor& teacher_local, double temperature, int64_t vocab_start,
+                               int64_t vocab, const CommPtr& tp) {
+    const int64_t local = student_local.size(-1);
+    auto columns = torch::arange(vocab_start, vocab_start + local, torch::kInt64).to(student_local.device());
+    auto padding = (columns >= vocab).view({1, local});
+    auto [log_p, p] = vocab_parallel_log_softmax(teacher_local.detach() / temperature, padding, tp);
+    auto [log_q, q] = vocab_parallel_log_softmax(student_local.detach() / temperature, padding, tp);
+    auto kl = (p * (log_p - log_q)).sum(-1).contiguous();
+    tp->allreduce(kl, ReduceOp::Sum);
+    ctx->save_for_backward({(q - p) / temperature});
+    ctx->saved_data["dtype"] = static_cast<int64_t>(student_local.scalar_type());
+    return kl;
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    auto grad = ctx->get_saved_variables()[0] * g[0].unsqueeze(-1);
+    auto dtype = static_cast<torch::ScalarType>(ctx->saved_data["dtype"].toInt());
+    return {grad.to(dtype), {}, {}, {}, {}, {}};
+  }
+};
+
 }  // namespace
+
+torch::Tensor vocab_parallel_kl_divergence(const torch::Tensor& student_local, const torch::Tensor& teacher_local,
+                                           double temperature, int64_t vocab_start, int64_t vocab, const CommPtr& tp) {
+  return VocabParallelKL::apply(student_local, teacher_local, temperature, vocab_start, vocab, tp);
+}
 
 torch::Tensor vocab_parallel_cross_entropy(const torch::Tensor& local_logits, const torch::Tensor& targets,
                                            int64_t vocab_start, int64_t vocab, const CommPtr& tp,

@@ -172,5 +172,11 @@ int64_t padded_vocab(int64_t vocab, int tp);
 torch::Tensor vocab_parallel_cross_entropy(const torch::Tensor& local_logits, const torch::Tensor& targets,
                                            int64_t vocab_start, int64_t vocab, const CommPtr& tp,
                                            int64_t ignore_index = -100);
+// Per-row KL(p || q) of knowledge distillation at temperature T, p = softmax(teacher / T),
+// q = softmax(student / T), from vocabulary-parallel logits [N, V/tp] of both (padding columns
+// excluded) without gathering them: [N], the same on every TP rank. The gradient flows to the
+// student only ((q - p) / T per column); fp32 inside.
+torch::Tensor vocab_parallel_kl_divergence(const torch::Tensor& student_local, const torch::Tensor& teacher_local,
+                                           double temperature, int64_t vocab_start, int64_t vocab, const CommPtr& tp);
 
 }  // namespace crash

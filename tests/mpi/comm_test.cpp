@@ -139,6 +139,28 @@ void tensor_parallel(const CommPtr& tp) {
   if (avail < lv) grad_ok = grad_ok && mine.grad().narrow(1, avail, lv - avail).abs().max().item<double>() == 0;
   expect(close(loss, ref, 1e-5), "vocab-parallel cross-entropy loss (padding never wins)", tp);
   expect(grad_ok, "vocab-parallel cross-entropy gradient", tp);
+
+  // Vocabulary-parallel KL(teacher_T || student_T) of distillation, against the whole-vocabulary one.
+  const double T = 2.0;
+  auto teacher = torch::randn({5, vocab}) * 3;
+  auto student = logits.detach().clone().requires_grad_(true);
+  auto log_p = torch::log_softmax(teacher / T, -1);
+  auto ref_kl = (log_p.exp() * (log_p - torch::log_softmax(student / T, -1))).sum(-1);
+  (ref_kl * torch::arange(1, 6)).sum().backward();
+  auto teacher_mine =
+      torch::cat({teacher, torch::full({5, padded_vocab(vocab, n) - vocab}, 50.0)}, 1).narrow(1, start, lv);
+  auto student_mine = torch::cat({student.detach(), torch::full({5, padded_vocab(vocab, n) - vocab}, -7.0)}, 1)
+                          .narrow(1, start, lv)
+                          .clone()
+                          .requires_grad_(true);
+  auto kl = vocab_parallel_kl_divergence(student_mine, teacher_mine, T, start, vocab, tp);
+  (kl * torch::arange(1, 6)).sum().backward();
+  bool kl_grad_ok =
+      avail == 0 || close(student_mine.grad().narrow(1, 0, avail), student.grad().narrow(1, start, avail), 1e-5);
+  if (avail < lv)
+    kl_grad_ok = kl_grad_ok && student_mine.grad().narrow(1, avail, lv - avail).abs().max().item<double>() == 0;
+  expect(close(kl, ref_kl, 1e-5), "vocab-parallel KL divergence (padding excluded)", tp);
+  expect(kl_grad_ok, "vocab-parallel KL divergence gradient", tp);
 }
 
 }  // namespace
