@@ -37,6 +37,12 @@ DistributedAdamW::DistributedAdamW(std::vector<OptimParam> params, const AdamWOp
   }
   own_master_ = dtype_ == torch::kFloat32;
   torch::NoGradGuard no_grad;
+  if (n > 1 && total_ > 0) {
+    grad_buffer_ = torch::zeros({total_}, params_.front().param.options());
+    for (size_t i = 0; i < params_.size(); ++i)
+      params_[i].param.mutable_grad() =
+          grad_buffer_.narrow(0, flat_offset_[i], params_[i].param.numel()).view(params_[i].param.sizes());
+  }
   const auto f32 = torch::TensorOptions()
                        .dtype(torch::kFloat32)
                        .device(params_.empty() ? torch::Device(torch::kCPU) : params_.front().param.device());
@@ -52,11 +58,14 @@ DistributedAdamW::DistributedAdamW(std::vector<OptimParam> params, const AdamWOp
 void DistributedAdamW::reduce_gradients() {
   if (grad_.defined()) return;
   torch::NoGradGuard no_grad;
-  auto opts = torch::TensorOptions().dtype(dtype_);
-  if (!params_.empty()) opts = opts.device(params_.front().param.device());
-  auto buffer = torch::zeros({total_}, opts);
-  has_grad_.assign(params_.size(), false);
-  for (size_t i = 0; i < params_.size(); ++i) {
+  has_grad_.assign(params_.size(), grad_buffer_.defined());
+  torch::Tensor buffer = grad_buffer_;
+  if (!buffer.defined()) {
+    auto opts = torch::TensorOptions().dtype(dtype_);
+    if (!params_.empty()) opts = opts.device(params_.front().param.device());
+    buffer = torch::zeros({total_}, opts);
+  }
+  for (size_t i = 0; i < params_.size() && !grad_buffer_.defined(); ++i) {
     const auto& g = params_[i].param.grad();
     if (!g.defined()) continue;
     has_grad_[i] = true;

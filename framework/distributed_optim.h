@@ -47,7 +47,10 @@ class DistributedAdamW : public Optimizer {
   std::vector<Segment> segments_;
   bool own_master_ = true;  // fp32 parameters are their own master: the owned range is stepped in place
   torch::Tensor master_, exp_avg_, exp_avg_sq_;  // fp32, shard_ elements
-  torch::Tensor grad_;                           // this rank's summed range, the parameters' dtype
+  // With DP > 1 the gradients are views of one flat buffer (Megatron's contiguous grad buffer):
+  // backward accumulates into it, and it is reduce-scattered without a copy.
+  torch::Tensor grad_buffer_;
+  torch::Tensor grad_;  // this rank's summed range, the parameters' dtype
   std::vector<bool> has_grad_;
 };
 
