@@ -19,8 +19,9 @@ task written in prepare's format (loss on the gold continuation only).
                                              training): losses, gradient norms and weights identical bit for
                                              bit to none on 1 rank and on TP2; TP2 and PP2 equal 1 rank;
                                              resume with another mode is exact; bad values refused
-  train_grids.py CRASH_HPC FIXTURES zero     --distributed-optimizer (ZeRO-1): DP2, TP2xDP2, PP2xDP2 and DP2 bf16
-                                             give the replicated optimiser's weights (and 1 rank's); checkpoints
+  train_grids.py CRASH_HPC FIXTURES zero     --distributed-optimizer (ZeRO-1): DP2, TP2xDP2, PP2xDP2, DP2 bf16,
+                                             DP2 with accumulation and 1 rank give the replicated optimiser's
+                                             weights (and 1 rank's); checkpoints
                                              resume on another DP size with or without it; optimiser state per
                                              rank is 1/DP of the replicated one; SIFT refused
 
@@ -586,6 +587,15 @@ try:
         rep = first_bytes("dp2")
         check(sorted(per_rank) == [0, 1] and sum(per_rank.values()) == rep and
               max(per_rank.values()) - min(per_rank.values()) <= 8, f"DP2 per-rank optimiser state {per_rank}, replicated {rep}")
+
+        # One rank: the option is accepted and is AdamW. Accumulation adds into the flat buffer.
+        run(args + ["--out", out("one_zero"), "--distributed-optimizer"])
+        d = weights_diff("one", "one_zero")
+        check(d <= ZTOL, f"1 rank: weights with the option vs without: max diff {d:.3g}")
+        run(args + ["--out", out("acc"), "--grad-accum", "2"], 2)
+        run(args + ["--out", out("acc_zero"), "--grad-accum", "2", "--distributed-optimizer"], 2)
+        d = weights_diff("acc", "acc_zero")
+        check(d <= ZTOL, f"DP2 --grad-accum 2: weights distributed vs replicated optimiser: max diff {d:.3g}")
 
         # bf16 parameters, fp32 masters: the same arithmetic as the replicated optimiser.
         bf = args + ["--dtype", "bfloat16"]
