@@ -320,7 +320,7 @@ void DistributedLM::sync_gradients() {
     auto g = grad_of(tied_embedding_);
     embedding_group_->allreduce(g);
   }
-  if (grid_->dp() == 1) return;
+  if (grid_->dp() == 1 || !dp_gradient_sum_) return;
   // Buckets of about 25 MB: one allreduce each instead of one per parameter.
   constexpr int64_t kBucketBytes = 25 << 20;
   std::vector<torch::Tensor> bucket;

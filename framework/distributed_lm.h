@@ -110,6 +110,9 @@ class DistributedLM {
   // and every copy of a tensor has the same mask.
   using GradientSource = std::function<torch::Tensor(const torch::Tensor& param)>;
   void set_gradient_source(GradientSource source) { gradient_source_ = std::move(source); }
+  // Off: sync_gradients leaves the sum over DP to the optimiser (the distributed optimiser
+  // reduce-scatters it).
+  void set_dp_gradient_sum(bool on) { dp_gradient_sum_ = on; }
 
   // Marks which parameters train, by Hugging Face name (a tied lm_head is asked as the
   // embedding); the rest get requires_grad = false: no gradient, no sum, no optimiser state.
@@ -140,6 +143,7 @@ class DistributedLM {
   std::string source_dir_;
   GradientSource gradient_source_;
   Recompute recompute_ = Recompute::None;
+  bool dp_gradient_sum_ = true;
 };
 
 // Next-token targets: ids shifted left, ignore_index where the target or the position is padding.

@@ -97,6 +97,13 @@ double clip_grad_norm(const std::vector<OptimParam>& params, double max_norm, co
   return norm;
 }
 
+int64_t state_bytes(Optimizer& optimizer) {
+  int64_t bytes = 0;
+  for (const auto& s : optimizer.state())
+    if (s.kind != "param") bytes += s.value.numel() * static_cast<int64_t>(s.value.element_size());
+  return bytes;
+}
+
 double linear_schedule(double peak, int64_t step, int64_t warmup, int64_t total) {
   if (step < warmup) return peak * static_cast<double>(step) / static_cast<double>(warmup);
   if (total <= warmup) return peak;

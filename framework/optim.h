@@ -28,6 +28,10 @@ struct StateTensor {
   // Per-rank sparse data (SIFT: entries of this rank's shard, any length): saved as it is,
   // loaded only on the same TP x PP grid, by replacing the tensor's storage (set_).
   bool sparse = false;
+  // A flat piece (the distributed optimiser): `value` is elements [flat_start, flat_start +
+  // numel) of the flattened parameter shard of shape `shape`; -1: `value` is the whole shard.
+  int64_t flat_start = -1;
+  std::vector<int64_t> shape = {};
 };
 
 class Optimizer {
@@ -87,6 +91,9 @@ double global_grad_norm(const std::vector<OptimParam>& params, const std::vector
 // Scales gradients so the global norm is at most max_norm (as torch clip_grad_norm_);
 // returns the norm before clipping. max_norm <= 0: only measures.
 double clip_grad_norm(const std::vector<OptimParam>& params, double max_norm, const std::vector<CommPtr>& sum_over);
+
+// Bytes of optimiser state (everything but the parameters themselves) this rank holds.
+int64_t state_bytes(Optimizer& optimizer);
 
 // Linear warm-up then linear decay to 0 (HF get_linear_schedule_with_warmup): the learning
 // rate of optimiser step `step` (0-based) of `total`.

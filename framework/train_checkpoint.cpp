@@ -22,10 +22,17 @@ namespace {
 
 constexpr const char* kFormat = "crash-hpc train checkpoint 1";
 
-std::string file_name(int tp, int pp) { return fmt::format("shard-pp{:03d}-tp{:03d}.safetensors", pp, tp); }
+// DP rank 0's file holds the parameters and the replicated state; other DP ranks write a file
+// only for the flat pieces a distributed optimiser shards over them.
+std::string file_name(int tp, int pp, int dp = 0) {
+  return dp == 0 ? fmt::format("shard-pp{:03d}-tp{:03d}.safetensors", pp, tp)
+                 : fmt::format("shard-pp{:03d}-tp{:03d}-dp{:03d}.safetensors", pp, tp, dp);
+}
 
-std::vector<int64_t> full_shape(const torch::Tensor& t, const std::optional<ShardSlice>& s) {
-  auto shape = t.sizes().vec();
+// The shape of the parameter shard a state tensor belongs to.
+std::vector<int64_t> shard_shape(const StateTensor& s) { return s.flat_start >= 0 ? s.shape : s.value.sizes().vec(); }
+
+std::vector<int64_t> full_shape(std::vector<int64_t> shape, const std::optional<ShardSlice>& s) {
   if (s) shape[static_cast<size_t>(s->dim)] = s->full;
   return shape;
 }
@@ -55,11 +62,15 @@ void save_train_checkpoint(const std::string& root, int64_t step, const ProcessG
   StagedDir staged(dir.string(), grid.rank() == 0, "checkpoint folder");
   const fs::path& tmp = staged.path();
   grid.world()->barrier();
-  if (grid.dp_rank() == 0) {
+  auto state = optimizer.state();
+  const bool sharded = std::any_of(state.begin(), state.end(), [](const StateTensor& s) { return s.flat_start >= 0; });
+  if (grid.dp_rank() == 0 || sharded) {
     // The file's own slice table goes into its header, so rank 0 can build the manifest.
     std::vector<std::pair<std::string, torch::Tensor>> tensors;
     nlohmann::json table = nlohmann::json::object();
-    for (auto& s : optimizer.state()) {
+    for (auto& s : state) {
+      // What is not sharded over DP, DP rank 0 writes for all.
+      if (s.flat_start < 0 && grid.dp_rank() != 0) continue;
       const std::string key = s.kind + "/" + s.param;
       if (s.sparse) {
         // A shard may hold none of a tensor's mask: the table says so, the file has nothing
@@ -71,23 +82,29 @@ void save_train_checkpoint(const std::string& root, int64_t step, const ProcessG
       auto it = slices.find(s.param);
       const std::optional<ShardSlice> slice = it == slices.end() ? std::nullopt : it->second;
       tensors.emplace_back(key, s.value.detach().cpu());
-      table[key] = {{"param", s.param}, {"full_shape", full_shape(s.value, slice)}, {"slice", slice_json(slice)}};
+      table[key] = {
+          {"param", s.param}, {"full_shape", full_shape(shard_shape(s), slice)}, {"slice", slice_json(slice)}};
+      if (s.flat_start >= 0) table[key]["flat"] = {{"start", s.flat_start}, {"length", s.value.numel()}};
     }
-    tensors.emplace_back("rng/torch", rng_state());
-    write_safetensors((tmp / file_name(grid.tp_rank(), grid.pp_rank())).string(), tensors,
+    if (grid.dp_rank() == 0) tensors.emplace_back("rng/torch", rng_state());
+    write_safetensors((tmp / file_name(grid.tp_rank(), grid.pp_rank(), grid.dp_rank())).string(), tensors,
                       {{"crash_slices", table.dump()}});
   }
   grid.world()->barrier();
   if (grid.rank() == 0) {
     nlohmann::json files = nlohmann::json::array();
     for (int pp = 0; pp < grid.pp(); ++pp)
-      for (int tp = 0; tp < grid.tp(); ++tp) {
-        SafetensorsFile f((tmp / file_name(tp, pp)).string());
-        files.push_back({{"file", file_name(tp, pp)},
-                         {"tp_rank", tp},
-                         {"pp_rank", pp},
-                         {"tensors", nlohmann::json::parse(f.metadata().at("crash_slices"))}});
-      }
+      for (int tp = 0; tp < grid.tp(); ++tp)
+        for (int dp = 0; dp < grid.dp(); ++dp) {
+          if (dp > 0 && !fs::exists(tmp / file_name(tp, pp, dp))) continue;
+          SafetensorsFile f((tmp / file_name(tp, pp, dp)).string());
+          nlohmann::json entry = {{"file", file_name(tp, pp, dp)},
+                                  {"tp_rank", tp},
+                                  {"pp_rank", pp},
+                                  {"tensors", nlohmann::json::parse(f.metadata().at("crash_slices"))}};
+          if (dp > 0) entry["dp_rank"] = dp;
+          files.push_back(entry);
+        }
     nlohmann::json manifest = {{"format", kFormat},
                                {"step", step},
                                {"grid", {{"tp", grid.tp()}, {"pp", grid.pp()}, {"dp", grid.dp()}}},
@@ -166,7 +183,8 @@ void load_train_checkpoint(const std::string& dir, const ProcessGrid& grid, Opti
     const auto file = json_field<std::string>(f, "file", mpath);
     for (const auto& [key, entry] : f.at("tensors").items()) pieces[key].push_back({file, entry});
     if (json_field<int64_t>(f, "tp_rank", mpath) == grid.tp_rank() &&
-        json_field<int64_t>(f, "pp_rank", mpath) == grid.pp_rank())
+        json_field<int64_t>(f, "pp_rank", mpath) == grid.pp_rank() &&
+        json_field_or<int64_t>(f, "dp_rank", 0, mpath) == 0)
       rng_file = file;
   }
   std::map<std::string, std::unique_ptr<SafetensorsFile>> open;
@@ -217,13 +235,26 @@ void load_train_checkpoint(const std::string& dir, const ProcessGrid& grid, Opti
     }
     auto it = slices.find(s.param);
     const std::optional<ShardSlice> mine = it == slices.end() ? std::nullopt : it->second;
-    const auto want_full = full_shape(s.value, mine);
+    const auto want_full = full_shape(shard_shape(s), mine);
     const std::string key = find(s.kind, s.param);
     if (key.empty())
       fail("{}: the checkpoint has no '{}/{}'; it was written for other trained parameters or another dtype", mpath,
            s.kind, s.param);
     // Assemble the full tensor from the saved pieces, then take this rank's slice.
     torch::Tensor full;
+    auto place = [&](const torch::Tensor& data, const nlohmann::json& slice) {
+      if (slice.is_null()) {
+        full.copy_(data);
+        return;
+      }
+      const int64_t dim = slice["dim"].get<int64_t>();
+      const int64_t start = slice["start"].get<int64_t>();
+      const int64_t length = slice["length"].get<int64_t>();
+      const int64_t avail = std::max<int64_t>(0, std::min(length, want_full[static_cast<size_t>(dim)] - start));
+      if (avail > 0) full.narrow(dim, start, avail).copy_(data.narrow(dim, 0, avail));
+    };
+    // A distributed optimiser's flat pieces first make up the shard of the rank that wrote them.
+    std::map<std::string, torch::Tensor> shards;  // slice -> that shard
     for (const auto& piece : pieces.at(key)) {
       const auto saved_full = json_field<std::vector<int64_t>>(piece.entry, "full_shape", mpath);
       if (saved_full != want_full)
@@ -231,24 +262,32 @@ void load_train_checkpoint(const std::string& dir, const ProcessGrid& grid, Opti
              fmt::join(want_full, "x"));
       auto data = file(piece.file).view(key);
       if (!full.defined()) full = torch::zeros(want_full, torch::TensorOptions().dtype(data.scalar_type()));
-      if (piece.entry["slice"].is_null()) {
-        full.copy_(data);
+      if (!piece.entry.contains("flat")) {
+        place(data, piece.entry["slice"]);
         continue;
       }
-      const int64_t dim = piece.entry["slice"]["dim"].get<int64_t>();
-      const int64_t start = piece.entry["slice"]["start"].get<int64_t>();
-      const int64_t length = piece.entry["slice"]["length"].get<int64_t>();
-      const int64_t avail = std::max<int64_t>(0, std::min(length, want_full[static_cast<size_t>(dim)] - start));
-      if (avail > 0) full.narrow(dim, start, avail).copy_(data.narrow(dim, 0, avail));
+      auto shape = saved_full;
+      const auto& slice = piece.entry["slice"];
+      if (!slice.is_null()) shape[slice["dim"].get<size_t>()] = slice["length"].get<int64_t>();
+      auto& shard = shards[slice.dump()];
+      if (!shard.defined()) shard = torch::zeros(shape, torch::TensorOptions().dtype(data.scalar_type()));
+      const int64_t start = json_field<int64_t>(piece.entry["flat"], "start", mpath);
+      const int64_t length = json_field<int64_t>(piece.entry["flat"], "length", mpath);
+      if (start < 0 || length != data.numel() || start + length > shard.numel())
+        fail("{}: '{}' has a flat piece outside its shard", mpath, key);
+      shard.view({-1}).narrow(0, start, length).copy_(data.reshape({-1}));
     }
-    auto target = s.value;
+    for (const auto& [slice, shard] : shards) place(shard, nlohmann::json::parse(slice));
+    // A flat piece of this rank's shard is cut from the whole shard.
+    auto target = s.flat_start >= 0 ? torch::empty(s.shape, s.value.options()) : s.value;
     if (!mine) {
       target.copy_(full);
-      continue;
+    } else {
+      const int64_t avail = std::max<int64_t>(0, std::min(mine->length, mine->full - mine->start));
+      if (avail > 0) target.narrow(mine->dim, 0, avail).copy_(full.narrow(mine->dim, mine->start, avail));
+      if (avail < mine->length) target.narrow(mine->dim, avail, mine->length - avail).zero_();
     }
-    const int64_t avail = std::max<int64_t>(0, std::min(mine->length, mine->full - mine->start));
-    if (avail > 0) target.narrow(mine->dim, 0, avail).copy_(full.narrow(mine->dim, mine->start, avail));
-    if (avail < mine->length) target.narrow(mine->dim, avail, mine->length - avail).zero_();
+    if (s.flat_start >= 0) s.value.copy_(target.view({-1}).narrow(0, s.flat_start, s.value.numel()));
   }
   optimizer.set_steps(manifest["optimizer_steps"].get<int64_t>());
   optimizer.state_loaded();

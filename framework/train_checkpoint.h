@@ -3,8 +3,9 @@
 // its shard of every trained parameter and the optimiser state ("param/NAME", "master/NAME",
 // "exp_avg/NAME", "exp_avg_sq/NAME", "rng/torch"), plus manifest.json: the grid, the step,
 // the trainer's state (data position, best validation, options) and, for every tensor of
-// every file, which slice of the full tensor it is. Loading reassembles each rank's slices
-// from whatever grid wrote them.
+// every file, which slice of the full tensor it is. A distributed optimiser's masters and
+// moments are flat pieces of a shard, one file per DP rank (`-dpNNN`, "flat" in the table).
+// Loading reassembles each rank's slices from whatever grid wrote them, on any DP size.
 #pragma once
 #include <map>
 #include <nlohmann/json.hpp>

@@ -15,6 +15,7 @@
 
 #include "framework/checkpoint.h"
 #include "framework/distributed_lm.h"
+#include "framework/distributed_optim.h"
 #include "framework/emulator.h"
 #include "framework/optim.h"
 #include "framework/prepared.h"
@@ -165,6 +166,8 @@ void check_train_options(const TrainOptions& o, int world_size) {
   if (!o.save_increments.empty() && !o.sparse_increment)
     fail("--save-increments {}: needs --sparse-increment (only SIFT trains increments)", o.save_increments);
   parse_recompute(o.recompute);
+  if (o.distributed_optimizer && o.sparse_increment)
+    fail("--distributed-optimizer shards dense AdamW state; SIFT (--sparse-increment) keeps its own sparse state");
   if (!o.distill_from.empty()) {
     if (o.kd_alpha < 0 || o.kd_alpha > 1) fail("--kd-alpha must be in [0, 1], got {}", o.kd_alpha);
     if (o.kd_temperature <= 0) fail("--kd-temperature must be positive, got {}", o.kd_temperature);
@@ -381,9 +384,15 @@ void Trainer::set_up_optimizer() {
     // SIFT's reductions act on the masked entries it keeps once the mask exists.
     SparseAdamW* sift = sift_;
     model_->set_gradient_source([sift](const torch::Tensor& p) { return sift->gradient_of(p); });
+  } else if (o_.distributed_optimizer) {
+    optimizer_ = std::make_unique<DistributedAdamW>(oparams, aopts, grid_->dp_group());
+    model_->set_dp_gradient_sum(false);
   } else {
     optimizer_ = std::make_unique<AdamW>(oparams, aopts);
   }
+  optimizer_bytes_ = state_bytes(*optimizer_);
+  spdlog::info("optimizer state at set-up: {} bytes on rank {}{}", optimizer_bytes_, grid_->rank(),
+               o_.distributed_optimizer ? fmt::format(" (sharded over {} DP ranks)", grid_->dp()) : "");
   norm_groups_ = {grid_->tp_group(), grid_->pp_group()};
   auto n = torch::full({1}, static_cast<double>(trained_numel), torch::kFloat64);
   grid_->tp_group()->allreduce(n);
@@ -537,15 +546,18 @@ void Trainer::log_step(int64_t step, const StepResult& r) {
   ++ran_;
   last_loss_ = r.loss;
   const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start_).count();
-  log_->write({{"step", step + 1},
-               {"loss", r.loss},
-               {"lr", r.lr},
-               {"grad_norm", r.grad_norm},
-               {"tokens", r.tokens},
-               {"tokens_per_s", r.tokens / r.seconds},
-               {"seconds", r.seconds},
-               {"dropout", hidden_dropout_},
-               {"attention_dropout", attention_dropout_}});
+  nlohmann::json record = {{"step", step + 1},
+                           {"loss", r.loss},
+                           {"lr", r.lr},
+                           {"grad_norm", r.grad_norm},
+                           {"tokens", r.tokens},
+                           {"tokens_per_s", r.tokens / r.seconds},
+                           {"seconds", r.seconds},
+                           {"dropout", hidden_dropout_},
+                           {"attention_dropout", attention_dropout_}};
+  // The first record of a run names its optimiser memory (rank 0's; every rank logs its own).
+  if (ran_ == 1) record["optimizer_state_bytes"] = optimizer_bytes_;
+  log_->write(record);
   interval_.loss += r.loss;
   interval_.tokens += r.tokens;
   interval_.seconds += r.seconds;
@@ -606,10 +618,7 @@ TrainSummary Trainer::finish() {
     save_increments(o_.save_increments, *sift_, *grid_, *ckpt_, cfg.tie_word_embeddings ? "lm_head.weight" : "");
   {
     // Optimiser memory (moments, masters, SIFT's indices) of this rank: what SIFT shrinks.
-    int64_t bytes = 0;
-    for (const auto& s : optimizer_->state())
-      if (s.kind != "param") bytes += s.value.numel() * static_cast<int64_t>(s.value.element_size());
-    spdlog::info("optimizer state: {} bytes on rank {}", bytes, grid_->rank());
+    spdlog::info("optimizer state: {} bytes on rank {}", state_bytes(*optimizer_), grid_->rank());
     // Peak resident memory of this process so far (Linux reports KiB): what recomputation shrinks.
     struct rusage usage {};
     getrusage(RUSAGE_SELF, &usage);

@@ -67,6 +67,9 @@ struct TrainOptions {
   // Activation recomputation (framework/recompute.h): none, full or selective. Memory and time
   // only: the numbers are those of none, so a checkpoint resumes with any of them.
   std::string recompute = "none";
+  // ZeRO-1 (framework/distributed_optim.h): masters and moments sharded over DP. The numbers are
+  // those of the replicated optimiser, so a checkpoint resumes with or without it.
+  bool distributed_optimizer = false;
 };
 
 // One training example: tokens, and from which position on they are targets (each predicted
@@ -131,7 +134,8 @@ class Trainer {
   void check_resume();
   // The student (its trainable parameters marked) and the distillation teacher on the grid.
   void load_model();
-  // AdamW, or SIFT's sparse AdamW, over this rank's trainable parameters.
+  // AdamW (replicated, or sharded over DP with --distributed-optimizer), or SIFT's sparse AdamW,
+  // over this rank's trainable parameters.
   void set_up_optimizer();
   // The resumed checkpoint's weights, moments and best validation so far.
   void restore();
@@ -183,6 +187,7 @@ class Trainer {
   SliceMap slices_;
   std::vector<CommPtr> norm_groups_;
   std::string tied_;
+  int64_t optimizer_bytes_ = 0;  // this rank's optimiser state
   double hidden_dropout_ = 0, attention_dropout_ = 0;
 
   int64_t start_ = 0, best_step_ = -1;

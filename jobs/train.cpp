@@ -54,7 +54,10 @@ void train_options(po::options_description& o) {
       "recompute", po::value<std::string>()->default_value("none"),
       "activation recomputation, as Megatron-LM's: none; full (each decoder layer keeps only its input and runs "
       "again in backward); selective (only attention's scores, softmax and probabilities @ V run again). The "
-      "gradients are those of none, bit for bit");
+      "gradients are those of none, bit for bit")(
+      "distributed-optimizer", po::bool_switch(),
+      "shard the fp32 master weights and AdamW moments over the data-parallel ranks (ZeRO-1, as Megatron-LM's "
+      "distributed optimizer): gradients reduce-scattered, parameters all-gathered; the same numbers as without");
   add_grid_options(o, "compute dtype: float32, bfloat16 or float16 (master weights fp32)");
 }
 
@@ -96,6 +99,7 @@ int train_run(const po::variables_map& vm) {
   t.sift_selection_passes = vm["sift-selection-passes"].as<int>();
   t.save_increments = vm["save-increments"].as<std::string>();
   t.recompute = vm["recompute"].as<std::string>();
+  t.distributed_optimizer = vm["distributed-optimizer"].as<bool>();
   // Every option is checked in one place: check_train_options (framework/trainer.h).
   Trainer(t).run();
   return 0;

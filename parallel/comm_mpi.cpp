@@ -98,8 +98,14 @@ class MpiComm : public Communicator {
     }
     std::vector<int64_t> shape = {size_};
     for (auto s : t.sizes()) shape.push_back(s);
-    auto parts = out.view(shape).unbind(0);
     if (dim < 0) dim += t.dim();
+    // Along dim 0 the rows are the concatenation already: no copy.
+    if (dim == 0 && t.dim() > 0) {
+      auto rows = t.sizes().vec();
+      rows[0] *= size_;
+      return out.view(rows);
+    }
+    auto parts = out.view(shape).unbind(0);
     return torch::cat(parts, dim);
   }
 
@@ -109,13 +115,17 @@ class MpiComm : public Communicator {
       throw std::runtime_error("reduce_scatter: dimension " + std::to_string(dim) + " of size " +
                                std::to_string(in.size(dim)) + " does not split into " + std::to_string(size_));
     const int64_t part = in.size(dim) / size_;
-    auto blocks = torch::stack(in.split(part, dim)).contiguous();  // [size, ...part]
-    const int64_t block_numel = blocks.numel() / size_;
+    const int64_t block_numel = in.numel() / size_;
+    auto shape = in.sizes().vec();
+    shape[static_cast<size_t>(dim)] = part;
     if (is_half(in) || block_numel > chunk_) {
+      auto blocks = torch::stack(in.split(part, dim)).contiguous();  // [size, ...part]
       allreduce(blocks, ReduceOp::Sum);
       return blocks[rank_].clone();
     }
-    auto out = torch::empty(blocks.sizes().slice(1), in.options());
+    // Along dim 0 of a contiguous tensor the parts are consecutive blocks already: no copy.
+    auto blocks = dim == 0 && in.is_contiguous() ? in : torch::stack(in.split(part, dim)).contiguous();
+    auto out = torch::empty(shape, in.options());
     MPI_Reduce_scatter_block(blocks.data_ptr(), out.data_ptr(), static_cast<int>(block_numel),
                              mpi_type(in.scalar_type()), MPI_SUM, comm_);
     return out;

@@ -19,6 +19,11 @@ task written in prepare's format (loss on the gold continuation only).
                                              training): losses, gradient norms and weights identical bit for
                                              bit to none on 1 rank and on TP2; TP2 and PP2 equal 1 rank;
                                              resume with another mode is exact; bad values refused
+  train_grids.py CRASH_HPC FIXTURES zero     --distributed-optimizer (ZeRO-1): DP2, TP2xDP2, PP2xDP2, DP2 bf16,
+                                             DP2 with accumulation and 1 rank give the replicated optimiser's
+                                             weights (and 1 rank's); checkpoints
+                                             resume on another DP size with or without it; optimiser state per
+                                             rank is 1/DP of the replicated one; SIFT refused
 
 Debian's python3 (numpy, h5py) only.
 """
@@ -66,13 +71,15 @@ def read_safetensors(path):
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
         data = f.read()
-    kinds = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "U8": np.uint8}
+    kinds = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "U8": np.uint8, "BF16": np.uint16}
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         b, e = info["data_offsets"]
         out[name] = np.frombuffer(data[b:e], dtype=kinds[info["dtype"]]).reshape(info["shape"])
+        if info["dtype"] == "BF16":  # the upper half of a float32
+            out[name] = (out[name].astype(np.uint32) << 16).view(np.float32)
     return out
 
 
@@ -525,6 +532,101 @@ try:
         expect_error("checkpoint without manifest", args + ["--out", out("done"), "--resume"],
                      "no complete checkpoint")
         check(not os.path.exists(out("x")), "no output left behind by the failures")
+    elif MODE == "zero":
+        # lr 3e-4: AdamW's first steps turn rounding in near-zero gradients into weight changes of
+        # order lr x rounding / eps, so at 3e-3 the replicated DP2 run is already 1.2e-6 from 1 rank.
+        args = [("3e-4" if prev == "--lr" else a) for prev, a in zip([""] + common, common)] + [
+            "--steps", "3", "--train-all", "--save-every", "1"]
+        ZTOL = 1e-6
+
+        def weights_diff(a, b, skip_noise=False):
+            wa, wb = model_tensors(out(a + "/model")), model_tensors(out(b + "/model"))
+            if sorted(wa) != sorted(wb):
+                return float("inf")
+            # k_proj.bias: softmax ignores it, so its gradient is rounding noise that differs
+            # between grids (not between optimisers on one grid).
+            names = [n for n in wa if not (skip_noise and n.endswith("k_proj.bias"))]
+            return max(float(np.abs(wa[n].astype(np.float64) - wb[n]).max()) for n in names)
+
+        def first_bytes(name):
+            return json.loads(open(out(name + "/train_log.jsonl")).readline())["optimizer_state_bytes"]
+
+        def run_info(extra, np_):
+            """A run at --log-level info: every rank's set-up line {rank: optimiser bytes}."""
+            cmd = MPIRUN + ["-np", str(np_), BIN] + args + extra + ["--threads", "1", "--log-level", "info", "--log-all-ranks"]
+            p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                               timeout=300)
+            if p.returncode != 0:
+                raise SystemExit(f"FAIL: {' '.join(cmd)}\n{p.stderr[-3000:]}")
+            return {int(r): int(b) for b, r in re.findall(r"optimizer state at set-up: (\d+) bytes on rank (\d+)",
+                                                           p.stdout + p.stderr)}
+
+        run(args + ["--out", out("one")])
+        for name, np_, grid in [("dp2", 2, []), ("tp2dp2", 4, ["--tp", "2"]), ("pp2dp2", 4, ["--pp", "2"])]:
+            if name != "pp2dp2":
+                run(args + ["--out", out(name)] + grid, np_)
+            if name == "dp2":
+                per_rank = run_info(["--out", out(name + "_zero"), "--distributed-optimizer"], np_)
+            else:
+                run(args + ["--out", out(name + "_zero"), "--distributed-optimizer"] + grid, np_)
+            if name != "pp2dp2":
+                compare(losses(out(name)), losses(out(name + "_zero")), f"{name}: distributed vs replicated optimiser",
+                        exact=True)
+                d = weights_diff(name, name + "_zero")
+                check(d <= ZTOL, f"{name}: weights after 3 steps, distributed vs replicated optimiser: max diff {d:.3g}")
+            d = weights_diff("one", name + "_zero", skip_noise=True)
+            check(d <= ZTOL, f"{name} distributed optimiser vs 1 rank: weights max diff {d:.3g}")
+            # fp32 moments of this rank's parameters (fp32 parameters are their own masters), split
+            # into DP equal parts: rank 0 holds the first ceil(n / 2).
+            if name != "pp2dp2":
+                rep, zero = first_bytes(name), first_bytes(name + "_zero")
+                n = rep // 8
+                check(zero == 8 * ((n + 1) // 2), f"{name}: rank 0's optimiser state {zero} bytes, replicated {rep}")
+
+        # Every rank's figure (info log): the DP ranks' parts add up to the replicated state.
+        rep = first_bytes("dp2")
+        check(sorted(per_rank) == [0, 1] and sum(per_rank.values()) == rep and
+              max(per_rank.values()) - min(per_rank.values()) <= 8, f"DP2 per-rank optimiser state {per_rank}, replicated {rep}")
+
+        # One rank: the option is accepted and is AdamW. Accumulation adds into the flat buffer.
+        run(args + ["--out", out("one_zero"), "--distributed-optimizer"])
+        d = weights_diff("one", "one_zero")
+        check(d <= ZTOL, f"1 rank: weights with the option vs without: max diff {d:.3g}")
+        run(args + ["--out", out("acc"), "--grad-accum", "2"], 2)
+        run(args + ["--out", out("acc_zero"), "--grad-accum", "2", "--distributed-optimizer"], 2)
+        d = weights_diff("acc", "acc_zero")
+        check(d <= ZTOL, f"DP2 --grad-accum 2: weights distributed vs replicated optimiser: max diff {d:.3g}")
+
+        # bf16 parameters, fp32 masters: the same arithmetic as the replicated optimiser.
+        bf = args + ["--dtype", "bfloat16"]
+        run(bf + ["--out", out("bf_dp2")], 2)
+        run(bf + ["--out", out("bf_dp2_zero"), "--distributed-optimizer"], 2)
+        d = weights_diff("bf_dp2", "bf_dp2_zero")
+        check(d <= ZTOL, f"bf16 DP2: weights distributed vs replicated optimiser: max diff {d:.3g}")
+        rep, zero = first_bytes("bf_dp2"), first_bytes("bf_dp2_zero")
+        check(zero == 12 * ((rep // 12 + 1) // 2), f"bf16 DP2: rank 0's state {zero} bytes (masters too), replicated {rep}")
+
+        # Checkpoints resume on another DP size, with or without the option.
+        ref = losses(out("one"))
+        for name, np_, grid, flag, rnp, rgrid, rflag in [
+            ("dp2z_to_1", 2, [], True, 1, [], False),
+            ("dp4z_to_dp2z", 4, [], True, 2, [], True),
+            ("1_to_dp2z", 1, [], False, 2, [], True),
+        ]:
+            z = ["--distributed-optimizer"]
+            run(args + ["--out", out(name), "--stop-after", "2"] + grid + (z if flag else []), np_)
+            run(args + ["--out", out(name), "--resume"] + rgrid + (z if rflag else []), rnp)
+            compare(ref, losses(out(name)), f"{name}: resumed run vs uninterrupted 1 rank")
+            d = weights_diff("one", name, skip_noise=True)
+            check(d <= ZTOL, f"{name}: resumed run's weights vs uninterrupted 1 rank: max diff {d:.3g}")
+        files = sorted(os.listdir(out("dp4z_to_dp2z/checkpoints/step-000002")))
+        check(sum("-dp" in f for f in files) == 3, f"DP4 checkpoint: a file per DP rank: {files}")
+
+        p = run(common + ["--steps", "2", "--distributed-optimizer", "--sparse-increment", "0.5", "--out", out("x")],
+                1, expect=2)
+        lines = [l for l in p.stderr.splitlines() if l.strip()]
+        check(len(lines) == 1 and "--distributed-optimizer" in lines[0], f"with SIFT: {lines[-1] if lines else ''}")
+        check(not os.path.exists(out("x")), "no output left behind by the failure")
     else:
         raise SystemExit(f"unknown mode {MODE}")
 finally:
