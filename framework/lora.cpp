@@ -20,9 +20,13 @@ namespace {
 
 // Generic target -> the last component of the module's name in the families that have it.
 const std::map<std::string, std::vector<std::string>>& generic_targets() {
-  static const std::map<std::string, std::vector<std::string>> t = {
-      {"q", {"q_proj"}},       {"k", {"k_proj"}},   {"v", {"v_proj"}},         {"o", {"o_proj", "out_proj"}},
-      {"gate", {"gate_proj"}}, {"up", {"up_proj", "fc1"}}, {"down", {"down_proj", "fc2"}}};
+  static const std::map<std::string, std::vector<std::string>> t = {{"q", {"q_proj"}},
+                                                                    {"k", {"k_proj"}},
+                                                                    {"v", {"v_proj"}},
+                                                                    {"o", {"o_proj", "out_proj"}},
+                                                                    {"gate", {"gate_proj"}},
+                                                                    {"up", {"up_proj", "fc1"}},
+                                                                    {"down", {"down_proj", "fc2"}}};
   return t;
 }
 
@@ -75,8 +79,7 @@ void check_lora_options(const LoraOptions& o, const ModelConfig* config) {
   if (o.dropout && *o.dropout > 0) fail("--lora-dropout {}: only 0 is supported so far", *o.dropout);
   std::set<std::string> seen;
   for (const auto& t : o.target_names()) {
-    if (!generic_targets().count(t))
-      fail("--lora-targets: unknown target '{}' (use q, k, v, o, gate, up, down)", t);
+    if (!generic_targets().count(t)) fail("--lora-targets: unknown target '{}' (use q, k, v, o, gate, up, down)", t);
     if (!seen.insert(t).second) fail("--lora-targets: '{}' given twice", t);
     if (config && lora_module(*config, t).empty())
       fail("--lora-targets: a {} model has no '{}' projection", config->model_type, t);
@@ -94,7 +97,7 @@ std::string lora_module(const ModelConfig& c, const std::string& target) {
   return "";
 }
 
-LoraAdapters::LoraAdapters(CausalLM& stage, const LoraOptions& options,
+LoraAdapters::LoraAdapters(CausalLM& stage, ProcessGrid& grid, const LoraOptions& options,
                            const std::function<bool(const std::string&)>& adapted, uint64_t seed)
     : o_(options) {
   const ModelConfig& c = stage.config();
@@ -119,9 +122,9 @@ LoraAdapters::LoraAdapters(CausalLM& stage, const LoraOptions& options,
     if (!layer) fail("{}: not a tensor-parallel linear layer, so LoRA cannot adapt it", name);
     if (!layer->weight.defined()) fail("{}: a low-rank (SFSD) layer; LoRA needs its dense weight", name);
     const auto w = layer->slice_of("weight");
-    if (w && w->group > 1)
-      fail("{}: key/value heads replicated over {} TP ranks; LoRA on them needs --tp at most the key/value heads",
-           name, w->group);
+    // Key/value heads replicated over `group` TP ranks (DistributedLM made that group): each rank's
+    // share of B's gradient comes from its own query heads, so the group sums it.
+    const CommPtr kv = w && w->group > 1 ? grid.tp_block_group(w->group) : nullptr;
     Site site;
     site.name = name;
     site.layer = layer;
@@ -138,8 +141,9 @@ LoraAdapters::LoraAdapters(CausalLM& stage, const LoraOptions& options,
     {
       torch::NoGradGuard no_grad;
       auto gen = at::make_generator<at::CPUGeneratorImpl>(seed * 1000003ull + name_hash(name));
-      auto full_a = torch::empty({R, full_in}).uniform_(-1.0 / std::sqrt(static_cast<double>(full_in)),
-                                                        1.0 / std::sqrt(static_cast<double>(full_in)), gen);
+      auto full_a = torch::empty({R, full_in})
+                        .uniform_(-1.0 / std::sqrt(static_cast<double>(full_in)),
+                                  1.0 / std::sqrt(static_cast<double>(full_in)), gen);
       site.a->weight.copy_(a_slice ? full_a.narrow(1, a_slice->start, a_slice->length) : full_a);
       site.b->weight.zero_();
     }
@@ -150,8 +154,8 @@ LoraAdapters::LoraAdapters(CausalLM& stage, const LoraOptions& options,
     auto a = site.a, b = site.b;
     if (site.column) {
       // x is whole on every rank: A's gradient sums the rank's outputs' parts over TP.
-      site.branch = [a, b, s, tp](const torch::Tensor& x) {
-        return local_linear(copy_to_tp(local_linear(x, a->weight), tp), b->weight) * s;
+      site.branch = [a, b, s, tp, kv](const torch::Tensor& x) {
+        return local_linear(copy_to_tp(local_linear(x, a->weight), tp), kv ? copy_to_tp(b->weight, kv) : b->weight) * s;
       };
     } else {
       site.branch = [a, b, s, tp](const torch::Tensor& x) {

@@ -14,9 +14,9 @@
 #include <vector>
 
 #include "framework/config.h"
-#include "parallel/tensor_parallel.h"
 #include "framework/models/decoder.h"
 #include "parallel/grid.h"
+#include "parallel/tensor_parallel.h"
 
 namespace crash {
 
@@ -46,11 +46,12 @@ std::string lora_module(const ModelConfig& c, const std::string& target);
 // The adapters of one pipeline stage.
 class LoraAdapters {
  public:
-  // Adds A and B to every targeted linear layer of `stage` whose weight `adapted` accepts (by HF
-  // parameter name): A from torch's Linear init drawn per module from (seed, name), so every grid
-  // gets the same values, and B zero (PEFT's init). The base parameters are left as they are.
-  LoraAdapters(CausalLM& stage, const LoraOptions& options, const std::function<bool(const std::string&)>& adapted,
-               uint64_t seed);
+  // Adds A and B to every targeted linear layer of `stage` (on `grid`) whose weight `adapted`
+  // accepts (by HF parameter name): A from torch's Linear init drawn per module from (seed, name),
+  // so every grid gets the same values, and B zero (PEFT's init). The base parameters are left as
+  // they are.
+  LoraAdapters(CausalLM& stage, ProcessGrid& grid, const LoraOptions& options,
+               const std::function<bool(const std::string&)>& adapted, uint64_t seed);
   ~LoraAdapters();
   // Replaces A and B by a PEFT adapter folder's (this rank's slices); every adapted module must be in it.
   void load_peft(const std::string& dir);

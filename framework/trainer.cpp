@@ -308,7 +308,7 @@ void Trainer::load_model() {
   if (o_.lora.active()) {
     // Only A and B train; they sit on the linears of the layers that would have trained.
     model_->set_trainable([](const std::string&) { return false; });
-    lora_ = std::make_unique<LoraAdapters>(model_->stage(), o_.lora, trains_, o_.seed);
+    lora_ = std::make_unique<LoraAdapters>(model_->stage(), *grid_, o_.lora, trains_, o_.seed);
     if (!o_.lora.init.empty()) lora_->load_peft(o_.lora.init);
     spdlog::info("LoRA rank {}, alpha {} on {} linear layers of this stage{}", *o_.lora.rank, o_.lora.lora_alpha(),
                  lora_->modules().size(), o_.lora.init.empty() ? "" : " from " + o_.lora.init);

@@ -3,7 +3,8 @@
 generate.py): from the same starting adapter (--lora-init), 3 steps of AdamW with clipping and the
 linear schedule on one full batch.
 
-  lora.py CRASH_HPC FIXTURES MODEL   on 1 rank, TP2, PP2 and DP2: the per-step losses and gradient
+  lora.py CRASH_HPC FIXTURES MODEL   on 1 rank, TP2, PP2, DP2 (and TP4 for llama_gqa, whose 2
+                                     key/value heads are then each held by 2 ranks): the per-step losses and gradient
                                      norms, the adapter (OUT/adapter, PEFT's names and format) and
                                      the merged weights (OUT/model) equal PEFT's; every other weight
                                      is the base's; OUT/model = base + (alpha / R) B A of OUT/adapter;
@@ -128,6 +129,8 @@ try:
             return os.path.join(work, n)
 
         grids = {"one": (1, []), "tp2": (2, ["--tp", "2"]), "pp2": (2, ["--pp", "2"]), "dp2": (2, [])}
+        if name == "llama_gqa":  # 2 key/value heads over 4 TP ranks: each held by 2 ranks
+            grids["tp4"] = (4, ["--tp", "4"])
         for grid, (np_, extra) in grids.items():
             run(args + extra + ["--out", out(grid)], np_)
             log = log_of(out(grid))
