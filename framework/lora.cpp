@@ -1,5 +1,6 @@
 #include "framework/lora.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -7,6 +8,7 @@
 
 #include "framework/atomic_file.h"
 #include "framework/json_fields.h"
+#include "framework/models/dropout.h"
 #include "framework/models/family.h"
 #include "framework/safetensors.h"
 #include "parallel/errors.h"
@@ -75,8 +77,6 @@ void check_lora_options(const LoraOptions& o, const ModelConfig* config) {
   if (*o.rank <= 0) fail("--lora-rank must be positive, got {}", *o.rank);
   if (o.alpha && !(*o.alpha > 0)) fail("--lora-alpha must be positive, got {}", *o.alpha);
   if (o.dropout && !(*o.dropout >= 0 && *o.dropout < 1)) fail("--lora-dropout must be in [0, 1), got {}", *o.dropout);
-  // Masks every grid agrees on would need the pass's dropout keys inside the linear layer.
-  if (o.dropout && *o.dropout > 0) fail("--lora-dropout {}: only 0 is supported so far", *o.dropout);
   std::set<std::string> seen;
   for (const auto& t : o.target_names()) {
     if (!generic_targets().count(t)) fail("--lora-targets: unknown target '{}' (use q, k, v, o, gate, up, down)", t);
@@ -110,7 +110,9 @@ LoraAdapters::LoraAdapters(CausalLM& stage, ProcessGrid& grid, const LoraOptions
     target_modules_.push_back(last_component(m));
   }
   const int64_t R = *o_.rank;
-  const double s = o_.scaling();
+  const double s = o_.scaling(), p = o_.dropout.value_or(0.0);
+  // Each module's dropout mask has its own stream: its place in the layer's list of linears.
+  const auto layer_linears = c.family->layer_linears(c);
   const CommPtr& tp = stage.tp();
   for (const auto& item : stage.named_modules()) {
     const std::string& name = item.key();
@@ -152,14 +154,26 @@ LoraAdapters::LoraAdapters(CausalLM& stage, ProcessGrid& grid, const LoraOptions
     layer->register_module("lora_A", site.a);
     layer->register_module("lora_B", site.b);
     auto a = site.a, b = site.b;
+    const int64_t stream =
+        std::find(layer_linears.begin(), layer_linears.end(), name.substr(dot + 1)) - layer_linears.begin();
+    const int64_t in_start = a_slice ? a_slice->start : 0;
+    // PEFT's lora_dropout on the input of A, in training passes only; the mask covers the whole
+    // input, of which a row-parallel layer's rank holds columns [in_start, in_start + local_in).
+    auto dropped = [p, stream, full_in, in_start](const torch::Tensor& x) {
+      const AttentionContext* ctx = LayerPass::context();
+      if (p <= 0 || !ctx || !ctx->dropout) return x;
+      return feature_dropout(x, *ctx, LayerPass::layer(), DropoutSite::LoraInput, stream, p, full_in, in_start);
+    };
     if (site.column) {
       // x is whole on every rank: A's gradient sums the rank's outputs' parts over TP.
-      site.branch = [a, b, s, tp, kv](const torch::Tensor& x) {
-        return local_linear(copy_to_tp(local_linear(x, a->weight), tp), kv ? copy_to_tp(b->weight, kv) : b->weight) * s;
+      site.branch = [a, b, s, tp, kv, dropped](const torch::Tensor& x) {
+        return local_linear(copy_to_tp(local_linear(dropped(x), a->weight), tp),
+                            kv ? copy_to_tp(b->weight, kv) : b->weight) *
+               s;
       };
     } else {
-      site.branch = [a, b, s, tp](const torch::Tensor& x) {
-        return local_linear(reduce_from_tp(local_linear(x, a->weight), tp), b->weight) * s;
+      site.branch = [a, b, s, tp, dropped](const torch::Tensor& x) {
+        return local_linear(reduce_from_tp(local_linear(dropped(x), a->weight), tp), b->weight) * s;
       };
     }
     layer->adapter = site.branch;

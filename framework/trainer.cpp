@@ -131,7 +131,10 @@ nlohmann::json schedule_options(const TrainOptions& o, const ModelConfig& cfg) {
   // Only SIFT runs carry the key, so dense checkpoints written before it still resume.
   if (o.sparse_increment) j["sparse_increment"] = *o.sparse_increment;
   if (o.lora.active())
-    j["lora"] = {{"rank", *o.lora.rank}, {"alpha", o.lora.lora_alpha()}, {"targets", o.lora.target_names()}};
+    j["lora"] = {{"rank", *o.lora.rank},
+                 {"alpha", o.lora.lora_alpha()},
+                 {"targets", o.lora.target_names()},
+                 {"dropout", o.lora.dropout.value_or(0.0)}};
   // Likewise only runs with dropout carry its rates.
   const auto [hidden, attention] = train_dropout(o, cfg);
   if (hidden > 0 || attention > 0) {

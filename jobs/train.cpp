@@ -58,7 +58,9 @@ void train_options(po::options_description& o) {
       "LoRA of rank R (PEFT's parameterisation) on the trainable layers (all with --train-all); the base weights "
       "stay frozen. OUT/model is the merged model, OUT/adapter the adapter in PEFT's format")(
       "lora-alpha", po::value<double>(), "LoRA scaling alpha: the update is (alpha / R) B A (default 8, as PEFT's)")(
-      "lora-dropout", po::value<double>(), "LoRA dropout on the adapters' input (only 0 so far)")(
+      "lora-dropout", po::value<double>(),
+      "LoRA dropout rate in [0, 1) on the adapters' input (default 0); masks follow --seed, the step and the "
+      "example, not the grid")(
       "lora-targets", po::value<std::string>(),
       "comma-separated linears LoRA adapts: q, k, v, o, gate, up, down (OPT: up = fc1, down = fc2); default q,v")(
       "lora-init", po::value<std::string>(),
