@@ -120,6 +120,13 @@ LoraAdapters::LoraAdapters(CausalLM& stage, ProcessGrid& grid, const LoraOptions
     const auto dot = name.find('.', layer_prefix_.size());
     if (dot == std::string::npos || !linears.count(name.substr(dot + 1))) continue;
     if (!adapted(name + ".weight")) continue;
+    const int64_t l = layer_number(name, layer_prefix_);
+    for (int64_t m = 0; m < c.num_layers; ++m)
+      if (m != l && c.storage_of(m) == l)
+        fail(
+            "{}: layer {} is shared with slot {} (CRaSh share); LoRA adapts only unshared layers (train without "
+            "--train-all)",
+            name, l, m);
     auto layer = std::dynamic_pointer_cast<ParallelLinearBase>(item.value());
     if (!layer) fail("{}: not a tensor-parallel linear layer, so LoRA cannot adapt it", name);
     if (!layer->weight.defined()) fail("{}: a low-rank (SFSD) layer; LoRA needs its dense weight", name);
