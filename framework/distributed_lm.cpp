@@ -219,7 +219,8 @@ double DistributedLM::forward_backward(const torch::Tensor& ids, const torch::Te
     fail("labels of shape {} do not match the batch's {}", fmt::join(labels.sizes(), "x"), fmt::join(ids.sizes(), "x"));
   MicroBatches mb(m, ids, mask, micro_batches);
   mb.recompute = recompute_;
-  if (dropout && (dropout->hidden > 0 || dropout->attention > 0)) {
+  // Every training pass carries the masks' key: dropout inside a layer (LoRA's) may need it.
+  if (dropout) {
     const int64_t rows = ids.size(0) / micro_batches;
     for (int i = 0; i < micro_batches; ++i) {
       auto d = DropoutContext::padded(mb.mask[static_cast<size_t>(i)], dropout->first_slot + i * rows);

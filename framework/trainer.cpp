@@ -133,6 +133,11 @@ nlohmann::json schedule_options(const TrainOptions& o, const ModelConfig& cfg) {
   if (o.train_last) j["train_last"] = *o.train_last;
   // Only SIFT runs carry the key, so dense checkpoints written before it still resume.
   if (o.sparse_increment) j["sparse_increment"] = *o.sparse_increment;
+  if (o.lora.active())
+    j["lora"] = {{"rank", *o.lora.rank},
+                 {"alpha", o.lora.lora_alpha()},
+                 {"targets", o.lora.target_names()},
+                 {"dropout", o.lora.dropout.value_or(0.0)}};
   // Likewise only runs with dropout carry its rates.
   const auto [hidden, attention] = train_dropout(o, cfg);
   if (hidden > 0 || attention > 0) {
@@ -144,7 +149,7 @@ nlohmann::json schedule_options(const TrainOptions& o, const ModelConfig& cfg) {
 
 }  // namespace
 
-void check_train_options(const TrainOptions& o, int world_size) {
+void check_train_options(const TrainOptions& o, int world_size, const ModelConfig* config) {
   if (o.steps <= 0) fail("--steps must be positive, got {}", o.steps);
   if (o.batch_size <= 0) fail("--batch-size must be positive, got {}", o.batch_size);
   if (o.micro_batches <= 0) fail("--micro-batches must be positive, got {}", o.micro_batches);
@@ -168,6 +173,10 @@ void check_train_options(const TrainOptions& o, int world_size) {
   parse_recompute(o.recompute);
   if (o.distributed_optimizer && o.sparse_increment)
     fail("--distributed-optimizer shards dense AdamW state; SIFT (--sparse-increment) keeps its own sparse state");
+  check_lora_options(o.lora, config);
+  if (o.lora.active() && o.sparse_increment) fail("--lora-rank and --sparse-increment exclude each other");
+  if (o.lora.active() && o.train_head)
+    fail("--lora-rank trains the adapters only: --train-head (a dense head) does not go with it");
   if (!o.distill_from.empty()) {
     if (o.kd_alpha < 0 || o.kd_alpha > 1) fail("--kd-alpha must be in [0, 1], got {}", o.kd_alpha);
     if (o.kd_temperature <= 0) fail("--kd-temperature must be positive, got {}", o.kd_temperature);
@@ -217,7 +226,7 @@ std::function<bool(const std::string&)> trainable_rule(const TrainOptions& o, co
   }
   if (layers.empty() && !o.train_head)
     fail(
-        "{}: no layer trains (the plan has no adapter layers, or --train-last 0); pass --train-all, --train-last K "
+        "{}: no trainable layer (the plan has no adapter layers, or --train-last 0); pass --train-all, --train-last K "
         "or --train-head",
         o.model);
   const bool head = o.train_head;
@@ -270,7 +279,7 @@ Trainer::Trainer(const TrainOptions& options) : o_(options), best_val_(std::nume
   grid_ = ProcessGrid::create(o_.grid);
   // The student and the teacher are checked against the grid before any data or weight is read.
   validate_model_grid(cfg, grid_->layout(), o_.pp_layers);
-  check_train_options(o_, World::get().size());
+  check_train_options(o_, World::get().size(), &cfg);
   trains_ = trainable_rule(o_, cfg);
   if (!o_.distill_from.empty()) {
     teacher_ckpt_ = std::make_unique<CheckpointReader>(o_.distill_from);
@@ -335,6 +344,14 @@ void Trainer::load_model() {
   dopts.pp_layers = o_.pp_layers;
   model_ = std::make_unique<DistributedLM>(*ckpt_, grid_, dopts);
   model_->set_trainable(trains_);
+  if (o_.lora.active()) {
+    // Only A and B train; they sit on the linears of the layers that would have trained.
+    model_->set_trainable([](const std::string&) { return false; });
+    lora_ = std::make_unique<LoraAdapters>(model_->stage(), *grid_, o_.lora, trains_, o_.seed);
+    if (!o_.lora.init.empty()) lora_->load_peft(o_.lora.init);
+    spdlog::info("LoRA rank {}, alpha {} on {} linear layers of this stage{}", *o_.lora.rank, o_.lora.lora_alpha(),
+                 lora_->modules().size(), o_.lora.init.empty() ? "" : " from " + o_.lora.init);
+  }
   model_->set_recompute(parse_recompute(o_.recompute));
   // The teacher of knowledge distillation: the full model on the same grid, inference only.
   if (teacher_ckpt_) {
@@ -572,19 +589,25 @@ void Trainer::log_step(int64_t step, const StepResult& r) {
 
 void Trainer::evaluate_and_keep(int64_t done) {
   const bool last = done == o_.steps;
-  const std::string model_dir = (fs::path(out_) / "model").string();
   if (val_ && ((o_.eval_every > 0 && done % o_.eval_every == 0) || last)) {
     const double v = validate();
     const bool better = v < best_val_;
     if (better) {
       best_val_ = v;
       best_step_ = done;
-      model_->save_model(model_dir);
+      save_model();
     }
     log_->write({{"step", done}, {"val_loss", v}, {"best", better}});
     spdlog::info("step {}: validation loss {:.4f}{}", done, v, better ? " (best so far, saved)" : "");
   }
-  if (last && !val_) model_->save_model(model_dir);
+  if (last && !val_) save_model();
+}
+
+void Trainer::save_model() {
+  const std::string model_dir = (fs::path(out_) / "model").string();
+  if (!lora_) return model_->save_model(model_dir);
+  lora_->with_merged([&] { model_->save_model(model_dir); });
+  lora_->save_peft((fs::path(out_) / "adapter").string(), *grid_, fs::absolute(o_.model).string());
 }
 
 void Trainer::save_or_stop(int64_t done) {

@@ -18,6 +18,7 @@
 #include "framework/checkpoint.h"
 #include "framework/config.h"
 #include "framework/distributed_lm.h"
+#include "framework/lora.h"
 #include "framework/optim.h"
 #include "framework/sift.h"
 #include "framework/tokenizer.h"
@@ -70,6 +71,8 @@ struct TrainOptions {
   // ZeRO-1 (framework/distributed_optim.h): masters and moments sharded over DP. The numbers are
   // those of the replicated optimiser, so a checkpoint resumes with or without it.
   bool distributed_optimizer = false;
+  // LoRA (framework/lora.h) on the trainable layers' linears; the base weights stay frozen.
+  LoraOptions lora;
 };
 
 // One training example: tokens, and from which position on they are targets (each predicted
@@ -110,8 +113,9 @@ struct TrainSummary {
 std::pair<double, double> train_dropout(const TrainOptions& options, const ModelConfig& config);
 
 // Throws UserError naming the first option out of range: every option of `train` is checked
-// here and nowhere else. `world_size`: the ranks the grid is made of.
-void check_train_options(const TrainOptions& options, int world_size);
+// here and nowhere else. `world_size`: the ranks the grid is made of. With the model's config,
+// the options that depend on it too (LoRA's targets).
+void check_train_options(const TrainOptions& options, int world_size, const ModelConfig* config = nullptr);
 
 class TrainLog;
 
@@ -167,6 +171,8 @@ class Trainer {
   // StopRequested.
   void save_or_stop(int64_t done);
   nlohmann::json trainer_state(int64_t step) const;
+  // OUT/model (merged with LoRA's B A) and, with LoRA, OUT/adapter in PEFT's format.
+  void save_model();
   void log_step(int64_t step, const StepResult& r);
   TrainSummary finish();
 
@@ -182,6 +188,7 @@ class Trainer {
   nlohmann::json manifest_;
 
   std::unique_ptr<DistributedLM> model_, teacher_;
+  std::unique_ptr<LoraAdapters> lora_;
   std::unique_ptr<Optimizer> optimizer_;
   SparseAdamW* sift_ = nullptr;
   SliceMap slices_;

@@ -20,6 +20,7 @@
 #include "framework/atomic_file.h"
 #include "framework/checkpoint.h"
 #include "framework/json_fields.h"
+#include "framework/lora.h"
 #include "jobs/job.h"
 #include "jobs/pipeline_stages.h"
 #include "jobs/version.h"
@@ -67,8 +68,9 @@ void pipeline_options(po::options_description& o) {
       "study", po::value<std::string>()->default_value("crash"),
       "crash: the CRaSh study (emulators, fine-tuning, plug-ins); pruning: the layer-pruning baselines side by side, "
       "before and after healing")("tuning", po::value<std::string>()->default_value("full"),
-                                  "how fine-tuning trains the chosen parameters: full (dense AdamW) or sift "
-                                  "(sparse increments, --sift-density)")(
+                                  "how fine-tuning trains the chosen layers: full (dense AdamW), lora (LoRA "
+                                  "of --lora-rank on every linear) or sift (sparse increments, --sift-density)")(
+      "lora-rank", po::value<int64_t>()->default_value(8), "--tuning lora, --healing lora: the adapters' rank")(
       "sift-density", po::value<double>()->default_value(0.05), "--tuning sift: the entries of each tensor trained");
   pruning_study_options(o);
   add_grid_options(o, "compute dtype of collection, training and evaluation");
@@ -269,9 +271,18 @@ void Study::evaluate(const std::string& dir, const std::string& setting) const {
   stage.run("eval " + setting, "eval", args[3], args, true);
 }
 
+std::vector<std::string> Study::lora_args() const {
+  const ModelConfig cfg = CheckpointReader(model).config();
+  std::string targets;
+  for (const char* t : {"q", "k", "v", "o", "gate", "up", "down"})
+    if (!lora_module(cfg, t).empty()) targets += (targets.empty() ? "" : ",") + std::string(t);
+  return {"--lora-rank", std::to_string(vm["lora-rank"].as<int64_t>()), "--lora-targets", targets};
+}
+
 std::vector<std::string> Study::tuning_args() const {
   const auto tuning = vm["tuning"].as<std::string>();
   if (tuning == "sift") return {"--sparse-increment", fmt::format("{}", vm["sift-density"].as<double>())};
+  if (tuning == "lora") return lora_args();
   return {};
 }
 
@@ -396,7 +407,9 @@ int pipeline_run(const po::variables_map& vm) {
       fail("--modes: unknown emulator '{}' (uniform, remove, share)", m);
   if (modes.empty()) fail("--modes: name at least one of uniform, remove, share");
   const auto tuning = vm["tuning"].as<std::string>();
-  if (tuning != "full" && tuning != "sift") fail("--tuning: unknown choice '{}' (full or sift)", tuning);
+  if (tuning != "full" && tuning != "lora" && tuning != "sift")
+    fail("--tuning: unknown choice '{}' (full, lora or sift)", tuning);
+  if (vm["lora-rank"].as<int64_t>() < 1) fail("--lora-rank must be positive, got {}", vm["lora-rank"].as<int64_t>());
   const double density = vm["sift-density"].as<double>();
   if (!(density > 0 && density <= 1)) fail("--sift-density must be in (0, 1], got {}", density);
   if (study_name == "pruning") check_pruning_study_options(vm);

@@ -53,6 +53,8 @@ struct Study {
                         const std::vector<std::string>& extra) const;
   // The train options of --tuning full|lora|sift (what trains the chosen parameters).
   std::vector<std::string> tuning_args() const;
+  // LoRA of --lora-rank on every linear layer the model's family has.
+  std::vector<std::string> lora_args() const;
 };
 
 std::string task_name(const std::string& path);

@@ -153,7 +153,8 @@ void pruning_study_options(po::options_description& o) {
       "pruning-methods", po::value<std::string>()->default_value("uniform,remove,share,shortgpt,angular,sleb,laco"),
       "--study pruning: the methods compared")("healing", po::value<std::string>()->default_value("last-layers"),
                                                "--study pruning: last-layers (the last --heal-layers layers, the final "
-                                               "norm and the LM head) or full (every parameter)")(
+                                               "norm and the LM head), full (every parameter) or lora (LoRA of "
+                                               "--lora-rank on every linear of every layer)")(
       "heal-layers", po::value<int64_t>()->default_value(2), "--study pruning, --healing last-layers: layers trained")(
       "importance-examples", po::value<int64_t>()->default_value(64),
       "--study pruning: examples of the token-level collection that Block Influence and angular distance read")(
@@ -168,8 +169,8 @@ void check_pruning_study_options(const po::variables_map& vm) {
   const auto ratios = parse_ratios(vm["ratio"].as<std::string>());
   const auto methods = study_methods(vm);
   const auto healing = vm["healing"].as<std::string>();
-  if (healing != "last-layers" && healing != "full")
-    fail("--healing: unknown choice '{}' (last-layers or full)", healing);
+  if (healing != "last-layers" && healing != "full" && healing != "lora")
+    fail("--healing: unknown choice '{}' (last-layers, full or lora)", healing);
   for (const char* o : {"heal-layers", "importance-examples", "calibration-examples", "laco-merge-size"})
     if (vm[o].as<int64_t>() < 1) fail("--{} must be positive, got {}", o, vm[o].as<int64_t>());
   const int64_t L = CheckpointReader(vm["model"].as<std::string>()).config().num_layers;
@@ -271,27 +272,33 @@ void run_pruning_study(const Study& st, const std::string& cka) {
       st.stage.run("emulate " + name, "emulate", pruned, args, grid);
       st.evaluate(pruned, name + "-pruned");
       std::vector<std::string> heal;
-      if (healing == "full")
+      if (healing == "full") {
         heal = {"--train-all"};
-      else
+      } else if (healing == "lora") {
+        heal = st.lora_args();
+        heal.push_back("--train-all");
+      } else {
         heal = {"--train-last", str(vm["heal-layers"].as<int64_t>()), "--train-head"};
+      }
       const std::string healed = st.fine_tune(name, pruned, (dir / "heal").string(), heal);
       st.evaluate(healed, name + "-healed");
       if (World::get().rank() == 0) rows.push_back(study_row(st, m, r, pruned, name, full_params, metrics));
     }
   }
   if (World::get().rank() != 0) return;
-  nlohmann::json study = {{"format", "crash-hpc pruning study 1"},
-                          {"model", fs::absolute(st.model).string()},
-                          {"healing", healing == "full" ? "full fine-tuning"
-                                                        : fmt::format("last {} layers, final norm and LM head",
-                                                                      vm["heal-layers"].as<int64_t>())},
-                          {"steps", vm["steps"].as<int64_t>()},
-                          {"ratios", ratios},
-                          {"methods", methods},
-                          {"tasks", nlohmann::json::array()},
-                          {"importance", importance},
-                          {"rows", rows}};
+  nlohmann::json study = {
+      {"format", "crash-hpc pruning study 1"},
+      {"model", fs::absolute(st.model).string()},
+      {"healing", healing == "full" ? "full fine-tuning"
+                  : healing == "lora"
+                      ? fmt::format("LoRA of rank {} on every linear layer", vm["lora-rank"].as<int64_t>())
+                      : fmt::format("last {} layers, final norm and LM head", vm["heal-layers"].as<int64_t>())},
+      {"steps", vm["steps"].as<int64_t>()},
+      {"ratios", ratios},
+      {"methods", methods},
+      {"tasks", nlohmann::json::array()},
+      {"importance", importance},
+      {"rows", rows}};
   const auto full_cfg = CheckpointReader(st.model).config();
   study["full"] = {{"layers", full_cfg.num_layers}, {"parameters", full_params}};
   const auto full_results = read_json_file((work / "eval" / "full.json").string());

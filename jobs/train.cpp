@@ -1,5 +1,7 @@
 // train: fine-tunes a model (an emulator's adapter layers by default) on any DP x PP x TP grid
 // with checkpoints that resume exactly (framework/trainer.h).
+#include <sstream>
+
 #include "framework/trainer.h"
 #include "jobs/job.h"
 
@@ -57,7 +59,18 @@ void train_options(po::options_description& o) {
       "gradients are those of none, bit for bit")(
       "distributed-optimizer", po::bool_switch(),
       "shard the fp32 master weights and AdamW moments over the data-parallel ranks (ZeRO-1, as Megatron-LM's "
-      "distributed optimizer): gradients reduce-scattered, parameters all-gathered; the same numbers as without");
+      "distributed optimizer): gradients reduce-scattered, parameters all-gathered; the same numbers as without")(
+      "lora-rank", po::value<int64_t>(),
+      "LoRA of rank R (PEFT's parameterisation) on the trainable layers (all with --train-all); the base weights "
+      "stay frozen. OUT/model is the merged model, OUT/adapter the adapter in PEFT's format")(
+      "lora-alpha", po::value<double>(), "LoRA scaling alpha: the update is (alpha / R) B A (default 8, as PEFT's)")(
+      "lora-dropout", po::value<double>(),
+      "LoRA dropout rate in [0, 1) on the adapters' input (default 0); masks follow --seed, the step and the "
+      "example, not the grid")(
+      "lora-targets", po::value<std::string>(),
+      "comma-separated linears LoRA adapts: q, k, v, o, gate, up, down (OPT: up = fc1, down = fc2); default q,v")(
+      "lora-init", po::value<std::string>(),
+      "start LoRA from this PEFT adapter folder instead of a random A and B = 0");
   add_grid_options(o, "compute dtype: float32, bfloat16 or float16 (master weights fp32)");
 }
 
@@ -100,6 +113,15 @@ int train_run(const po::variables_map& vm) {
   t.save_increments = vm["save-increments"].as<std::string>();
   t.recompute = vm["recompute"].as<std::string>();
   t.distributed_optimizer = vm["distributed-optimizer"].as<bool>();
+  if (vm.count("lora-rank")) t.lora.rank = vm["lora-rank"].as<int64_t>();
+  if (vm.count("lora-alpha")) t.lora.alpha = vm["lora-alpha"].as<double>();
+  if (vm.count("lora-dropout")) t.lora.dropout = vm["lora-dropout"].as<double>();
+  if (vm.count("lora-targets")) {
+    std::stringstream list(vm["lora-targets"].as<std::string>());
+    for (std::string item; std::getline(list, item, ',');) t.lora.targets.push_back(item);
+    if (t.lora.targets.empty()) t.lora.targets.push_back("");
+  }
+  if (vm.count("lora-init")) t.lora.init = vm["lora-init"].as<std::string>();
   // Every option is checked in one place: check_train_options (framework/trainer.h).
   Trainer(t).run();
   return 0;

@@ -153,6 +153,7 @@ torch::Tensor ColumnParallelLinearImpl::forward(const torch::Tensor& x) {
   auto xin = copy_to_tp(x, tp_);
   auto y = factor_a ? local_linear(local_linear(xin, factor_a->weight), factor_b->weight, factor_b->bias)
                     : local_linear(xin, weight, bias);
+  if (adapter) y = y + adapter(x);
   if (observer) observer(gather_output(y.detach(), slice_, tp_));
   return gather_ ? gather_from_tp(y, tp_) : y;
 }
@@ -195,6 +196,7 @@ torch::Tensor RowParallelLinearImpl::forward(const torch::Tensor& x) {
     y = reduce_from_tp(local_linear(x, weight), tp_);
     if (bias.defined()) y = y + bias;
   }
+  if (adapter) y = y + adapter(x);
   if (observer) observer(y.detach());
   return y;
 }

@@ -104,9 +104,15 @@ class ParallelLinearBase : public torch::nn::Module, public TensorParallelModule
   // SFSD: weight and bias become two factors of rank `rank` (fresh values), as the layer says.
   virtual void make_low_rank(int64_t rank) = 0;
   int64_t low_rank() const { return factor_a ? factor_a->weight.size(0) : 0; }
+  const CommPtr& tp() const { return tp_; }
   torch::Tensor weight, bias;
   LowRankFactor factor_a{nullptr}, factor_b{nullptr};
   LinearObserver observer;
+  // An additive branch (LoRA, framework/lora.h), empty by default: its result is added to the
+  // layer's output before any gather. It gets the input as the layer does (column-parallel: the
+  // whole input, not yet copied to TP; row-parallel: this rank's part) and returns what the layer
+  // returns before a gather (column: this rank's outputs; row: the whole output, summed over TP).
+  std::function<torch::Tensor(const torch::Tensor& x)> adapter;
 
  protected:
   // Replaces weight and bias by factor_a [rank, a_in] and factor_b [b_out, rank] with the bias,

@@ -110,6 +110,50 @@ torch::Tensor residual_dropout(const torch::Tensor& x, const AttentionContext& c
   return apply(x, mask);
 }
 
+torch::Tensor feature_dropout(const torch::Tensor& x, const AttentionContext& ctx, int64_t layer, DropoutSite site,
+                              int64_t stream, double p, int64_t full, int64_t start) {
+  const DropoutContext& dc = context_of(ctx);
+  check_rate(p);
+  const int64_t rows = static_cast<int64_t>(dc.slots.size()), d = x.size(-1);
+  const bool padded = dc.padded_length > 0;
+  const bool fits = static_cast<int64_t>(dc.row_offsets.size()) == rows + 1 && x.dim() == 3 &&
+                    (padded ? x.size(0) == rows && x.size(1) == dc.padded_length
+                            : x.size(0) == 1 && x.size(1) == dc.row_offsets.back()) &&
+                    start >= 0 && start + d <= full;
+  if (!fits) fail("dropout: activations of shape {} do not match the pass's {} rows", fmt::join(x.sizes(), "x"), rows);
+  auto mask = torch::ones(x.sizes(), torch::kFloat32);
+  float* m = mask.data_ptr<float>();
+  const Draw draw(p);
+  at::parallel_for(0, rows, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const uint64_t key = dropout_key(dc.seed, dc.step, dc.slots[b], layer, site, stream);
+      const int64_t o = dc.row_offsets[b], L = dc.row_offsets[b + 1] - o;
+      for (int64_t t = 0; t < L; ++t) {
+        float* out = m + (padded ? dc.token_position[o + t] : o + t) * d;
+        for (int64_t j = 0; j < d; ++j) out[j] = draw(key, static_cast<uint64_t>(t * full + start + j));
+      }
+    }
+  });
+  return apply(x, mask);
+}
+
+namespace {
+thread_local const AttentionContext* pass_context = nullptr;
+thread_local int64_t pass_layer = -1;
+}  // namespace
+
+LayerPass::LayerPass(const AttentionContext& ctx, int64_t layer)
+    : previous_ctx_(pass_context), previous_layer_(pass_layer) {
+  pass_context = &ctx;
+  pass_layer = layer;
+}
+LayerPass::~LayerPass() {
+  pass_context = previous_ctx_;
+  pass_layer = previous_layer_;
+}
+const AttentionContext* LayerPass::context() { return pass_context; }
+int64_t LayerPass::layer() { return pass_layer; }
+
 torch::Tensor attention_probs_dropout(const torch::Tensor& probs, const AttentionContext& ctx, int64_t layer,
                                       int64_t first_head) {
   const DropoutContext& dc = context_of(ctx);

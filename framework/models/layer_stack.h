@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "framework/models/decoder.h"
+#include "framework/models/dropout.h"
 
 namespace crash {
 
@@ -23,6 +24,7 @@ class LayerStackLM : public CausalLM {
 
   torch::Tensor run_layer(int64_t layer, const torch::Tensor& h, const AttentionContext& ctx,
                           LayerCache* cache) override {
+    const LayerPass pass(ctx, layer);
     return layers_.at(static_cast<size_t>(layer - first_))->forward(h, ctx, cache, layer);
   }
 

@@ -513,6 +513,11 @@ try:
             json.dump(plan, f)
         expect_error("plan without trainable layers", ["train", "--model", frozen, "--data", data, "--out", out("x")],
                      "no trainable")
+        expect_error("--train-last beyond the model", args + ["--train-last", "9", "--out", out("x")], "--train-last 9")
+        expect_error("--train-last with --train-all", args + ["--train-all", "--train-last", "1", "--out", out("x")],
+                     "--train-all")
+        expect_error("--train-head with LoRA", args + ["--train-last", "1", "--train-head", "--lora-rank", "2", "--out",
+                                                       out("x")], "--train-head")
         expect_error("--log-interval 0", args + ["--log-interval", "0", "--out", out("x")], "--log-interval")
         # A log line at steps 1, 2, 4 and 5 of 5 with --log-interval 2, each with the mean loss since the last.
         p = subprocess.run([BIN] + common + ["--steps", "5", "--log-interval", "2", "--out", out("logged"), "--threads",
