@@ -9,6 +9,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "framework/checkpoint.h"
@@ -90,7 +91,9 @@ class SparseAdamW : public Optimizer {
   std::vector<int64_t> full_numel_;
   std::vector<torch::Tensor> index_, master_, exp_avg_, exp_avg_sq_, grad_;
   std::vector<torch::Tensor> masked_grad_;  // the hooks' sums, one per parameter
-  std::vector<std::pair<std::shared_ptr<torch::autograd::Node>, uintptr_t>> hooks_;
+  // The accumulator's pointer type is LibTorch's own (shared_ptr in 1.13, intrusive_ptr in 2.x).
+  using NodePtr = decltype(torch::autograd::impl::grad_accumulator(std::declval<const torch::Tensor&>()));
+  std::vector<std::pair<NodePtr, uintptr_t>> hooks_;
 };
 
 // Collective over the world: writes this run's increments to `path` (safetensors): per

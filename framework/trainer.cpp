@@ -572,8 +572,9 @@ void Trainer::log_step(int64_t step, const StepResult& r) {
                            {"seconds", r.seconds},
                            {"dropout", hidden_dropout_},
                            {"attention_dropout", attention_dropout_}};
-  // The first record of a run names its optimiser memory (rank 0's; every rank logs its own).
-  if (ran_ == 1) record["optimizer_state_bytes"] = optimizer_bytes_;
+  // The first record of a run names its optimiser memory (rank 0's; every rank logs its own),
+  // measured after the step: SIFT allocates its sparse state when the first step picks the mask.
+  if (ran_ == 1) record["optimizer_state_bytes"] = state_bytes(*optimizer_);
   log_->write(record);
   interval_.loss += r.loss;
   interval_.tokens += r.tokens;

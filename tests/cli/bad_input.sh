@@ -111,6 +111,23 @@ expect too-long "long.jsonl:1|65 tokens exceed the model's context of 64" "$bin"
 
 expect bad-dtype "--dtype|float8" run --model "$fixtures/models/llama_gqa" --dtype float8
 
+# pipeline --study pruning: its options are checked before any stage runs.
+printf '{"context": "a", "choices": [" b", " c"], "gold": 0}\n' > "$work/mc.jsonl"
+study() {
+  "$bin" pipeline --study pruning --model "$fixtures/eval/model" --train-task "$work/mc.jsonl" --eval-task \
+    "$work/mc.jsonl" --work "$work/study" --adapters 1,1 "$@"
+}
+expect study-unknown "--study|unknown study 'prune'" "$bin" pipeline --study prune --model "$fixtures/eval/model" \
+  --train-task "$work/mc.jsonl" --eval-task "$work/mc.jsonl" --work "$work/study"
+expect study-ratio "--ratio|fractions in (0, 1)|1.5" study --ratio 0.25,1.5
+expect study-ratio-twice "--ratio|0.25 is given twice" study --ratio 0.25,0.25
+expect study-method "--pruning-methods|unknown method 'slab'" study --pruning-methods shortgpt,slab
+expect study-healing "--healing|unknown choice 'partial'" study --healing partial
+expect study-heal-layers "--heal-layers 4|2 layers" study --ratio 0.5 --heal-layers 4 --pruning-methods shortgpt
+expect study-no-middle "--ratio 0.5|removes 2 of 4 layers|middle layer" study --ratio 0.5
+expect study-tuning "--tuning|unknown choice 'qlora'" study --tuning qlora
+[ -e "$work/study/activations.h5" ] && { failures=$((failures + 1)); echo "FAIL study: a stage ran before the check"; }
+
 # An existing output is kept as it was without --overwrite.
 echo "keep me" > "$work/existing.h5"
 "$bin" forward --model "$fixtures/models/llama_gqa" --input "$work/in.jsonl" --out "$work/existing.h5" 2> "$work/stderr"
