@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
-"""Peak RSS per rank and step time of `train` with --recompute none, selective and full, in one run.
+"""Peak RSS per rank and step time of `train` with --recompute none, selective and full, in one run
+(with --distributed-optimizer: the replicated vs the distributed optimizer; with --distill: the
+distillation teacher's memory on 1 rank and on TP ranks).
 
 The model: OPT-1.3B's shape (examples/models/opt-1.3b/config.json: d 2048, 32 heads, ffn 8192,
 vocabulary 50272, residual dropout 0.1) cut to --layers decoder layers (default 4 of 24, to fit
@@ -50,18 +52,22 @@ def make_model(maker, path, layers):
     return cfg
 
 
-def train(a, model, data, out, mode, extra=(), data_parallel=False):
+def train(a, model, data, out, mode, extra=(), data_parallel=False, ranks=None, grid=None):
+    """One training run; `grid` (options such as --tp 2) replaces the default layout of `ranks` ranks
+    (pipeline stages, or data-parallel)."""
+    ranks = a.ranks if ranks is None else ranks
     cmd = [a.binary, "train", "--model", model, "--data", data, "--out", out, "--steps", str(a.steps),
            "--batch-size", str(a.batch), "--lr", "1e-4", "--threads", str(a.threads), "--log-level", "info",
            "--recompute", mode] + list(extra)
-    if a.ranks > 1:
-        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(a.ranks)] + cmd + (
-            [] if data_parallel else ["--pp", str(a.ranks)]) + ["--log-all-ranks"]
+    if ranks > 1:
+        layout = list(grid) if grid is not None else [] if data_parallel else ["--pp", str(ranks)]
+        cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", str(ranks)] + cmd + (
+            layout) + ["--log-all-ranks"]
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     p = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     rss = {int(r): int(k) / 1024.0 for k, r in re.findall(r"peak RSS: (\d+) KiB on rank (\d+)", p.stdout + p.stderr)}
-    if len(rss) != a.ranks:
-        raise SystemExit(f"{mode}: expected a peak RSS line from each of {a.ranks} ranks:\n{p.stderr[-2000:]}")
+    if len(rss) != ranks:
+        raise SystemExit(f"{mode}: expected a peak RSS line from each of {ranks} ranks:\n{p.stderr[-2000:]}")
     state = {int(r): int(b) for b, r in re.findall(r"optimizer state: (\d+) bytes on rank (\d+)", p.stdout + p.stderr)}
     steps = [json.loads(l) for l in open(os.path.join(out, "train_log.jsonl"))]
     seconds = [j["seconds"] for j in steps if "seconds" in j]
@@ -86,11 +92,14 @@ def main():
                          "(default 2)")
     ap.add_argument("--distributed-optimizer", action="store_true",
                     help="compare the replicated optimiser with the distributed one on --ranks DP ranks")
+    ap.add_argument("--distill", action="store_true",
+                    help="peak RSS per rank of training with --distill-from a teacher of twice the layers: the student "
+                         "alone and with the teacher on 1 rank, and with the teacher on --ranks (2) TP ranks")
     ap.add_argument("--maker", default=os.path.join(ROOT, "build", "bench", "make_random_checkpoint"))
     ap.add_argument("--gemm", default=os.path.join(ROOT, "build", "bench", "bench_gemm"))
     a = ap.parse_args()
     if a.ranks is None:
-        a.ranks = 2 if a.distributed_optimizer else 1
+        a.ranks = 2 if a.distributed_optimizer or a.distill else 1
     model = f"{a.model}-{a.layers}l"
     cfg = make_model(a.maker, model, a.layers)
     d, ffn, vocab = cfg["hidden_size"], cfg["ffn_dim"], cfg["vocab_size"]
@@ -99,7 +108,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data.jsonl")
         write_tokens(data, ([rnd.randrange(4, vocab) for _ in range(a.seq)] for _ in range(a.batch * a.steps)))
-        if a.distributed_optimizer:
+        if a.distill:
+            teacher = f"{a.model}-{2 * a.layers}l"
+            make_model(a.maker, teacher, 2 * a.layers)
+            kd = ["--distill-from", teacher]
+            runs = [("student alone, 1 rank", 1, [], None), ("with the teacher, 1 rank", 1, kd, None),
+                    (f"with the teacher, TP{a.ranks}", a.ranks, kd, ["--tp", str(a.ranks)])]
+            for name, n, extra, grid in runs:
+                results[name] = train(a, model, data, os.path.join(tmp, str(len(results))), "none", extra, ranks=n,
+                                      grid=grid)
+        elif a.distributed_optimizer:
             for name, extra in [("replicated", []), ("distributed", ["--distributed-optimizer"])]:
                 results[name] = train(a, model, data, os.path.join(tmp, name), "none", extra, data_parallel=True)
         else:
@@ -111,6 +129,8 @@ def main():
     flops = 3 * a.layers * layer_flops([a.seq] * a.batch, d, ffn) + 2 * head_flops(a.batch * a.seq, d, vocab)
     if a.distributed_optimizer:
         return report_distributed(a, cfg, results, flops, best, rates)
+    if a.distill:
+        return report_distill(a, cfg, results, best, rates)
     print(f"OPT-1.3B shape cut to {a.layers} layers (d {d}, ffn {ffn}, {cfg['num_attention_heads']} heads, "
           f"dropout {cfg['dropout']}), random fp32 weights, every layer trains (embedding and tied head frozen); "
           f"batch {a.batch} x {a.seq} tokens, {a.steps} steps, {a.threads} threads a rank, {a.ranks} rank(s)"
@@ -149,6 +169,19 @@ def report_distributed(a, cfg, results, flops, best, rates):
         print(f"  {'':11s} step {sec:7.2f} s ({sec / base_time:.3f} of replicated), {g:6.1f} GFLOP/s = "
               f"{g / best:.2f} of GEMM; last loss {loss:.6f}"
               f"{'' if abs(loss - base_loss) <= 1e-6 * max(1.0, abs(base_loss)) else ' (DIFFERS from replicated)'}")
+
+
+def report_distill(a, cfg, results, best, rates):
+    print(f"OPT-1.3B shape (d {cfg['hidden_size']}, ffn {cfg['ffn_dim']}, vocabulary {cfg['vocab_size']}), random "
+          f"fp32 weights: a student of {a.layers} layers, every layer training, and a teacher of {2 * a.layers} "
+          f"layers (--distill-from); batch {a.batch} x {a.seq} tokens, {a.steps} steps, {a.threads} threads a rank, CPU")
+    print(f"GEMM rate in this run (bench_gemm, float32): " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) +
+          f" GFLOP/s; machine rate {best:.1f} GFLOP/s")
+    alone = max(results["student alone, 1 rank"][0].values())
+    for name, (rss, sec, loss, _) in results.items():
+        print(f"  {name:26s} peak RSS " + ", ".join(f"rank {r} {v:8.1f} MiB" for r, v in sorted(rss.items())) +
+              f" (largest {max(rss.values()) / alone:.3f} of the student alone); step {sec:6.2f} s; "
+              f"last loss {loss:.6f}")
 
 
 if __name__ == "__main__":
