@@ -18,12 +18,14 @@ Debian's python3 (numpy) only.
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from safetensors_np import read_safetensors  # noqa: E402
 
 BIN, FIXTURES, MODE = sys.argv[1], sys.argv[2], sys.argv[3]
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS=1"]
@@ -45,21 +47,6 @@ def run(args, np_=1, expect=0):
         print(" ".join(cmd), "\n", p.stdout[-3000:], p.stderr[-3000:])
         raise SystemExit(f"FAIL: exit code {p.returncode}, expected {expect}")
     return p
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        assert info["dtype"] == "F32", (path, name, info["dtype"])
-        b, e = info["data_offsets"]
-        out[name] = np.frombuffer(data[b:e], dtype=np.float32).reshape(info["shape"])
-    return out
 
 
 def folder_tensors(folder):
