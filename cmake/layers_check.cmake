@@ -1,7 +1,7 @@
 # ctest (label unit): each layer's include path (build/layers/<layer>, CMakeLists.txt) compiles
 # a probe that includes its own headers and the layers' below, and fails on any higher layer's
 # header with "No such file": what keeps framework/ from including jobs/ or analysis/.
-# The preprocessor runs on the probe alone with the include directories the layer's sources
+# The preprocessor runs (as C++20, which a PyPI LibTorch's headers require) on the probe alone with the include directories the layer's sources
 # get, its linked libraries' included, written to a response file at generate time.
 set(probes ${PROJECT_BINARY_DIR}/layers/probes)
 # A header of each layer that needs little else to compile (jobs/version.h is generated).
@@ -18,7 +18,7 @@ foreach(layer ${CRASH_LAYERS})
   list(REMOVE_AT above 0)
   file(GENERATE OUTPUT ${probes}/${layer}.rsp
        CONTENT "-I$<JOIN:$<TARGET_PROPERTY:${layer},INCLUDE_DIRECTORIES>,\n-I>\n")
-  set(compile ${CMAKE_COMMAND} -E env LC_ALL=C ${CMAKE_CXX_COMPILER} -std=c++17 -E -o /dev/null @${probes}/${layer}.rsp)
+  set(compile ${CMAKE_COMMAND} -E env LC_ALL=C ${CMAKE_CXX_COMPILER} -std=c++20 -E -o /dev/null @${probes}/${layer}.rsp)
 
   set(source "")
   foreach(header ${allowed_${layer}})
