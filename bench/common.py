@@ -225,6 +225,20 @@ def gemm_rates(a, allocator, dtypes, rows):
     return rates, ours, theirs
 
 
+def print_crash_gemm(build, threads, dtypes, env, allocator, rows=2048):
+    """The machine's GEMM rate in this run through crash-hpc's own libraries alone (bench_gemm: no
+    PyPI), printed per kernel; returns the best per dtype. For benches whose both sides are crash-hpc."""
+    gemm, _ = run_json([os.path.join(build, "bench", "bench_gemm"), "--threads", str(threads), "--rows", str(rows),
+                        "--dtypes", ",".join(dtypes), "--repeats", "3"], env, "bench_gemm")
+    print(f"GEMM rate in this run (bench_gemm, crash-hpc's LibTorch, {threads} threads, {allocator}):")
+    best = {}
+    for d in dtypes:
+        rates = {k: v for k, v in gemm["rates"][d].items() if v}
+        best[d] = max(rates.values())
+        print(f"  {d:9s} " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(rates.items())) + f"  (best {best[d]:.1f} GFLOP/s)")
+    return best
+
+
 def print_gemm(rates, rows, threads):
     """Prints every kernel's rate; returns the best per dtype (the machine's rate)."""
     best = {}

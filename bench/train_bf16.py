@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import ROOT, run_json, side_env
+from common import ROOT, print_crash_gemm, side_env
 
 DTYPES = ["float32", "bfloat16"]
 
@@ -38,14 +38,7 @@ def main():
     env = side_env(a.allocator, a.threads)
     demo = os.path.join(ROOT, "examples", "demo")
 
-    gemm, _ = run_json([os.path.join(a.build, "bench", "bench_gemm"), "--threads", str(a.threads), "--rows", "2048",
-                        "--dtypes", ",".join(DTYPES), "--repeats", "3"], env, "bench_gemm")
-    print(f"GEMM rate in this run (bench_gemm, crash-hpc's LibTorch, {a.threads} threads, {a.allocator}):")
-    best = {}
-    for d in DTYPES:
-        rates = {k: v for k, v in gemm["rates"][d].items() if v}
-        best[d] = max(rates.values())
-        print(f"  {d:9s} " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(rates.items())) + f"  (best {best[d]:.1f} GFLOP/s)")
+    best = print_crash_gemm(a.build, a.threads, DTYPES, env, a.allocator)
 
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "train")

@@ -5,7 +5,8 @@ The CRaSh pipeline on the demo model (examples/demo/pipeline.ini's model, tasks,
 steps, batch, learning rate and seed) run once per `--tuning` (full: dense AdamW; lora: LoRA of
 --lora-rank on every linear of the adapter layers; sift: sparse increments of --sift-density), in
 one run of this script, each in its own child process with the same threads. The reference side is
-`--tuning full`, the pipeline's default. Printed per tuning and emulator: the emulator's accuracy
+`--tuning full`, the pipeline's default. Printed first: the machine's float32 GEMM rate in this run
+(bench_gemm); then, per tuning and emulator: the emulator's accuracy
 after fine-tuning and the plug-in's (wordnet_test, 500 questions, chance 0.25), the plug-in's
 held-out perplexity, the fine-tuning stage's time and peak RSS, and the optimizer state bytes
 (train_log.jsonl's first record). Not part of CI:
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import ROOT, side_env
+from common import ROOT, print_crash_gemm, side_env
 
 TUNINGS = ["full", "lora", "sift"]
 
@@ -36,6 +37,7 @@ def main():
     tasks = os.path.join(demo, "tasks")
     modes = a.modes.split(",")
     env = side_env(a.allocator, a.threads)
+    print_crash_gemm(a.build, a.threads, ["float32"], env, a.allocator)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for tuning in TUNINGS:
