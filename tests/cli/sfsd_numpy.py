@@ -18,12 +18,14 @@ on NP ranks (mpirun) with --tp/--pp and must give the same factors.
 import json
 import os
 import random
-import struct
 import subprocess
 import sys
 import tempfile
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from safetensors_np import read_safetensors  # noqa: E402
 
 TOL = 1e-8
 # RMSNorm computes in float32 whatever the dtype (as HF's does), so NumPy's inputs of an RMSNorm family's
@@ -47,18 +49,7 @@ def check(cond, what):
 
 
 def load_safetensors(path):
-    dtypes = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64}
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        a, b = info["data_offsets"]
-        out[name] = np.frombuffer(data[a:b], dtype=dtypes[info["dtype"]]).reshape(info["shape"]).astype(np.float64)
-    return out
+    return {name: t.astype(np.float64) for name, t in read_safetensors(path).items()}
 
 
 def prepared_tokens(folder):
