@@ -275,6 +275,21 @@ def head_flops(tokens, d=768, vocab=50272):
     return 2 * tokens * d * vocab
 
 
+def train_step_flops(trainable, batch, seq, d=768, ffn=3072, vocab=50272):
+    """A training step's FLOPs for layers whose flags (bottom first) say which train: the forward of
+    every layer and the LM head; the logits' gradient back into the last hidden state; input
+    gradients of every layer above the lowest trainable one; weight gradients of the trainable
+    layers (each 1x the layer's forward). Every layer training gives the usual 3x the forward."""
+    fwd = layer_flops([seq] * batch, d, ffn)
+    lowest = trainable.index(True) if any(trainable) else len(trainable)
+    total = len(trainable) * fwd + head_flops(batch * seq, d, vocab)
+    if any(trainable):
+        total += head_flops(batch * seq, d, vocab)
+    for i, t in enumerate(trainable):
+        total += fwd * (int(t) + int(i > lowest))
+    return total
+
+
 def rate_line(name, work, seconds, flops, gemm, unit="tokens/s"):
     """One side's row: its rate, its GFLOP/s on the FLOPs the job had to do, the fraction of GEMM."""
     g = flops / seconds / 1e9

@@ -25,9 +25,9 @@ import sys
 import tempfile
 import time
 
-from common import (arguments, cpu_name, gemm_rates, head_flops, layer_flops, libtorch_description, make_model,
-                    model_path, parse_lists, print_gemm, process_allocator, program, rate_line, reference_description,
-                    run_json, side_env, worker_cmd, write_tokens)
+from common import (arguments, cpu_name, gemm_rates, libtorch_description, make_model, model_path, parse_lists,
+                    print_gemm, process_allocator, program, rate_line, reference_description, run_json, side_env,
+                    train_step_flops, worker_cmd, write_tokens)
 
 
 def hf_worker(a):
@@ -60,19 +60,6 @@ def hf_worker(a):
     print(json.dumps({"median_s": statistics.median(times[1:]), "allocator": process_allocator(),
                       "threads": torch.get_num_threads(), "attention": model.config._attn_implementation,
                       "dropout": model.config.dropout, "attention_dropout": model.config.attention_dropout}))
-
-
-def step_flops(slots, batch, seq):
-    """A step's FLOPs for an emulator whose slots say which layers train (bottom first)."""
-    fwd = layer_flops([seq] * batch)
-    trainable = [s["train"] for s in slots]
-    lowest = trainable.index(True) if any(trainable) else len(slots)
-    total = len(slots) * fwd + head_flops(batch * seq)  # forward
-    if any(trainable):
-        total += head_flops(batch * seq)  # the logits' gradient back into the last hidden state
-    for i, t in enumerate(trainable):
-        total += fwd * (int(t) + int(i > lowest))  # weight gradients; input gradients above the lowest trainable
-    return total
 
 
 def dropout_option(crash):
@@ -110,7 +97,7 @@ def main():
                         "--out", emulator, "--log-level", "warn"], check=True)
         with open(os.path.join(emulator, "crash_plan.json")) as f:
             slots = json.load(f)["slots"]
-        flops = step_flops(slots, a.batch, a.seq)
+        flops = train_step_flops([s["train"] for s in slots], a.batch, a.seq)
         import numpy as np
         ids = np.random.default_rng(0).integers(4, 50000, (a.batch, a.seq)).tolist()
         data = os.path.join(tmp, "data.jsonl")

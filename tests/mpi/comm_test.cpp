@@ -1,10 +1,14 @@
 // The MPI communicator and the tensor-parallel regions on N ranks, checked against values
 // every rank can compute alone. Run under mpirun; rank 0 prints the verdict.
+//   comm_test           the MPI communicator, CPU tensors
+//   comm_test --nccl    the NCCL communicator, CUDA tensors (one GPU per rank; bench/gpu_check.py)
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include <iostream>
 
 #include "parallel/comm_mpi.h"
+#include "parallel/comm_nccl.h"
 #include "parallel/tensor_parallel.h"
 #include "parallel/world.h"
 
@@ -14,8 +18,10 @@ namespace {
 
 int failures = 0, passes = 0;
 
+torch::Device dev = torch::kCPU;  // where every tensor of the checks lives: the communicator's device
+
 void expect(bool ok, const std::string& what, const CommPtr& comm) {
-  auto flag = torch::full({1}, ok ? 0 : 1, torch::kInt32);
+  auto flag = torch::full({1}, ok ? 0 : 1, torch::TensorOptions().dtype(torch::kInt32).device(dev));
   comm->allreduce(flag, ReduceOp::Max);
   const bool all = flag.item<int>() == 0;
   (all ? passes : failures)++;
@@ -31,7 +37,7 @@ torch::Tensor of_rank(const torch::Tensor& base, int r) { return base * (r + 1);
 
 void collectives(const CommPtr& c, const std::string& tag) {
   const int n = c->size(), r = c->rank();
-  auto base = torch::arange(0, 24, torch::kFloat32).reshape({2, 12}) - 5;
+  auto base = torch::arange(0, 24, torch::TensorOptions().dtype(torch::kFloat32).device(dev)).reshape({2, 12}) - 5;
   double ranks_sum = n * (n + 1) / 2.0;
   for (auto type : {torch::kFloat32, torch::kFloat64, torch::kInt64, torch::kBFloat16}) {
     auto t = of_rank(base, r).to(type).contiguous();
@@ -55,10 +61,17 @@ void collectives(const CommPtr& c, const std::string& tag) {
     for (int k = 0; k < n; ++k) parts.push_back(of_rank(base, k));
     expect(close(g, torch::cat(parts, dim)), tag + " allgather dim " + std::to_string(dim), c);
   }
-  auto wide = torch::arange(0, 2 * 6 * n, torch::kFloat32).reshape({2, 6 * n});
+  auto wide =
+      torch::arange(0, 2 * 6 * n, torch::TensorOptions().dtype(torch::kFloat32).device(dev)).reshape({2, 6 * n});
   auto rs = c->reduce_scatter(of_rank(wide, r), 1);
   expect(close(rs, (wide * ranks_sum).narrow(1, r * 6, 6)), tag + " reduce_scatter", c);
 
+  // NCCL's point-to-point calls queue on one stream, so a ring (every rank sends first) would wait
+  // for itself; the pipeline's schedule pairs each send with a receive posted in the peer's order.
+  if (c->backend() == "nccl") {
+    c->barrier();
+    return;
+  }
   // A ring: two messages with one tag arrive in order; a non-contiguous receiver; an empty tensor.
   const int next = (r + 1) % n, prev = (r + n - 1) % n;
   c->send(of_rank(base, r), next, 7);
@@ -81,9 +94,9 @@ void tensor_parallel(const CommPtr& tp) {
   torch::manual_seed(1);  // the same full tensors on every rank
   // Column-parallel then row-parallel (an MLP) equals the unsplit computation, with gradients.
   const int64_t in = 6, hidden = 4 * n, out = 5;
-  auto x = torch::randn({3, in}, torch::requires_grad());
-  auto w1 = torch::randn({hidden, in}), b1 = torch::randn({hidden}), w2 = torch::randn({out, hidden}),
-       b2 = torch::randn({out});
+  auto x = torch::randn({3, in}).to(dev).requires_grad_();
+  auto w1 = torch::randn({hidden, in}).to(dev), b1 = torch::randn({hidden}).to(dev),
+       w2 = torch::randn({out, hidden}).to(dev), b2 = torch::randn({out}).to(dev);
   auto want = torch::linear(torch::relu(torch::linear(x, w1, b1)), w2, b2);
   want.pow(2).sum().backward();
   auto want_grad = x.grad().clone();
@@ -91,6 +104,8 @@ void tensor_parallel(const CommPtr& tp) {
   const int64_t local = hidden / n;
   ColumnParallelLinear col(in, hidden, r * local, local, true, tp);
   RowParallelLinear row(hidden, r * local, local, out, true, tp);
+  col->to(dev);
+  row->to(dev);
   {
     torch::NoGradGuard ng;
     col->weight.copy_(w1.narrow(0, r * local, local));
@@ -104,7 +119,7 @@ void tensor_parallel(const CommPtr& tp) {
   expect(close(x.grad(), want_grad, 1e-4), "column/row-parallel MLP input gradient", tp);
 
   // gather/scatter regions are each other's inverse.
-  auto full = torch::randn({2, 3 * n}, torch::requires_grad());
+  auto full = torch::randn({2, 3 * n}).to(dev).requires_grad_();
   auto part = scatter_to_tp(full, tp);
   auto back = gather_from_tp(part, tp);
   back.sum().backward();
@@ -112,25 +127,27 @@ void tensor_parallel(const CommPtr& tp) {
 
   // Vocabulary-parallel embedding and cross-entropy (vocabulary padded to a multiple of n).
   const int64_t vocab = 4 * n + 1;
-  auto table = torch::randn({vocab, 3});
+  auto table = torch::randn({vocab, 3}).to(dev);
   VocabParallelEmbedding emb(vocab, 3, tp);
+  emb->to(dev);
   {
     torch::NoGradGuard ng;
     emb->weight.zero_();
     const int64_t avail = std::max<int64_t>(0, std::min(emb->local_vocab(), vocab - emb->vocab_start()));
     if (avail > 0) emb->weight.narrow(0, 0, avail).copy_(table.narrow(0, emb->vocab_start(), avail));
   }
-  auto ids = torch::tensor({0L, vocab - 1, 3L, 2L * n});
+  auto ids = torch::tensor({0L, vocab - 1, 3L, 2L * n}).to(dev);
   expect(close(emb->forward(ids), torch::embedding(table, ids)), "vocab-parallel embedding", tp);
 
-  auto logits = torch::randn({5, vocab}, torch::requires_grad());
-  auto targets = torch::tensor({1L, vocab - 1, -100L, 0L, 2L});
+  auto logits = torch::randn({5, vocab}).to(dev).requires_grad_();
+  auto targets = torch::tensor({1L, vocab - 1, -100L, 0L, 2L}).to(dev);
   auto ref = torch::nn::functional::cross_entropy(
       logits, targets, torch::nn::functional::CrossEntropyFuncOptions().ignore_index(-100).reduction(torch::kNone));
   ref.sum().backward();
   auto ref_grad = logits.grad().clone();
   const int64_t lv = padded_vocab(vocab, n) / n, start = r * lv;
-  auto padded = torch::cat({logits.detach(), torch::full({5, padded_vocab(vocab, n) - vocab}, 123.0)}, 1);
+  auto padded =
+      torch::cat({logits.detach(), torch::full({5, padded_vocab(vocab, n) - vocab}, 123.0, logits.options())}, 1);
   auto mine = padded.narrow(1, start, lv).clone().requires_grad_(true);
   auto loss = vocab_parallel_cross_entropy(mine, targets, start, vocab, tp);
   loss.sum().backward();
@@ -142,19 +159,21 @@ void tensor_parallel(const CommPtr& tp) {
 
   // Vocabulary-parallel KL(teacher_T || student_T) of distillation, against the whole-vocabulary one.
   const double T = 2.0;
-  auto teacher = torch::randn({5, vocab}) * 3;
+  auto teacher = torch::randn({5, vocab}).to(dev) * 3;
   auto student = logits.detach().clone().requires_grad_(true);
   auto log_p = torch::log_softmax(teacher / T, -1);
   auto ref_kl = (log_p.exp() * (log_p - torch::log_softmax(student / T, -1))).sum(-1);
-  (ref_kl * torch::arange(1, 6)).sum().backward();
+  (ref_kl * torch::arange(1, 6, logits.options())).sum().backward();
   auto teacher_mine =
-      torch::cat({teacher, torch::full({5, padded_vocab(vocab, n) - vocab}, 50.0)}, 1).narrow(1, start, lv);
-  auto student_mine = torch::cat({student.detach(), torch::full({5, padded_vocab(vocab, n) - vocab}, -7.0)}, 1)
-                          .narrow(1, start, lv)
-                          .clone()
-                          .requires_grad_(true);
+      torch::cat({teacher, torch::full({5, padded_vocab(vocab, n) - vocab}, 50.0, teacher.options())}, 1)
+          .narrow(1, start, lv);
+  auto student_mine =
+      torch::cat({student.detach(), torch::full({5, padded_vocab(vocab, n) - vocab}, -7.0, teacher.options())}, 1)
+          .narrow(1, start, lv)
+          .clone()
+          .requires_grad_(true);
   auto kl = vocab_parallel_kl_divergence(student_mine, teacher_mine, T, start, vocab, tp);
-  (kl * torch::arange(1, 6)).sum().backward();
+  (kl * torch::arange(1, 6, logits.options())).sum().backward();
   bool kl_grad_ok =
       avail == 0 || close(student_mine.grad().narrow(1, 0, avail), student.grad().narrow(1, start, avail), 1e-5);
   if (avail < lv)
@@ -169,9 +188,21 @@ int main(int argc, char** argv) {
   World::init(&argc, &argv);
   World::get().require_mpi();
   torch::set_num_threads(1);
-  auto comm = make_mpi_comm(MPI_COMM_WORLD, false);
-  collectives(comm, "mpi");
-  collectives(make_mpi_comm(MPI_COMM_WORLD, false, /*max_chunk=*/5), "mpi, 5-element chunks");
+  CommPtr comm;
+  if (argc > 1 && std::string(argv[1]) == "--nccl") {
+    if (!nccl_compiled() || !torch::cuda::is_available()) {
+      std::cerr << "comm_test --nccl: this build has no NCCL, or no GPU is visible" << std::endl;
+      return 2;
+    }
+    const int device = World::get().rank() % static_cast<int>(torch::cuda::device_count());
+    dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device));
+    comm = make_nccl_comm(MPI_COMM_WORLD, device);
+    collectives(comm, "nccl");
+  } else {
+    comm = make_mpi_comm(MPI_COMM_WORLD, false);
+    collectives(comm, "mpi");
+    collectives(make_mpi_comm(MPI_COMM_WORLD, false, /*max_chunk=*/5), "mpi, 5-element chunks");
+  }
   tensor_parallel(comm);
   if (comm->rank() == 0) std::cout << passes << " passed, " << failures << " failed" << std::endl;
   return failures ? 1 : 0;
