@@ -42,7 +42,7 @@ import sys
 import time
 import traceback
 
-from common import BENCH, ROOT, head_flops, layer_flops, train_step_flops, write_tokens
+from common import ROOT, layer_flops, train_step_flops, write_tokens
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 PARITY_MODELS = ("opt_preln", "opt_postln_proj", "llama_gqa", "llama_mha_tied", "llama3_scaled", "qwen2_bias",
@@ -194,7 +194,6 @@ def worker_train(a):
     full = a["trainable"] is None
     model = OPTForCausalLM.from_pretrained(a["model"], dtype=torch.float32 if full else torch.bfloat16)
     model.to(a["device"]).train()
-    params = []
     for name, p in model.named_parameters():
         m = re.search(r"\.layers\.(\d+)\.", name)
         train = full or (m is not None and int(m.group(1)) in a["trainable"])

@@ -8,13 +8,16 @@
 - float16 storage, attributes, bad input (exit 2, file and line named)."""
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
 
 import h5py
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from safetensors_np import read_safetensors  # noqa: E402
+
 
 binary, fixtures = sys.argv[1], sys.argv[2]
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
@@ -24,19 +27,6 @@ results = []
 def check(name, ok, detail=""):
     results.append(ok)
     print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}")
-
-
-def read_safetensors(path):
-    raw = open(path, "rb").read()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    out = {}
-    for k, e in header.items():
-        if k != "__metadata__":
-            b, end = e["data_offsets"]
-            dtype = {"F32": np.float32, "I64": np.int64}[e["dtype"]]
-            out[k] = np.frombuffer(raw[8 + n + b:8 + n + end], dtype=dtype).reshape(e["shape"])
-    return out
 
 
 def run(args, np_=1, env=None, check_rc=True):

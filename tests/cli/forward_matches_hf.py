@@ -3,7 +3,6 @@
 outputs stored in the golden fixtures (read with numpy alone)."""
 import json
 import os
-import struct
 import subprocess
 import sys
 import tempfile
@@ -11,21 +10,8 @@ import tempfile
 import h5py
 import numpy as np
 
-DTYPES = {"F32": np.float32, "I64": np.int64}
-
-
-def read_safetensors(path):
-    raw = open(path, "rb").read()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    data = raw[8 + n:]
-    out = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        b, end = e["data_offsets"]
-        out[name] = np.frombuffer(data[b:end], dtype=DTYPES[e["dtype"]]).reshape(e["shape"])
-    return out
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from safetensors_np import read_safetensors  # noqa: E402
 
 
 def main():

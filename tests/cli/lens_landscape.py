@@ -23,6 +23,10 @@ import time
 import h5py
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from safetensors_np import read_safetensors  # noqa: E402
+
+
 binary, fixtures = sys.argv[1], sys.argv[2]
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none"]
 TOL = 1e-5
@@ -37,19 +41,6 @@ def check(name, ok, detail=""):
 
 def note(kind, value):
     largest[kind] = max(largest.get(kind, 0.0), float(value))
-
-
-def read_safetensors(path):
-    raw = open(path, "rb").read()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    out = {}
-    for k, e in header.items():
-        if k != "__metadata__":
-            b, end = e["data_offsets"]
-            dtype = {"F32": np.float32, "I64": np.int64}[e["dtype"]]
-            out[k] = np.frombuffer(raw[8 + n + b:8 + n + end], dtype=dtype).reshape(e["shape"])
-    return out
 
 
 def write_model(folder, source, weights):

@@ -40,6 +40,10 @@ import tempfile
 import h5py
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from safetensors_np import read_safetensors  # noqa: E402
+
+
 BIN, FIXTURES, MODE = sys.argv[1], sys.argv[2], sys.argv[3]
 MPIRUN = ["mpirun", "--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-x", "OMP_NUM_THREADS=1"]
 TOL = 1e-5
@@ -64,23 +68,6 @@ def run(args, np_=1, expect=0):
         print(" ".join(cmd), "\n", p.stdout[-3000:], p.stderr[-3000:])
         raise SystemExit(f"FAIL: exit code {p.returncode}, expected {expect}")
     return p
-
-
-def read_safetensors(path):
-    with open(path, "rb") as f:
-        n = struct.unpack("<Q", f.read(8))[0]
-        header = json.loads(f.read(n))
-        data = f.read()
-    kinds = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "U8": np.uint8, "BF16": np.uint16}
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        b, e = info["data_offsets"]
-        out[name] = np.frombuffer(data[b:e], dtype=kinds[info["dtype"]]).reshape(info["shape"])
-        if info["dtype"] == "BF16":  # the upper half of a float32
-            out[name] = (out[name].astype(np.uint32) << 16).view(np.float32)
-    return out
 
 
 def model_tensors(folder):
