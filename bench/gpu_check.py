@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -275,7 +276,8 @@ class Check:
         self.env = dict(os.environ)
         if a.ld_path:
             self.env["LD_LIBRARY_PATH"] = a.ld_path
-        self.env.setdefault("OMPI_MCA_ess_singleton_isolated", "1")  # one rank: no orted to start
+        self.env.setdefault("OMPI_MCA_ess_singleton_isolated", "1")  # without a launcher: no orted to start
+        self.launcher = shlex.split(a.launcher)
         self.results = {"mode": self.device, "started": time.strftime("%Y-%m-%d %H:%M:%S"), "steps": {}}
         self.machine = None
         self.models = {}
@@ -297,7 +299,7 @@ class Check:
         return r, time.perf_counter() - t0
 
     def crash(self, job, *args, what=None, timeout=600):
-        return self.run([self.binary("crash-hpc"), job, *args, "--backend", self.backend, "--threads",
+        return self.run([*self.launcher, self.binary("crash-hpc"), job, *args, "--backend", self.backend, "--threads",
                          self.shape["threads"]], what or f"crash-hpc {job}", timeout)
 
     def worker(self, name, **args):
@@ -361,7 +363,7 @@ def step_machine(c):
 def step_nccl(c):
     out = {}
     args = ["--nccl"] if c.backend == "nccl" else []
-    r, s = c.run([c.binary("comm_test"), *args], "comm_test " + " ".join(args))
+    r, s = c.run([*c.launcher, c.binary("comm_test"), *args], "comm_test " + " ".join(args))
     found = re.findall(r"(\d+) passed, (\d+) failed", r.stdout)
     if not found:
         raise Failure("comm_test printed no verdict:\n" + r.stdout[-2000:])
@@ -551,6 +553,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bin", help="folder with crash-hpc, comm_test (a kit's bin/, or a build folder)")
     ap.add_argument("--ld-path", default="", help="LD_LIBRARY_PATH of the crash-hpc processes")
+    ap.add_argument("--launcher", default="", help="the command that starts each crash-hpc process, e.g. "
+                    "'mpirun -np 1' (the jobs' groups are then MPI/NCCL communicators, not local ones)")
     ap.add_argument("--out", default="/tmp/crash-gpu-check/out", help="results: gpu_check.json, gpu_check.md")
     ap.add_argument("--work", default="/tmp/crash-gpu-check/work", help="scratch (models, data, outputs)")
     ap.add_argument("--cpu", action="store_true", help="the same steps on the CPU with small shapes")

@@ -33,9 +33,13 @@ torch_lib=$("$torch_python" -c 'import os, torch; print(os.path.join(os.path.dir
 nvidia=$("$torch_python" -c 'import glob, os, torch
 print(":".join(sorted(glob.glob(os.path.join(os.path.dirname(os.path.dirname(torch.__file__)), "nvidia", "*", "lib")))))')
 ld="$k/usr/lib/x86_64-linux-gnu:$k/lib/x86_64-linux-gnu:$k/usr/lib/x86_64-linux-gnu/pmix2/lib:$torch_lib:$nvidia"
-# OpenMPI finds its components under OPAL_PREFIX; one rank needs no daemon (no mpirun here).
-export OPAL_PREFIX=$k/usr OMPI_MCA_ess_singleton_isolated=1 OMPI_MCA_btl=self,vader PYTHONUNBUFFERED=1
-missing=$(LD_LIBRARY_PATH=$ld ldd "$k/bin/crash-hpc" "$k/bin/comm_test" | grep "not found" | sort -u || true)
+# OpenMPI finds its components and its daemon under OPAL_PREFIX. The jobs run under the kit's
+# mpirun with one rank, so their process groups are NCCL communicators as on a cluster (a process
+# started without a launcher gets local, single-process groups).
+export OPAL_PREFIX=$k/usr OMPI_MCA_btl=self,vader PYTHONUNBUFFERED=1
+launcher="$k/usr/bin/orterun --allow-run-as-root --bind-to none -np 1"
+missing=$(LD_LIBRARY_PATH=$ld ldd "$k/bin/crash-hpc" "$k/bin/comm_test" "$k/usr/bin/orterun" "$k/usr/bin/orted" |
+  grep "not found" | sort -u || true)
 if [ -n "$missing" ]; then
   echo "gpu_check.sh: libraries not found (add their Debian packages to bench/gpu_kit.sh):" >&2
   echo "$missing" >&2
@@ -45,5 +49,6 @@ fi
   echo "kit: $(tr -d '\n' <"$k/kit.json" | head -c 300)"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 } | tee "$out/machine.txt"
-"$python" "$root/bench/gpu_check.py" --bin "$k/bin" --ld-path "$ld" --out "$out" --work "$scratch/work" "$@" 2>&1 |
+"$python" "$root/bench/gpu_check.py" --bin "$k/bin" --ld-path "$ld" --launcher "$launcher" --out "$out" \
+  --work "$scratch/work" "$@" 2>&1 |
   tee "$out/gpu_check.log"

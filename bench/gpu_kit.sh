@@ -6,8 +6,8 @@
 #   torch wheel that machine has (VERSION, default 2.11.0: the GPU machines' torch 2.11.0+cu130);
 #   a binary runs only with the LibTorch it was built against, so the check refuses another;
 # - the Debian packages of every library they load beyond glibc, libstdc++ and LibTorch (OpenMPI
-#   with its components, parallel HDF5, Boost.Program_options, spdlog, ICU, ...), downloaded by
-#   name and unpacked with dpkg -x;
+#   with its components and its launcher, parallel HDF5, Boost.Program_options, spdlog, ICU, ...),
+#   downloaded by name and unpacked with dpkg -x;
 # packed as .gpu-kit/kit.tar.xz (git-ignored) with kit.json (versions, commit, packages). The
 # device call carries .gpu-kit, which must fit beside the working tree in 64 MiB: hence one xz
 # archive of the unpacked files the programs need rather than the .deb files themselves.
@@ -27,7 +27,7 @@ packages=(libaec0 libatomic1 libboost-program-options1.74.0 libbrotli1 libcurl4 
   libevent-pthreads-2.1-7 libfabric1 libffi8 libfmt9 libgmp10 libgnutls30 libgssapi-krb5-2
   libhdf5-openmpi-103-1 libhogweed6 libhwloc15 libibverbs1 ibverbs-providers libicu72 libidn2-0
   libcom-err2 libk5crypto3 libkeyutils1 libkrb5-3 libkrb5support0 libldap-2.5-0 libmunge2 libnettle8 libnghttp2-14 libnl-3-200
-  libnl-route-3-200 libnuma1 libopenmpi3 openmpi-common libp11-kit0 libpcre2-8-0 libpmix2
+  libnl-route-3-200 libnuma1 libopenmpi3 openmpi-bin openmpi-common libp11-kit0 libpcre2-8-0 libpmix2
   libpsm-infinipath1 libpsm2-2 libpsl5 librdmacm1 librtmp1 libsasl2-2 libspdlog1.10 libssh2-1 libssl3
   libsz2 libtasn1-6 libtcmalloc-minimal4 libucx0 libudev1 libunistring2 libuuid1 libzstd1)
 
@@ -46,9 +46,11 @@ mkdir -p "$stage/debs" "$stage/root/bin"
 (cd "$stage/debs" && apt-get download "${packages[@]}" >/dev/null 2>&1) ||
   { echo "gpu_kit.sh: apt-get download failed (run apt-get update first)" >&2; exit 1; }
 for deb in "$stage"/debs/*.deb; do dpkg -x "$deb" "$stage/root"; done
-# What no program of the kit loads: documentation, Fortran/Java/OpenSHMEM bindings, unused ICU parts.
+# What no program of the kit loads: documentation, Fortran/Java/OpenSHMEM bindings, unused ICU
+# parts, every program but OpenMPI's launcher (orterun), its daemon (orted) and ompi_info.
 r=$stage/root
-rm -rf "$r/usr/share/doc" "$r/usr/share/man" "$r/usr/share/lintian" "$r/usr/share/locale" "$r/usr/bin" "$r/usr/sbin"
+rm -rf "$r/usr/share/doc" "$r/usr/share/man" "$r/usr/share/lintian" "$r/usr/share/locale" "$r/usr/sbin"
+find "$r/usr/bin" -mindepth 1 -not -name orterun -not -name orted -not -name ompi_info -delete
 rm -f "$r"/usr/lib/x86_64-linux-gnu/libmpi_{java,mpifh,usempi,usempif08}* "$r"/usr/lib/x86_64-linux-gnu/liboshmem*
 rm -f "$r"/usr/lib/x86_64-linux-gnu/libicu{i18n,io,test,tu}*
 for p in crash-hpc tests/comm_test; do
@@ -60,7 +62,7 @@ nvidia=$("$venv/bin/python" -c 'import glob, os, torch; print(":".join(glob.glob
 ld="$r/usr/lib/x86_64-linux-gnu:$r/lib/x86_64-linux-gnu:$r/usr/lib/x86_64-linux-gnu/pmix2/lib:$torch_lib:$nvidia"
 # Every library must resolve inside the kit, LibTorch and the wheel's CUDA; system ones that a
 # bare machine may lack are reported (glibc, libstdc++, libgcc and zlib are on every machine).
-missing=$(LD_LIBRARY_PATH=$ld ldd "$r/bin/crash-hpc" "$r/bin/comm_test" | awk '/=> \// {print $3}' | sort -u |
+missing=$(LD_LIBRARY_PATH=$ld ldd "$r/bin/crash-hpc" "$r/bin/comm_test" "$r/usr/bin/orterun" "$r/usr/bin/orted" | awk '/=> \// {print $3}' | sort -u |
   grep -v -e "^$r" -e "^$torch_lib" -e "/nvidia/" -e "/libc\.so" -e "/libm\.so" -e "/libstdc++" -e "/libgcc_s" \
     -e "/libpthread" -e "/libdl\.so" -e "/librt\.so" -e "/libutil" -e "/libz\.so" -e "/libresolv" -e "/ld-linux" || true)
 if [ -n "$missing" ]; then

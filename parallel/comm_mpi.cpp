@@ -55,7 +55,10 @@ class MpiComm : public Communicator {
   int size() const override { return size_; }
   std::string backend() const override { return "mpi"; }
 
+  // A CUDA tensor travels through host memory: this MPI is not CUDA-aware, and what goes over
+  // MPI when the model runs on GPUs (scores, outputs to write) is small.
   void allreduce(torch::Tensor& t, ReduceOp op) override {
+    if (t.is_cuda()) return through_host(t, [&](torch::Tensor& h) { allreduce(h, op); });
     check(t);
     if (is_half(t)) {  // MPI has no bf16/fp16 arithmetic
       auto f = t.to(torch::kFloat32);
@@ -72,6 +75,7 @@ class MpiComm : public Communicator {
   }
 
   void broadcast(torch::Tensor& t, int root) override {
+    if (t.is_cuda()) return through_host(t, [&](torch::Tensor& h) { broadcast(h, root); });
     check(t);
     auto* p = static_cast<char*>(t.data_ptr());
     const int64_t n = t.numel(), es = t.element_size();
@@ -80,6 +84,7 @@ class MpiComm : public Communicator {
   }
 
   torch::Tensor allgather(const torch::Tensor& in, int64_t dim) override {
+    if (in.is_cuda()) return allgather(in.cpu(), dim).to(in.device());
     auto t = in.contiguous();
     const int64_t n = t.numel(), es = t.element_size();
     auto out = torch::empty({size_, n}, t.options());
@@ -110,6 +115,7 @@ class MpiComm : public Communicator {
   }
 
   torch::Tensor reduce_scatter(const torch::Tensor& in, int64_t dim) override {
+    if (in.is_cuda()) return reduce_scatter(in.cpu(), dim).to(in.device());
     if (dim < 0) dim += in.dim();
     if (in.size(dim) % size_ != 0)
       throw std::runtime_error("reduce_scatter: dimension " + std::to_string(dim) + " of size " +
@@ -134,7 +140,7 @@ class MpiComm : public Communicator {
   void send(const torch::Tensor& in, int dst, int tag) override {
     reap();
     Pending p;
-    p.tensor = in.contiguous();  // shares storage when already contiguous: no copy
+    p.tensor = in.is_cuda() ? in.cpu().contiguous() : in.contiguous();  // contiguous CPU input: no copy
     auto* ptr = static_cast<char*>(p.tensor.data_ptr());
     const int64_t n = p.tensor.numel(), es = p.tensor.element_size();
     for (int64_t off = 0; off < n || off == 0; off += chunk_) {
@@ -148,6 +154,7 @@ class MpiComm : public Communicator {
   }
 
   void recv(torch::Tensor& t, int src, int tag) override {
+    if (t.is_cuda()) return through_host(t, [&](torch::Tensor& h) { recv(h, src, tag); });
     auto buf = t.is_contiguous() ? t : torch::empty_like(t, at::MemoryFormat::Contiguous);
     auto* ptr = static_cast<char*>(buf.data_ptr());
     const int64_t n = buf.numel(), es = buf.element_size();
@@ -173,7 +180,13 @@ class MpiComm : public Communicator {
     std::vector<MPI_Request> requests;
   };
   void check(const torch::Tensor& t) const {
-    if (!t.is_contiguous() || t.is_cuda()) throw std::runtime_error("MPI communicator: needs a contiguous CPU tensor");
+    if (!t.is_contiguous()) throw std::runtime_error("MPI communicator: needs a contiguous tensor");
+  }
+  template <class F>
+  static void through_host(torch::Tensor& t, F&& op) {
+    auto h = t.to(torch::kCPU).contiguous();
+    op(h);
+    t.copy_(h);
   }
   // Drops sends that have completed, so long runs keep no buffers they no longer need.
   void reap() {

@@ -75,18 +75,23 @@ class NcclComm : public Communicator {
   int size() const override { return size_; }
   std::string backend() const override { return "nccl"; }
 
+  // Control values (counts, flags, scores) are CPU tensors; NCCL reads device memory only, so
+  // they travel through the GPU.
   void allreduce(torch::Tensor& t, ReduceOp op) override {
+    if (!t.is_cuda()) return through_device(t, [&](torch::Tensor& d) { allreduce(d, op); });
     Ordered o(*this, t);
     check_nccl(
         ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t.scalar_type()), nccl_op(op), comm_, stream_),
         "ncclAllReduce");
   }
   void broadcast(torch::Tensor& t, int root) override {
+    if (!t.is_cuda()) return through_device(t, [&](torch::Tensor& d) { broadcast(d, root); });
     Ordered o(*this, t);
     check_nccl(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t.scalar_type()), root, comm_, stream_),
                "ncclBroadcast");
   }
   torch::Tensor allgather(const torch::Tensor& in, int64_t dim) override {
+    if (!in.is_cuda()) return allgather(in.to(cuda()), dim).cpu();
     auto t = in.contiguous();
     auto out = torch::empty({size_, t.numel()}, t.options());
     {
@@ -100,6 +105,7 @@ class NcclComm : public Communicator {
     return torch::cat(out.view(shape).unbind(0), dim);
   }
   torch::Tensor reduce_scatter(const torch::Tensor& in, int64_t dim) override {
+    if (!in.is_cuda()) return reduce_scatter(in.to(cuda()), dim).cpu();
     if (dim < 0) dim += in.dim();
     auto blocks = torch::stack(in.split(in.size(dim) / size_, dim)).contiguous();
     auto out = torch::empty(blocks.sizes().slice(1), in.options());
@@ -109,13 +115,15 @@ class NcclComm : public Communicator {
                "ncclReduceScatter");
     return out;
   }
-  void send(const torch::Tensor& in, int dst, int) override {
+  void send(const torch::Tensor& in, int dst, int tag) override {
+    if (!in.is_cuda()) return send(in.to(cuda()), dst, tag);
     auto t = in.contiguous();
     Ordered o(*this, t);
     check_nccl(ncclSend(t.data_ptr(), t.numel(), nccl_type(t.scalar_type()), dst, comm_, stream_), "ncclSend");
     in_flight_.push_back(t);  // kept alive until the stream has sent it
   }
-  void recv(torch::Tensor& t, int src, int) override {
+  void recv(torch::Tensor& t, int src, int tag) override {
+    if (!t.is_cuda()) return through_device(t, [&](torch::Tensor& d) { recv(d, src, tag); });
     auto buf = t.is_contiguous() ? t : torch::empty_like(t, at::MemoryFormat::Contiguous);
     {
       Ordered o(*this, buf);
@@ -149,6 +157,15 @@ class NcclComm : public Communicator {
     NcclComm& c_;
     cudaStream_t torch_stream_;
   };
+
+  torch::Device cuda() const { return torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device_)); }
+  // The copy back runs on torch's stream, which waits for the operation (Ordered).
+  template <class F>
+  void through_device(torch::Tensor& t, F&& op) {
+    auto d = t.to(cuda()).contiguous();
+    op(d);
+    t.copy_(d);
+  }
 
   static cudaStream_t current_stream(int device) {
 #if defined(CRASH_TORCH_CUDA)

@@ -1,7 +1,8 @@
 // The MPI communicator and the tensor-parallel regions on N ranks, checked against values
 // every rank can compute alone. Run under mpirun; rank 0 prints the verdict.
 //   comm_test           the MPI communicator, CPU tensors
-//   comm_test --nccl    the NCCL communicator, CUDA tensors (one GPU per rank; bench/gpu_check.py)
+//   comm_test --nccl    the NCCL communicator on CUDA tensors and on CPU ones, and the MPI one on
+//                       CUDA tensors (one GPU per rank; bench/gpu_check.py)
 #include <torch/cuda.h>
 #include <torch/torch.h>
 
@@ -76,11 +77,11 @@ void collectives(const CommPtr& c, const std::string& tag) {
   const int next = (r + 1) % n, prev = (r + n - 1) % n;
   c->send(of_rank(base, r), next, 7);
   c->send(of_rank(base, r) + 1000, next, 7);
-  c->send(torch::empty({0}), next, 8);
-  auto first = torch::empty({2, 12});
-  auto second_t = torch::empty({12, 2});
+  c->send(torch::empty({0}, base.options()), next, 8);
+  auto first = torch::empty({2, 12}, base.options());
+  auto second_t = torch::empty({12, 2}, base.options());
   auto second = second_t.t();  // non-contiguous view
-  auto empty = torch::empty({0});
+  auto empty = torch::empty({0}, base.options());
   c->recv(first, prev, 7);
   c->recv(second, prev, 7);
   c->recv(empty, prev, 8);
@@ -195,9 +196,15 @@ int main(int argc, char** argv) {
       return 2;
     }
     const int device = World::get().rank() % static_cast<int>(torch::cuda::device_count());
-    dev = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device));
+    const auto cuda = torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(device));
     comm = make_nccl_comm(MPI_COMM_WORLD, device);
+    dev = cuda;
     collectives(comm, "nccl");
+    // What crosses the other way: control values on the CPU over NCCL, CUDA tensors over MPI.
+    dev = torch::kCPU;
+    collectives(comm, "nccl, CPU tensors through the GPU");
+    dev = cuda;
+    collectives(make_mpi_comm(MPI_COMM_WORLD, false), "mpi, CUDA tensors through the host");
   } else {
     comm = make_mpi_comm(MPI_COMM_WORLD, false);
     collectives(comm, "mpi");
