@@ -47,7 +47,9 @@ if [ -n "$missing" ]; then
 fi
 {
   echo "kit: $(tr -d '\n' <"$k/kit.json" | head -c 300)"
-  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv || true
+  fi
 } | tee "$out/machine.txt"
 "$python" "$root/bench/gpu_check.py" --bin "$k/bin" --ld-path "$ld" --launcher "$launcher" --out "$out" \
   --work "$scratch/work" "$@" 2>&1 |

@@ -135,8 +135,7 @@ def main():
           f"dropout {cfg['dropout']}), random fp32 weights, every layer trains (embedding and tied head frozen); "
           f"batch {a.batch} x {a.seq} tokens, {a.steps} steps, {a.threads} threads a rank, {a.ranks} rank(s)"
           f"{' as pipeline stages' if a.ranks > 1 else ''}, CPU")
-    print(f"GEMM rate in this run (bench_gemm, [{a.batch * a.seq} x K] x [K x N], float32): " +
-          ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) + f" GFLOP/s; machine rate {best:.1f} GFLOP/s")
+    print_gemm_line(a, rates, best)
     print(f"a step's FLOPs without recomputation: {flops / 1e12:.3f} TFLOP")
     base_rss, base_time, base_loss, _ = results["none"]
     for mode in MODES:
@@ -148,13 +147,17 @@ def main():
               f"{'' if loss == base_loss else ' (DIFFERS from none)'}")
 
 
+def print_gemm_line(a, rates, best):
+    print(f"GEMM rate in this run (bench_gemm, [{a.batch * a.seq} x K] x [K x N], float32): " +
+          ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) + f" GFLOP/s; machine rate {best:.1f} GFLOP/s")
+
+
 def report_distributed(a, cfg, results, flops, best, rates):
     print(f"OPT-1.3B shape cut to {a.layers} layers (d {cfg['hidden_size']}, ffn {cfg['ffn_dim']}, "
           f"{cfg['num_attention_heads']} heads), random fp32 weights, every layer trains (embedding and tied head "
           f"frozen); batch {a.batch} x {a.seq} tokens, {a.steps} steps, {a.threads} threads a rank, {a.ranks} "
           f"data-parallel ranks, --recompute none, CPU")
-    print(f"GEMM rate in this run (bench_gemm, [{a.batch * a.seq} x K] x [K x N], float32): " +
-          ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) + f" GFLOP/s; machine rate {best:.1f} GFLOP/s")
+    print_gemm_line(a, rates, best)
     print(f"a step's FLOPs (the global batch): {flops / 1e12:.3f} TFLOP")
     base_rss, base_time, base_loss, base_state = results["replicated"]
     for name in ["replicated", "distributed"]:
@@ -175,8 +178,7 @@ def report_distill(a, cfg, results, best, rates):
     print(f"OPT-1.3B shape (d {cfg['hidden_size']}, ffn {cfg['ffn_dim']}, vocabulary {cfg['vocab_size']}), random "
           f"fp32 weights: a student of {a.layers} layers, every layer training, and a teacher of {2 * a.layers} "
           f"layers (--distill-from); batch {a.batch} x {a.seq} tokens, {a.steps} steps, {a.threads} threads a rank, CPU")
-    print(f"GEMM rate in this run (bench_gemm, float32): " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) +
-          f" GFLOP/s; machine rate {best:.1f} GFLOP/s")
+    print_gemm_line(a, rates, best)
     alone = max(results["student alone, 1 rank"][0].values())
     for name, (rss, sec, loss, _) in results.items():
         print(f"  {name:26s} peak RSS " + ", ".join(f"rank {r} {v:8.1f} MiB" for r, v in sorted(rss.items())) +
