@@ -37,6 +37,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -348,6 +349,7 @@ def step_machine(c):
     m = c.worker("machine", gemm_n=c.shape["gemm_n"])
     if c.device == "cuda":
         m["spec_bf16_tflops"] = next((v for k, v in SPEC_BF16 if k in m["device"]), None)
+    m["disk_free_gib"] = shutil.disk_usage(c.work).free / 2**30
     c.machine = m
     kit = os.path.join(c.a.bin, "..", "kit.json")
     if os.path.exists(kit):
@@ -355,7 +357,7 @@ def step_machine(c):
             m["kit"] = json.load(f)
     print(f"  {m['device']}; torch {m['torch']} (CUDA {m['torch_cuda']}), transformers {m['transformers']}; "
           f"GEMM {c.shape['gemm_n']}^3: bf16 {m['gemm_tflops']['bfloat16']:.1f}, fp32 {m['gemm_tflops']['float32']:.1f} "
-          f"TFLOP/s; spec bf16 peak {m.get('spec_bf16_tflops')}")
+          f"TFLOP/s; spec bf16 peak {m.get('spec_bf16_tflops')}; {m['disk_free_gib']:.0f} GiB free in {c.work}")
     m["ok"] = True
     return m
 
@@ -441,6 +443,9 @@ def train_compare(c, model, trainable, flags, label):
     with open(os.path.join(out, "train_log.jsonl")) as f:
         log = [json.loads(line) for line in f if '"seconds"' in line]
     ours = statistics.median([x["seconds"] for x in log][1:])
+    # The output holds the model and a checkpoint with the optimizer state (about 20 GB for the
+    # OPT-1.3B shape, every layer training): the GPU machine has 64 GB of disk.
+    shutil.rmtree(out, ignore_errors=True)
     hf = c.worker("train", model=model, data=data, steps=sh["steps"], trainable=trainable)
     with open(os.path.join(model, "config.json")) as f:
         cfg = json.load(f)
@@ -478,6 +483,8 @@ def step_train_emulator(c):
             "--out", emulator, "--overwrite", "--log-level", "warn", what="crash-hpc emulate")
     with open(os.path.join(emulator, "crash_plan.json")) as f:
         trainable = [i for i, s in enumerate(json.load(f)["slots"]) if s["train"]]
+    shutil.rmtree(base)  # 9 GB the emulator has copied
+    c.models.pop(("emulated", "bfloat16"))
     return train_compare(c, emulator, trainable, [], "train_emulator")
 
 
