@@ -202,7 +202,8 @@ void ActivationArchive::write_round(const std::vector<Piece>& pieces, const Ids&
     for (const auto& p : pieces)
       if (p.layer == static_cast<int64_t>(l)) mine = &p;
     if (mine) {
-      auto v = mine->values.to(torch::kFloat32).contiguous();
+      // HDF5 reads host memory: values a GPU made are copied over first.
+      auto v = mine->values.to(torch::kCPU, torch::kFloat32).contiguous();
       write_rows(layers_[l], H5T_NATIVE_FLOAT, mine->row, v.size(0), widths_[l], v.data_ptr());
     } else {
       write_rows(layers_[l], H5T_NATIVE_FLOAT, -1, 0, widths_[l], nullptr);

@@ -78,7 +78,7 @@ void check_importance_model(const ImportanceRecord& record, const std::string& f
 namespace {
 
 std::vector<double> values_of(const torch::Tensor& t) {
-  auto c = t.to(torch::kFloat64).contiguous();
+  auto c = t.to(torch::kCPU, torch::kFloat64).contiguous();
   return {c.data_ptr<double>(), c.data_ptr<double>() + c.numel()};
 }
 
