@@ -67,9 +67,11 @@ double global_norm(const std::vector<torch::Tensor>& tensors, torch::Device devi
                    const std::vector<CommPtr>& sum_over) {
   torch::NoGradGuard no_grad;
   torch::Tensor sum;
+  // Summed where the gradients are, in the same order: on a GPU one copy to the host per step
+  // instead of one per tensor.
   for (const auto& t : tensors) {
-    auto s = t.to(torch::kFloat64).pow(2).sum().cpu();
-    sum = sum.defined() ? sum + s : s;
+    auto s = t.to(torch::kFloat64).pow(2).sum();
+    sum = sum.defined() ? sum + s.to(sum.device()) : s;
   }
   auto total = (sum.defined() ? sum : torch::zeros({}, torch::kFloat64)).reshape({1}).to(device);
   for (const auto& comm : sum_over)

@@ -76,16 +76,16 @@ class NcclComm : public Communicator {
   std::string backend() const override { return "nccl"; }
 
   // Control values (counts, flags, scores) are CPU tensors; NCCL reads device memory only, so
-  // they travel through the GPU.
+  // they travel through the GPU (as a non-contiguous view goes through a contiguous copy).
   void allreduce(torch::Tensor& t, ReduceOp op) override {
-    if (!t.is_cuda()) return through_device(t, [&](torch::Tensor& d) { allreduce(d, op); });
+    if (!t.is_cuda() || !t.is_contiguous()) return through_device(t, [&](torch::Tensor& d) { allreduce(d, op); });
     Ordered o(*this, t);
     check_nccl(
         ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t.scalar_type()), nccl_op(op), comm_, stream_),
         "ncclAllReduce");
   }
   void broadcast(torch::Tensor& t, int root) override {
-    if (!t.is_cuda()) return through_device(t, [&](torch::Tensor& d) { broadcast(d, root); });
+    if (!t.is_cuda() || !t.is_contiguous()) return through_device(t, [&](torch::Tensor& d) { broadcast(d, root); });
     Ordered o(*this, t);
     check_nccl(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), nccl_type(t.scalar_type()), root, comm_, stream_),
                "ncclBroadcast");
