@@ -275,14 +275,17 @@ def head_flops(tokens, d=768, vocab=50272):
     return 2 * tokens * d * vocab
 
 
-def train_step_flops(trainable, batch, seq, d=768, ffn=3072, vocab=50272):
+def train_step_flops(trainable, batch, seq, d=768, ffn=3072, vocab=50272, head_trains=False):
     """A training step's FLOPs for layers whose flags (bottom first) say which train: the forward of
     every layer and the LM head; the logits' gradient back into the last hidden state; input
     gradients of every layer above the lowest trainable one; weight gradients of the trainable
-    layers (each 1x the layer's forward). Every layer training gives the usual 3x the forward."""
+    layers (each 1x the layer's forward), and of the LM head when it trains (`head_trains`: a tied
+    head, so the embedding trains too). Everything training gives the usual 3x the forward."""
     fwd = layer_flops([seq] * batch, d, ffn)
     lowest = trainable.index(True) if any(trainable) else len(trainable)
-    total = len(trainable) * fwd + head_flops(batch * seq, d, vocab)
+    if head_trains:  # a tied head is the embedding, below every layer: each layer's input gradient counts
+        lowest = -1
+    total = len(trainable) * fwd + head_flops(batch * seq, d, vocab) * (2 if head_trains else 1)
     if any(trainable):
         total += head_flops(batch * seq, d, vocab)
     for i, t in enumerate(trainable):

@@ -451,7 +451,9 @@ def train_compare(c, model, trainable, flags, label):
         cfg = json.load(f)
     layers = cfg["num_hidden_layers"]
     flags_t = [True] * layers if trainable is None else [i in trainable for i in range(layers)]
-    flops = train_step_flops(flags_t, sh["batch"], sh["seq"], cfg["hidden_size"], cfg["ffn_dim"], cfg["vocab_size"])
+    # Everything trains when `trainable` is None (--train-all): the tied head's weight gradient too.
+    flops = train_step_flops(flags_t, sh["batch"], sh["seq"], cfg["hidden_size"], cfg["ffn_dim"], cfg["vocab_size"],
+                             head_trains=trainable is None)
     tokens = sh["batch"] * sh["seq"]
     res = {"layers": layers, "trained_layers": sum(flags_t), "tokens_per_step": tokens, "step_tflop": flops / 1e12,
            "crash": {"median_s": ours, "tokens_per_s": tokens / ours, "wall_s": wall,
