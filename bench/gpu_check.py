@@ -74,6 +74,11 @@ class Failure(Exception):
     pass
 
 
+def _text(x):
+    """A timed-out process's partial output (bytes, whatever the text mode)."""
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+
 # ---- the reference side: workers, each in a process of its own, printing one JSON line
 
 
@@ -291,15 +296,21 @@ class Check:
                 return p
         raise Failure(f"{name} not found under {self.a.bin}")
 
-    def run(self, cmd, what, timeout=600):
+    def run(self, cmd, what, timeout=240):
+        # A hang (a collective that never completes) ends its step, not the whole check: the device
+        # call has 10 minutes in all.
         t0 = time.perf_counter()
-        r = subprocess.run([str(c) for c in cmd], env=self.env, capture_output=True, text=True, timeout=timeout)
+        try:
+            r = subprocess.run([str(c) for c in cmd], env=self.env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise Failure(f"{what} did not finish in {timeout} s: {' '.join(map(str, cmd))}\n"
+                          f"{(_text(e.stdout) + _text(e.stderr))[-3000:]}")
         if r.returncode != 0:
             raise Failure(f"{what} failed (exit {r.returncode}): {' '.join(map(str, cmd))}\n"
                           f"{(r.stdout + r.stderr)[-4000:]}")
         return r, time.perf_counter() - t0
 
-    def crash(self, job, *args, what=None, timeout=600):
+    def crash(self, job, *args, what=None, timeout=240):
         return self.run([*self.launcher, self.binary("crash-hpc"), job, *args, "--backend", self.backend, "--threads",
                          self.shape["threads"]], what or f"crash-hpc {job}", timeout)
 
@@ -307,7 +318,10 @@ class Check:
         args.setdefault("device", self.device)
         args.setdefault("threads", self.shape["threads"])
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--args", json.dumps(args)]
-        r = subprocess.run(cmd, capture_output=True, text=True)  # the python side's own environment
+        try:  # the python side's own environment
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=360)
+        except subprocess.TimeoutExpired:
+            raise Failure(f"HF worker '{name}' did not finish in 360 s")
         if r.returncode != 0:
             raise Failure(f"HF worker '{name}' failed (exit {r.returncode})\n{(r.stdout + r.stderr)[-4000:]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -365,7 +379,7 @@ def step_machine(c):
 def step_nccl(c):
     out = {}
     args = ["--nccl"] if c.backend == "nccl" else []
-    r, s = c.run([*c.launcher, c.binary("comm_test"), *args], "comm_test " + " ".join(args))
+    r, s = c.run([*c.launcher, c.binary("comm_test"), *args], "comm_test " + " ".join(args), timeout=120)
     found = re.findall(r"(\d+) passed, (\d+) failed", r.stdout)
     if not found:
         raise Failure("comm_test printed no verdict:\n" + r.stdout[-2000:])
@@ -439,7 +453,7 @@ def train_compare(c, model, trainable, flags, label):
     cmd = ["--model", model, "--data", data, "--out", out, "--steps", sh["steps"], "--batch-size", sh["batch"], "--lr",
            "1e-4", "--warmup", "0", "--weight-decay", "0", "--clip", "1.0", "--dtype", "bfloat16", "--overwrite",
            "--log-level", "warn", *flags]
-    _, wall = c.crash("train", *cmd, what=f"crash-hpc train ({label})", timeout=900)
+    _, wall = c.crash("train", *cmd, what=f"crash-hpc train ({label})", timeout=360)
     with open(os.path.join(out, "train_log.jsonl")) as f:
         log = [json.loads(line) for line in f if '"seconds"' in line]
     ours = statistics.median([x["seconds"] for x in log][1:])
