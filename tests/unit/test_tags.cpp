@@ -10,13 +10,13 @@
 namespace crash {
 namespace {
 
-const MpiTag kAll[] = {MpiTag::kActivation, MpiTag::kGradient, MpiTag::kLensHidden, MpiTag::kGatherLogits,
-                       MpiTag::kGatherHidden};
+const MpiTag kAllTags[] = {MpiTag::kActivation, MpiTag::kGradient, MpiTag::kLensHidden, MpiTag::kGatherLogits,
+                           MpiTag::kGatherHidden};
 
 TEST(MpiTags, EveryKindAndIndexHasItsOwnTag) {
   std::set<int> seen;
   size_t count = 0;
-  for (MpiTag kind : kAll)
+  for (MpiTag kind : kAllTags)
     for (int64_t i = 0; i < tag_span(kind); ++i) {
       const int t = tag(kind, i);
       EXPECT_GE(t, 0);

@@ -27,14 +27,14 @@ Tokenizer load(const std::string& name) {
 std::vector<int64_t> ids_of(const json& j) { return j.get<std::vector<int64_t>>(); }
 
 // The families, then fixtures for the other components the loader accepts.
-const char* kAll[] = {"opt",       "roberta",     "llama2",         "llama2_metaspace", "llama3",
-                      "qwen2",     "qwen3",       "mistral",        "mistral_v03",      "gemma2",
-                      "gemma3",    "misc_suffix", "misc_metaspace", "misc_bytelevel",   "misc_nfd",
-                      "misc_nfkc", "misc_nfkd"};
+const char* kAllTokenizers[] = {"opt",       "roberta",     "llama2",         "llama2_metaspace", "llama3",
+                                "qwen2",     "qwen3",       "mistral",        "mistral_v03",      "gemma2",
+                                "gemma3",    "misc_suffix", "misc_metaspace", "misc_bytelevel",   "misc_nfd",
+                                "misc_nfkc", "misc_nfkd"};
 
 TEST(TokenizerFixtures, EncodeAndDecodeEqualHF) {
   size_t texts = 0, ids = 0, decodes = 0;
-  for (const char* name : kAll) {
+  for (const char* name : kAllTokenizers) {
     SCOPED_TRACE(name);
     Tokenizer tok = load(name);
     const json& e = expected().at(name);
